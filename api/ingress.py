@@ -1,0 +1,134 @@
+"""The ingress's connections and its one job: validate a request, record it, publish it.
+
+``IngressConfig`` is what the composition root (deploy/) hands the app; the
+``Ingress`` object is created and closed by the FastAPI lifespan, never global.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from aio_pika.abc import AbstractRobustConnection
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from redis.exceptions import RedisError
+
+from api.errors import ApiError, describe_validation_errors
+from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
+from brokers.messages import FailureCode, InferenceRequest, routing_key, utc_now
+from brokers.results import ResultStore
+from brokers.settings import Settings
+from brokers.topology import QueueSpec, declare_topology
+from consumers.preprocessing import InputError, InputLimits, check_image_header, rows_to_features
+from consumers.registry import ModelManifest, load_manifests
+
+
+class IngressConfig(BaseModel):
+    profile: str
+    mode: Literal["async", "sync", "sync_async"] = "async"
+    models: list[str]
+    models_dir: Path
+    queues: list[QueueSpec] = Field(default_factory=list)
+    result_ttl_s: int = 3600
+
+
+class PredictBody(BaseModel):
+    """``POST /v1/models/{model}/predict``: exactly one input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[list[float]] | None = Field(default=None, description="Rows of numbers (tabular models)")
+    image: str | None = Field(default=None, description="Base64 of a PNG or JPEG file (image models)")
+    item_id: str | None = Field(default=None, max_length=256, description="Item id (data-cache profiles)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PredictBody:
+        given = [name for name in ("instances", "image", "item_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "send exactly one of 'instances', 'image' or 'item_id'"
+                + (f" (got {' and '.join(given)})" if given else "")
+            )
+        return self
+
+
+_INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404}
+
+
+class Ingress:
+    def __init__(self, settings: Settings, config: IngressConfig) -> None:
+        self.settings = settings
+        self.config = config
+        all_manifests = load_manifests(config.models_dir)
+        self.manifests: dict[str, ModelManifest] = {name: all_manifests[name] for name in config.models}
+        self.limits = InputLimits(
+            max_rows=settings.max_rows,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        self.connection: AbstractRobustConnection | None = None
+        self.publisher: Publisher | None = None
+        self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.result_ttl_s)
+        self.topology = None
+
+    async def start(self) -> None:
+        self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}")
+        channel = await open_confirm_channel(self.connection)
+        # Declaring the stage queues here too means an accepted request is queued
+        # even when its stage has not started yet.
+        self.topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
+        self.publisher = Publisher(self.topology.exchange)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+        await self.results.client.aclose()
+
+    def manifest(self, model: str) -> ModelManifest:
+        manifest = self.manifests.get(model)
+        if manifest is None:
+            raise ApiError(404, "unknown_model",
+                           f"unknown model {model!r}; this profile serves: {', '.join(sorted(self.manifests))}")
+        return manifest
+
+    def parse_predict_body(self, model: str, data: object) -> InferenceRequest:
+        """Validate a predict body for ``model`` the way the stages will, so bad input is a 4xx now."""
+        manifest = self.manifest(model)
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_request", "the body must be a JSON object such as "
+                                                   '{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
+        try:
+            body = PredictBody.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from exc
+        try:
+            if body.instances is not None:
+                rows_to_features(body.instances, manifest, self.limits)
+            elif body.image is not None:
+                check_image_header(body.image, manifest, self.limits)
+            else:
+                raise InputError(f"'item_id' needs a data-cache profile; profile {self.config.profile!r} "
+                                 "takes 'instances' or 'image'")
+        except InputError as exc:
+            raise ApiError(_INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
+        return InferenceRequest(id=uuid.uuid4(), model=model, created_at=utc_now(),
+                                instances=body.instances, image=body.image, item_id=body.item_id)
+
+    async def submit(self, request: InferenceRequest) -> None:
+        """Record the job as pending, then publish it; if the broker refuses, forget the job."""
+        assert self.publisher is not None
+        try:
+            await self.results.create_pending(request.id, request.model, request.created_at)
+        except RedisError as exc:
+            raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
+                           {"Retry-After": "1"}) from exc
+        try:
+            await self.publisher.publish(request, routing_key("request", request.model))
+        except PublishRefused as exc:
+            try:
+                await self.results.delete(request.id)
+            except RedisError:
+                pass  # the pending record expires with its TTL
+            raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
+                           {"Retry-After": "1"}) from exc

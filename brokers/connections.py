@@ -1,0 +1,89 @@
+"""AMQP and Redis connections, and the one way we publish messages.
+
+``Publisher`` always publishes with confirms and ``mandatory``: a message the
+broker did not take (nacked, over a queue bound, or routed to no queue) raises
+``PublishRefused``, so a caller never acks its input for output that went nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import redis.asyncio as redis
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+
+from brokers.messages import Envelope
+
+JSON = "application/json"
+
+
+class PublishRefused(RuntimeError):
+    """The broker did not accept a message (no route, queue full, nack, or no connection)."""
+
+
+async def connect_amqp(url: str, name: str) -> AbstractRobustConnection:
+    # A robust connection reconnects by itself and restores channels, queues and consumers.
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, timeout=10)
+
+
+async def open_confirm_channel(connection: AbstractRobustConnection, prefetch: int | None = None) -> AbstractChannel:
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch is not None:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+def connect_redis(url: str) -> redis.Redis:
+    # Short timeouts: a Redis outage must become a clear error, never a hang.
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=15)
+
+
+def amqp_message(
+    body: Envelope,
+    *,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
+    headers: dict[str, object] | None = None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=body.model_dump_json().encode(),
+        content_type=JSON,
+        message_id=str(body.id),
+        type=getattr(body, "kind", None),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+        headers=headers or {},
+    )
+
+
+class Publisher:
+    """Publishes envelopes to the inference exchange and waits for the broker's confirm."""
+
+    def __init__(self, exchange: AbstractExchange, timeout_s: float = 10.0) -> None:
+        self.exchange = exchange
+        self.timeout_s = timeout_s
+
+    async def publish(
+        self,
+        body: Envelope,
+        routing_key: str,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        headers: dict[str, object] | None = None,
+    ) -> None:
+        message = amqp_message(body, reply_to=reply_to, correlation_id=correlation_id, headers=headers)
+        await self.publish_raw(message, routing_key)
+
+    async def publish_raw(self, message: aio_pika.Message, routing_key: str) -> None:
+        try:
+            await self.exchange.publish(message, routing_key, mandatory=True, timeout=self.timeout_s)
+        except PublishError as exc:
+            raise PublishRefused(f"no queue is bound to routing key {routing_key!r}") from exc
+        except DeliveryError as exc:
+            raise PublishRefused(f"the broker refused the message for {routing_key!r} (queue full?)") from exc
+        except (AMQPError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+            raise PublishRefused(f"publishing to {routing_key!r} failed: {type(exc).__name__}: {exc}") from exc

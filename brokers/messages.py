@@ -1,0 +1,120 @@
+"""The message vocabulary: what travels on ``{ns}.inference`` (see DESIGN.md).
+
+Every body is JSON with a pydantic schema, so any AMQP client in any language can
+publish a request. Tensors travel as raw little-endian bytes (base64 in JSON) with
+dtype and shape; never nested float lists, never pickle.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]{0,63}$"
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="Model name (routing-key safe)")]
+_MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+
+
+def is_model_name(value: str) -> bool:
+    return bool(_MODEL_NAME_RE.match(value))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Fields every message carries: the job id, the model, time bounds and timings."""
+
+    model_config = ConfigDict(extra="ignore", ser_json_bytes="base64", val_json_bytes="base64")
+
+    id: uuid.UUID = Field(description="Job id (UUID4); results are stored under it")
+    model: ModelName
+    created_at: datetime = Field(default_factory=utc_now)
+    deadline: datetime | None = Field(default=None, description="Absolute time after which the work is dropped")
+    batch_id: str | None = Field(default=None, max_length=128)
+    timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds spent per stage")
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.deadline is not None and (now or utc_now()) >= self.deadline
+
+
+class InferenceRequest(Envelope):
+    """``request.<model>``: exactly one of ``instances``, ``image`` or ``item_id``."""
+
+    kind: Literal["request"] = "request"
+    instances: list[list[float]] | None = Field(default=None, description="Rows of numbers (tabular models)")
+    image: str | None = Field(default=None, description="Base64 of a PNG or JPEG file (image models)")
+    item_id: str | None = Field(default=None, max_length=256, description="Item to load (data-cache pattern)")
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> InferenceRequest:
+        given = [name for name in ("instances", "image", "item_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of 'instances', 'image' or 'item_id' must be given"
+                + (f" (got {', '.join(given)})" if given else " (got none)")
+            )
+        return self
+
+
+class Tensor(BaseModel):
+    """A dense array as raw little-endian bytes; see ``brokers.tensors`` for the codec."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    dtype: Literal["float32", "float64", "int64", "int32", "uint8"]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+    data: bytes
+
+
+class Features(Envelope):
+    """``features.<model>``: the preprocessed input tensor, one row per input row."""
+
+    kind: Literal["features"] = "features"
+    tensor: Tensor
+
+
+class RowPrediction(BaseModel):
+    label: str
+    class_index: int
+    probabilities: list[float] = Field(description="One per class, in the order of the model's labels")
+
+
+class Prediction(Envelope):
+    """``prediction.<model>``: one row prediction per input row, in input order."""
+
+    kind: Literal["prediction"] = "prediction"
+    model_version: str
+    rows: list[RowPrediction]
+
+
+class FailureCode(StrEnum):
+    INVALID_MESSAGE = "invalid_message"
+    INVALID_INPUT = "invalid_input"
+    UNKNOWN_MODEL = "unknown_model"
+    TOO_LARGE = "too_large"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+class Failure(Envelope):
+    """``failure.<model>``: the terminal state of a job that could not be served."""
+
+    kind: Literal["failure"] = "failure"
+    stage: str
+    code: FailureCode
+    message: str
+    retryable: bool = False
+
+
+TerminalMessage = Prediction | Failure
+
+
+def routing_key(kind: Literal["request", "features", "prediction", "failure", "telemetry"], model: str) -> str:
+    return f"{kind}.{model}"

@@ -1,0 +1,35 @@
+"""One typed settings object, read from the environment (prefix ``TOPOSERVE_``).
+
+Every process (ingress, stage, CLI) builds a ``Settings`` at startup and passes it
+down; nothing reads ``os.environ`` anywhere else.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOPOSERVE_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field(default="toposerve", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    models_dir: str | None = None  # None: the models shipped in deploy/models
+
+    # Request limits, checked at the ingress (HTTP) and again in the stages (AMQP),
+    # because anyone can publish straight to the exchange.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(default=10_000, ge=1)
+    max_image_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=16_000_000, ge=64)
+
+    # Deliveries of one message that ended in an unexpected error before it is
+    # dead-lettered (bad input is never retried: it fails at once).
+    max_attempts: int = Field(default=3, ge=1)
+
+    # Seconds a stage waits for in-flight work after SIGTERM before it exits anyway.
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+    # ONNX Runtime threads per predict process (the stages are processes, so keep it small).
+    ort_intra_op_threads: int = Field(default=1, ge=0)

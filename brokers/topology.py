@@ -1,0 +1,81 @@
+"""Declaring the routing topology on the broker: exchanges, stage queues, bindings.
+
+A profile (deploy/) is turned into ``QueueSpec``s; this module knows nothing about
+profiles. Declarations are idempotent, so every process declares what it uses at
+startup and the start order of processes does not matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pydantic import BaseModel, Field
+
+
+def exchange_name(namespace: str) -> str:
+    return f"{namespace}.inference"
+
+
+def dead_exchange_name(namespace: str) -> str:
+    return f"{namespace}.dead"
+
+
+def dead_queue_name(namespace: str) -> str:
+    # A queue may share its name with an exchange: they are different kinds of object.
+    return f"{namespace}.dead"
+
+
+def stage_queue_name(namespace: str, profile: str, stage: str) -> str:
+    return f"{namespace}.{profile}.{stage}"
+
+
+class QueueSpec(BaseModel):
+    name: str
+    binding_keys: list[str] = Field(min_length=1)
+    queue_type: Literal["classic", "quorum"] = "classic"
+    max_length: int | None = Field(default=None, ge=1, description="Bound; publishes past it are rejected")
+    delivery_limit: int | None = Field(default=None, ge=1, description="Quorum queues: deliveries before dead-lettering")
+
+    def arguments(self, namespace: str) -> dict[str, object]:
+        args: dict[str, object] = {
+            "x-queue-type": self.queue_type,
+            # Rejected (requeue=False) and over-limit deliveries go to the dead-letter exchange.
+            "x-dead-letter-exchange": dead_exchange_name(namespace),
+        }
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+            args["x-overflow"] = "reject-publish"
+        if self.queue_type == "quorum" and self.delivery_limit is not None:
+            args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+
+@dataclass(frozen=True)
+class DeclaredTopology:
+    exchange: AbstractExchange
+    dead_exchange: AbstractExchange
+    queues: dict[str, AbstractQueue]
+
+
+async def declare_topology(
+    channel: AbstractChannel, namespace: str, queues: Sequence[QueueSpec] = ()
+) -> DeclaredTopology:
+    exchange = await channel.declare_exchange(exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_exchange = await channel.declare_exchange(
+        dead_exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    # Dead letters are kept in one durable queue so they can be listed and replayed.
+    dead_queue = await channel.declare_queue(dead_queue_name(namespace), durable=True)
+    await dead_queue.bind(dead_exchange, routing_key="#")
+
+    declared: dict[str, AbstractQueue] = {}
+    for spec in queues:
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments(namespace))
+        for key in spec.binding_keys:
+            await queue.bind(exchange, routing_key=key)
+        declared[spec.name] = queue
+    return DeclaredTopology(exchange=exchange, dead_exchange=dead_exchange, queues=declared)

@@ -1,0 +1,126 @@
+"""Micro-batching: rows of many messages for one model run as one ONNX call.
+
+Each model has a queue and one loop. The loop takes the first waiting request,
+then keeps collecting until ``max_batch_size`` rows or ``max_batch_delay_ms`` has
+passed, runs the batch on a worker thread, and hands each request its rows.
+While a batch runs, new requests pile up, so under load batches grow by
+themselves even with a delay of 0 (as Triton's dynamic batcher does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Pending:
+    features: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+
+
+class MicroBatcher:
+    def __init__(self, run_batch: RunBatch, max_batch_size: int = 64, max_batch_delay_ms: float = 2.0) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_ms / 1000
+        self.stats = BatchStats()
+        self._queues: dict[str, asyncio.Queue[_Pending]] = {}
+        self._loops: dict[str, asyncio.Task] = {}
+        # One thread: batches for one process run one after another, which is what
+        # lets the next batch fill up while this one runs.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+
+    async def submit(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and probabilities for ``features`` (its rows), once its batch has run."""
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = asyncio.Queue()
+            self._loops[model] = asyncio.create_task(self._loop(model, queue), name=f"batcher-{model}")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await queue.put(_Pending(features, future))
+        return await future
+
+    async def close(self) -> None:
+        for task in self._loops.values():
+            task.cancel()
+        for task in self._loops.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._executor.shutdown(wait=True)
+
+    async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
+        batch = [await queue.get()]
+        rows = len(batch[0].features)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.max_batch_delay_s
+        while rows < self.max_batch_size:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            batch.append(item)
+            rows += len(item.features)
+        return batch
+
+    async def _loop(self, model: str, queue: asyncio.Queue[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect(queue)
+            try:
+                features = batch[0].features if len(batch) == 1 else np.concatenate([p.features for p in batch])
+                labels, probabilities = await loop.run_in_executor(self._executor, self.run_batch, model, features)
+            except Exception as exc:
+                if len(batch) == 1:
+                    _set_exception(batch[0], exc)
+                    continue
+                # One bad request must not fail its neighbours: run each on its own.
+                for pending in batch:
+                    try:
+                        result = await loop.run_in_executor(self._executor, self.run_batch, model, pending.features)
+                    except Exception as single_exc:
+                        _set_exception(pending, single_exc)
+                    else:
+                        _set_result(pending, result)
+                continue
+            self.stats.batches += 1
+            self.stats.rows += len(features)
+            self.stats.largest = max(self.stats.largest, len(features))
+            start = 0
+            for pending in batch:
+                end = start + len(pending.features)
+                _set_result(pending, (labels[start:end], probabilities[start:end]))
+                start = end
+
+
+def _set_result(pending: _Pending, result: tuple[np.ndarray, np.ndarray]) -> None:
+    if not pending.future.done():
+        pending.future.set_result(result)
+
+
+def _set_exception(pending: _Pending, exc: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(exc)

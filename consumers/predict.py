@@ -1,0 +1,92 @@
+"""PredictStage: ``features.<model>`` -> ``prediction.<model>`` with ONNX Runtime and micro-batching."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from brokers.messages import Envelope, FailureCode, Features, Prediction, RowPrediction
+from brokers.tensors import TensorError, decode_tensor
+from consumers.batching import MicroBatcher
+from consumers.preprocessing import InputError
+from consumers.registry import LoadedModel, ModelManifest, ModelRegistry
+from consumers.stage import Outgoing, Stage, outgoing
+
+
+def to_row_predictions(
+    class_indices: np.ndarray, probabilities: np.ndarray, labels: list[str]
+) -> list[RowPrediction]:
+    """Pure: model outputs -> one ``RowPrediction`` per row, probabilities rounded to 6 places."""
+    rounded = np.round(probabilities.astype(np.float64), 6).tolist()
+    return [
+        RowPrediction(label=labels[int(index)], class_index=int(index), probabilities=row)
+        for index, row in zip(class_indices.tolist(), rounded, strict=True)
+    ]
+
+
+def check_features(array: np.ndarray, manifest: ModelManifest, max_rows: int) -> np.ndarray:
+    """Validate a features tensor from the wire against the model's input; float32 [N, F]."""
+    if array.ndim != 2 or array.shape[1] != manifest.n_features:
+        raise InputError(
+            f"features have shape {list(array.shape)}, model {manifest.name!r} expects [N, {manifest.n_features}]",
+            FailureCode.INVALID_MESSAGE,
+        )
+    if array.shape[0] == 0:
+        raise InputError("features have no rows", FailureCode.INVALID_MESSAGE)
+    if array.shape[0] > max_rows:
+        raise InputError(f"features have {array.shape[0]} rows, more than the limit of {max_rows}",
+                         FailureCode.TOO_LARGE)
+    features = array.astype(np.float32, copy=False)
+    if not np.isfinite(features).all():
+        raise InputError("features contain NaN or infinite values", FailureCode.INVALID_MESSAGE)
+    return features
+
+
+class PredictStage(Stage):
+    kind: ClassVar[str] = "predict"
+    input_type: ClassVar[type[Envelope]] = Features
+
+    def __init__(
+        self,
+        name: str,
+        registry: ModelRegistry,
+        models: list[str],
+        max_batch_size: int = 64,
+        max_batch_delay_ms: float = 2.0,
+        max_rows: int = 10_000,
+    ) -> None:
+        super().__init__(name)
+        self.registry = registry
+        self.model_names = models
+        self.max_rows = max_rows
+        self.models: dict[str, LoadedModel] = {}
+        self.batcher = MicroBatcher(self._run, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms)
+
+    async def start(self) -> None:
+        # Load (and sha256-check) every model before taking a message.
+        self.models = self.registry.load_all(self.model_names)
+
+    async def stop(self) -> None:
+        await self.batcher.close()
+
+    def _run(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.models[model].run(features)
+
+    async def handle(self, message: Envelope) -> list[Outgoing]:
+        assert isinstance(message, Features)
+        loaded = self.models.get(message.model)
+        if loaded is None:
+            raise InputError(f"model {message.model!r} is not served by stage {self.name!r}",
+                             FailureCode.UNKNOWN_MODEL)
+        try:
+            array = decode_tensor(message.tensor)
+        except TensorError as exc:
+            raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc
+        features = check_features(array, loaded.manifest, self.max_rows)
+        class_indices, probabilities = await self.batcher.submit(message.model, features)
+        return [outgoing(Prediction(
+            id=message.id, model=message.model, created_at=message.created_at, deadline=message.deadline,
+            batch_id=message.batch_id, timings=message.timings, model_version=loaded.manifest.version,
+            rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
+        ))]

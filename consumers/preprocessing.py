@@ -1,0 +1,170 @@
+"""Pure input transforms: request rows and images -> float32 feature tensors.
+
+One implementation, used by the ingress (to reject bad input with a 4xx before
+anything is queued), by the preprocess stage (for messages from any publisher),
+and by the edge runner. Every problem raises ``InputError`` with a message that
+names what was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from brokers.messages import FailureCode
+from consumers.registry import ImagePreprocessing, ModelManifest
+
+ACCEPTED_IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
+_RESAMPLE = {
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_DATA_URL_PREFIX = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class InputError(ValueError):
+    """The caller sent something we cannot serve; ``code`` is machine-readable."""
+
+    def __init__(self, message: str, code: FailureCode = FailureCode.INVALID_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_rows: int = 10_000
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 16_000_000
+
+
+def rows_to_features(instances: list[list[float]], manifest: ModelManifest, limits: InputLimits) -> np.ndarray:
+    if manifest.preprocessing.kind != "tabular":
+        raise InputError(f"model {manifest.name!r} takes an 'image', not 'instances'")
+    if not instances:
+        raise InputError("'instances' is empty: send at least one row")
+    if len(instances) > limits.max_rows:
+        raise InputError(
+            f"'instances' has {len(instances)} rows, more than the limit of {limits.max_rows}", FailureCode.TOO_LARGE
+        )
+    expected = manifest.n_features
+    for index, row in enumerate(instances):
+        if len(row) != expected:
+            raise InputError(
+                f"instances[{index}] has {len(row)} values, model {manifest.name!r} expects {expected} "
+                f"({', '.join(manifest.input.features)})"
+            )
+    array = np.asarray(instances, dtype=np.float64)
+    finite = np.isfinite(array)
+    if not finite.all():
+        row, column = (int(i) for i in np.argwhere(~finite)[0])
+        raise InputError(f"instances[{row}][{column}] is {array[row, column]}: every value must be a finite number")
+    # Values beyond float32's range would become inf in the model.
+    if np.abs(array).max() > np.finfo(np.float32).max:
+        raise InputError("a value in 'instances' is too large for float32")
+    return array.astype(np.float32)
+
+
+def decode_base64_image(data: str, limits: InputLimits) -> bytes:
+    """Standard or URL-safe base64, with or without a data: URL prefix or line breaks."""
+    text = _WHITESPACE.sub("", _DATA_URL_PREFIX.sub("", data, count=1))
+    if not text:
+        raise InputError("'image' is empty: send a base64-encoded PNG or JPEG file")
+    # Base64 is 4/3 of the raw size: refuse oversized payloads before decoding them.
+    if len(text) * 3 // 4 > limits.max_image_bytes:
+        raise InputError(
+            f"'image' is about {len(text) * 3 // 4} bytes, more than the limit of {limits.max_image_bytes}",
+            FailureCode.TOO_LARGE,
+        )
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"'image' is not valid base64: {exc}") from exc
+
+
+def open_image(raw: bytes, limits: InputLimits) -> Image.Image:
+    """Open and fully decode an image, refusing non-images, truncation and decompression bombs."""
+    try:
+        image = Image.open(io.BytesIO(raw), formats=sorted(ACCEPTED_IMAGE_FORMATS))
+    except UnidentifiedImageError as exc:
+        raise InputError("'image' is not a PNG or JPEG image") from exc
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"'image' is too large to decode: {exc}", FailureCode.TOO_LARGE) from exc
+    width, height = image.size
+    # Checked from the header, before any pixel is decoded: a tiny file can declare
+    # gigapixel dimensions (a decompression bomb).
+    if width * height > limits.max_image_pixels:
+        raise InputError(
+            f"'image' is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_image_pixels}",
+            FailureCode.TOO_LARGE,
+        )
+    if width == 0 or height == 0:
+        raise InputError("'image' has no pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        message = str(exc) or type(exc).__name__
+        if "truncated" in message.lower() or isinstance(exc, (OSError, SyntaxError)):
+            raise InputError(f"'image' could not be decoded (truncated or corrupt {image.format}): {message}") from exc
+        raise InputError(f"'image' could not be decoded: {message}") from exc
+    return image
+
+
+def image_to_features(image: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
+    """Greyscale, resize to the model's size, scale to its training range: a [1, w*h] float32 row."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on black (the training images' background) so transparent pixels are not noise.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    grey = image.convert(spec.mode)
+    if grey.size != (spec.width, spec.height):
+        grey = grey.resize((spec.width, spec.height), _RESAMPLE[spec.resample])
+    pixels = np.asarray(grey, dtype=np.float32)
+    if spec.invert:
+        pixels = 255.0 - pixels
+    return (pixels * np.float32(spec.scale)).reshape(1, spec.width * spec.height)
+
+
+def image_b64_to_features(data: str, manifest: ModelManifest, limits: InputLimits) -> np.ndarray:
+    if not isinstance(manifest.preprocessing, ImagePreprocessing):
+        raise InputError(f"model {manifest.name!r} takes 'instances' (rows of numbers), not an 'image'")
+    return image_to_features(open_image(decode_base64_image(data, limits), limits), manifest.preprocessing)
+
+
+def check_image_header(data: str, manifest: ModelManifest, limits: InputLimits) -> None:
+    """The ingress's cheap check: base64, format, dimensions and file structure, no full decode."""
+    if not isinstance(manifest.preprocessing, ImagePreprocessing):
+        raise InputError(f"model {manifest.name!r} takes 'instances' (rows of numbers), not an 'image'")
+    raw = decode_base64_image(data, limits)
+    try:
+        image = Image.open(io.BytesIO(raw), formats=sorted(ACCEPTED_IMAGE_FORMATS))
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise InputError(
+                f"'image' is {width}x{height} = {width * height} pixels, more than the limit of "
+                f"{limits.max_image_pixels}",
+                FailureCode.TOO_LARGE,
+            )
+        image.verify()  # PNG: walks every chunk and its CRC, so truncation is caught here
+    except UnidentifiedImageError as exc:
+        raise InputError("'image' is not a PNG or JPEG image") from exc
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"'image' is too large to decode: {exc}", FailureCode.TOO_LARGE) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"'image' is truncated or corrupt: {exc}") from exc
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,314 @@
+"""What every stage shares: consume, decode, handle, publish with confirms, then ack.
+
+A ``Stage`` only turns one input message into output messages (or raises). The
+``StageRunner`` owns the delivery guarantees, so each stage is a few lines:
+
+- ack only after every output was confirmed by the broker (or stored);
+- bad input -> a ``Failure`` for that job, acked, never retried;
+- an undecodable message -> a ``Failure`` when its id and model can be read,
+  otherwise it is dead-lettered with the reason; never redelivered forever;
+- an unexpected error -> retried ``max_attempts`` times, then a ``Failure`` and a
+  dead letter;
+- broker or Redis trouble (``TransientError``) -> requeued after a pause, not
+  counted as an attempt, since the message itself is fine;
+- the stage drops work whose deadline passed (``deadline_exceeded``);
+- SIGTERM drains: stop consuming, finish and ack what is in flight, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
+from brokers.messages import Envelope, Failure, FailureCode, Prediction, is_model_name, routing_key
+from brokers.settings import Settings
+from brokers.topology import QueueSpec, declare_topology
+from consumers.preprocessing import InputError
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_HEADER = "x-toposerve-attempts"
+REASON_HEADER = "x-toposerve-reason"
+
+
+class TransientError(RuntimeError):
+    """A dependency (broker, Redis) is unavailable; the message should be retried later."""
+
+
+@dataclass
+class Outgoing:
+    body: Envelope
+    routing_key: str
+
+
+def outgoing(body: Prediction | Failure | Envelope) -> Outgoing:
+    return Outgoing(body=body, routing_key=routing_key(body.kind, body.model))  # type: ignore[attr-defined]
+
+
+@dataclass
+class StageStats:
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    in_flight: set[asyncio.Task] = field(default_factory=set)
+
+
+class Stage(ABC):
+    """One step of a topology: an input message type in, output messages out."""
+
+    kind: ClassVar[str]
+    input_type: ClassVar[type[Envelope]]
+    # Stages that compute drop work whose deadline passed; stages that record
+    # outcomes (store) must not, or a late failure would never be recorded.
+    honours_deadline: ClassVar[bool] = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode(self, body: bytes) -> Envelope:
+        """Parse and validate one message body; raises ``ValidationError``."""
+        return self.input_type.model_validate_json(body)
+
+    async def start(self) -> None:
+        """Load what the stage needs (models, connections) before consuming."""
+
+    async def stop(self) -> None:
+        """Release what ``start`` acquired."""
+
+    @abstractmethod
+    async def handle(self, message: Envelope) -> list[Outgoing]:
+        """Work on one message; raise ``InputError`` for bad input, ``TransientError`` for outages."""
+
+    def failure(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> Failure:
+        return Failure(
+            id=message.id,
+            model=message.model,
+            created_at=message.created_at,
+            deadline=message.deadline,
+            batch_id=message.batch_id,
+            timings=message.timings,
+            stage=self.name,
+            code=code,
+            message=text,
+            retryable=retryable,
+        )
+
+
+class StageRunner:
+    def __init__(
+        self,
+        stage: Stage,
+        settings: Settings,
+        queue: QueueSpec,
+        prefetch: int = 64,
+        connection_name: str | None = None,
+    ) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.queue_spec = queue
+        self.prefetch = prefetch
+        self.connection_name = connection_name or f"toposerve-{stage.name}"
+        self.stats = StageStats()
+        self.connection: AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._dead: Publisher | None = None
+        self._retry: Publisher | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.stage.start()
+        self.connection = await connect_amqp(self.settings.amqp_url, self.connection_name)
+        channel = await open_confirm_channel(self.connection, prefetch=self.prefetch)
+        topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec])
+        self._publisher = Publisher(topology.exchange)
+        self._dead = Publisher(topology.dead_exchange)
+        self._retry = Publisher(channel.default_exchange)
+        self._queue = topology.queues[self.queue_spec.name]
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self.ready.set()
+        log.info("stage %s consuming %s", self.stage.name, self.queue_spec.name)
+
+    async def drain_and_close(self) -> None:
+        """Stop taking messages, let in-flight ones finish (they are acked), then close."""
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception:  # the connection may already be gone; unacked work is requeued then
+                log.warning("could not cancel consumer of %s cleanly", self.queue_spec.name)
+        pending = set(self.stats.in_flight)
+        if pending:
+            log.info("draining %d in-flight messages", len(pending))
+            await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
+        if self.connection is not None:
+            await self.connection.close()
+        await self.stage.stop()
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.drain_and_close()
+
+    # -- one delivery ---------------------------------------------------------------
+
+    async def _on_message(self, delivery: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.stats.in_flight.add(task)
+        try:
+            await self._process(delivery)
+        finally:
+            self.stats.in_flight.discard(task)
+
+    async def _process(self, delivery: AbstractIncomingMessage) -> None:
+        try:
+            message = self.stage.decode(delivery.body)
+        except ValidationError as exc:
+            await self._reject_undecodable(delivery, exc)
+            return
+
+        started = time.perf_counter()
+        try:
+            if self.stage.honours_deadline and message.expired():
+                outputs = [outgoing(self.stage.failure(message, FailureCode.DEADLINE_EXCEEDED,
+                                                       f"the deadline {message.deadline.isoformat()} passed "
+                                                       f"before stage {self.stage.name!r} started"))]
+            else:
+                try:
+                    outputs = await self.stage.handle(message)
+                except InputError as exc:
+                    outputs = [outgoing(self.stage.failure(message, exc.code, exc.message))]
+            for out in outputs:
+                out.body.timings[f"{self.stage.kind}_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            await self._publish_all(outputs, delivery)
+        except (TransientError, PublishRefused, RedisError, ConnectionError) as exc:
+            # The message is fine, a dependency is not: requeue after a pause so we do not spin.
+            log.warning("stage %s: dependency unavailable (%s); requeueing %s", self.stage.name, exc, message.id)
+            await asyncio.sleep(1.0)
+            await self._settle(delivery.nack(requeue=True))
+            return
+        except Exception as exc:  # a bug or a poison message: bounded retries, then dead-letter
+            await self._retry_or_dead_letter(delivery, message, exc)
+            return
+        self.stats.handled += 1
+        await self._settle(delivery.ack())
+
+    async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage) -> None:
+        assert self._publisher is not None and self._retry is not None
+        publishes = []
+        for out in outputs:
+            headers = dict(delivery.headers or {})
+            headers.pop(ATTEMPTS_HEADER, None)
+            publishes.append(self._publisher.publish(
+                out.body, out.routing_key, reply_to=delivery.reply_to,
+                correlation_id=delivery.correlation_id, headers=headers,
+            ))
+            if isinstance(out.body, Prediction | Failure):
+                if isinstance(out.body, Failure):
+                    self.stats.failed += 1
+                if delivery.reply_to:
+                    # Sync callers wait on their own reply queue; the terminal message goes there too.
+                    publishes.append(self._retry.publish(
+                        out.body, delivery.reply_to, correlation_id=delivery.correlation_id or str(out.body.id),
+                    ))
+        await asyncio.gather(*publishes)
+
+    async def _retry_or_dead_letter(
+        self, delivery: AbstractIncomingMessage, message: Envelope, exc: Exception
+    ) -> None:
+        assert self._retry is not None
+        attempts = int((delivery.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
+        reason = f"{type(exc).__name__}: {exc}"
+        log.exception("stage %s failed on %s (attempt %d)", self.stage.name, message.id, attempts)
+        try:
+            if attempts < self.settings.max_attempts:
+                retry = self._copy(delivery, {ATTEMPTS_HEADER: attempts})
+                await self._retry.publish_raw(retry, self.queue_spec.name)
+                self.stats.retried += 1
+            else:
+                failure = self.stage.failure(
+                    message, FailureCode.INTERNAL,
+                    f"stage {self.stage.name!r} failed {attempts} times: {reason}",
+                )
+                await self._publish_all([outgoing(failure)], delivery)
+                await self._dead_letter(delivery, reason)
+        except PublishRefused:
+            await asyncio.sleep(1.0)
+            await self._settle(delivery.nack(requeue=True))
+            return
+        await self._settle(delivery.ack())
+
+    async def _reject_undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        reason = f"message is not a valid {self.stage.input_type.__name__} for stage {self.stage.name!r}: {problems}"
+        ident = _salvage_identity(delivery.body)
+        try:
+            if ident is not None:
+                # We know whose job it is: end it as failed so its caller learns why.
+                job_id, model = ident
+                failure = Failure(id=job_id, model=model, stage=self.stage.name,
+                                  code=FailureCode.INVALID_MESSAGE, message=reason)
+                await self._publish_all([outgoing(failure)], delivery)
+            await self._dead_letter(delivery, reason)
+        except PublishRefused:
+            await asyncio.sleep(1.0)
+            await self._settle(delivery.nack(requeue=True))
+            return
+        log.warning("stage %s: %s", self.stage.name, reason)
+        await self._settle(delivery.ack())
+
+    async def _dead_letter(self, delivery: AbstractIncomingMessage, reason: str) -> None:
+        assert self._dead is not None
+        dead = self._copy(delivery, {REASON_HEADER: reason[:1000], "x-toposerve-stage": self.stage.name,
+                                     "x-toposerve-queue": self.queue_spec.name})
+        await self._dead.publish_raw(dead, delivery.routing_key or "unknown")
+        self.stats.dead_lettered += 1
+
+    @staticmethod
+    def _copy(delivery: AbstractIncomingMessage, extra_headers: dict[str, object]) -> aio_pika.Message:
+        return aio_pika.Message(
+            body=delivery.body,
+            headers={**(delivery.headers or {}), **extra_headers},
+            content_type=delivery.content_type,
+            correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            message_id=delivery.message_id,
+            type=delivery.type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    @staticmethod
+    async def _settle(coro) -> None:
+        try:
+            await coro
+        except Exception as exc:  # channel gone: the broker requeues the message itself
+            log.warning("could not settle a delivery (%s); the broker will redeliver it", exc)
+
+
+def _salvage_identity(body: bytes) -> tuple[uuid.UUID, str] | None:
+    """Read ``id`` and ``model`` from a message that failed validation, when they are sound."""
+    try:
+        data = json.loads(body)
+        job_id = uuid.UUID(str(data["id"]))
+        model = str(data["model"])
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+    return (job_id, model) if is_model_name(model) else None

@@ -1,0 +1,126 @@
+"""The ``toposerve`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from brokers.settings import Settings
+from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
+from deploy.components import load_checked_profile
+from deploy.profile import Profile, ProfileError, available_profiles
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _profile(name: str, settings: Settings) -> Profile:
+    try:
+        return load_checked_profile(name, settings)
+    except ProfileError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _say(text: str) -> None:
+    click.echo(f"toposerve: {text}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Serve ONNX models through RabbitMQ topologies (one deploy profile per serving pattern)."""
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True, help=f"Profile name or YAML path ({', '.join(available_profiles())})")
+@click.option("--host", default=None, help="Ingress address (default: the profile's, 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="Ingress port (default: the profile's, 8000)")
+def up(profile_name: str, host: str | None, port: int | None) -> None:
+    """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
+    from deploy.launcher import LaunchError, run_profile
+    from deploy.local_services import ServiceUnavailable
+    from deploy.processes import configure_logging
+
+    configure_logging()
+    settings = _settings()
+    profile = _profile(profile_name, settings)
+    try:
+        code = run_profile(profile, profile_name, settings, host or profile.ingress.host,
+                           port or profile.ingress.port, _say)
+    except (LaunchError, ServiceUnavailable) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True)
+@click.option("--stage", required=True, help="Stage name in the profile")
+@click.option("--replica", type=int, default=0, help="Replica number (names the connection)")
+def worker(profile_name: str, stage: str, replica: int) -> None:
+    """Run one stage replica (what a container runs)."""
+    from deploy.processes import configure_logging, install_uvloop, run_stage
+
+    configure_logging()
+    settings = _settings()
+    profile = _profile(profile_name, settings)
+    if stage not in profile.stages:
+        raise click.ClickException(f"profile {profile.name!r} has no stage {stage!r}; stages: {', '.join(profile.stages)}")
+    install_uvloop()
+    asyncio.run(run_stage(profile, stage, settings, replica))
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True)
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.option("--access-log/--no-access-log", default=False)
+def ingress(profile_name: str, host: str | None, port: int | None, access_log: bool) -> None:
+    """Run the HTTP ingress of a profile (what a container runs)."""
+    from deploy.processes import configure_logging, serve_ingress
+
+    configure_logging()
+    settings = _settings()
+    profile = _profile(profile_name, settings)
+    serve_ingress(profile, settings, host or profile.ingress.host, port or profile.ingress.port, access_log)
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True)
+def topology(profile_name: str) -> None:
+    """Print the exchanges, queues, bindings and stages of a profile."""
+    settings = _settings()
+    profile = _profile(profile_name, settings)
+    ns = settings.namespace
+    click.echo(f"profile {profile.name}: {profile.description}")
+    click.echo(f"  ingress: mode={profile.ingress.mode} http://{profile.ingress.host}:{profile.ingress.port} "
+               f"publishes request.<model>; results live {profile.ingress.result_ttl_s}s")
+    click.echo(f"  models: {', '.join(profile.models)}")
+    click.echo("exchanges:")
+    click.echo(f"  {exchange_name(ns)} (topic, durable)")
+    click.echo(f"  {dead_exchange_name(ns)} (topic, durable, dead letters) -> queue {dead_queue_name(ns)} [#]")
+    click.echo("stages (queue <- bindings):")
+    for name, stage in profile.stages.items():
+        spec = profile.queue_spec(ns, name)
+        knobs = [f"kind={stage.kind}", f"replicas={stage.replicas}", f"prefetch={stage.prefetch}"]
+        if stage.kind == "predict":
+            knobs += [f"max_batch_size={stage.max_batch_size}", f"max_batch_delay_ms={stage.max_batch_delay_ms}",
+                      f"models={','.join(profile.stage_models(name))}"]
+        if spec.max_length:
+            knobs.append(f"max_queue_length={spec.max_length}")
+        click.echo(f"  {name}: {spec.name} ({spec.queue_type}) <- {', '.join(spec.binding_keys)}")
+        click.echo(f"      {' '.join(knobs)}")
+    click.echo("flow: request.<model> -> preprocess -> features.<model> -> predict -> prediction.<model> "
+               "| failure.<model> -> store -> Redis")
+
+
+@main.command()
+def profiles() -> None:
+    """List the profiles that ship with toposerve."""
+    for name in available_profiles():
+        click.echo(name)
+
+
+if __name__ == "__main__":
+    main()

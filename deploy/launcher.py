@@ -1,0 +1,220 @@
+"""``toposerve up``: run a whole profile on this machine, one supervised process per part.
+
+Finds RabbitMQ and Redis (or starts throwaway local ones when nothing answers at
+the default URLs), starts the ingress and every stage replica as child processes,
+restarts a child that dies, and on Ctrl-C / SIGTERM stops the ingress first, then
+lets every stage drain, then stops what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from brokers.settings import Settings
+from deploy.local_services import LocalService, ServiceUnavailable, port_answers, start_rabbitmq, start_redis
+from deploy.profile import Profile
+
+Say = Callable[[str], None]
+DEFAULT_AMQP_URL = Settings.model_fields["amqp_url"].default
+DEFAULT_REDIS_URL = Settings.model_fields["redis_url"].default
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def _answers(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    return port_answers(parsed.hostname or "127.0.0.1", parsed.port or default_port)
+
+
+def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalService]]:
+    """The settings to run with, and the throwaway servers started for them (to stop later)."""
+    started: list[LocalService] = []
+    amqp_url, redis_url = settings.amqp_url, settings.redis_url
+    try:
+        if not _answers(amqp_url, 5672):
+            if amqp_url != DEFAULT_AMQP_URL:
+                raise LaunchError(f"nothing answers at TOPOSERVE_AMQP_URL={_redact(amqp_url)}; start RabbitMQ there "
+                                  "or unset the variable to let toposerve start a local one")
+            say("no RabbitMQ answers at the default URL: starting a throwaway local rabbitmq-server ...")
+            service = start_rabbitmq()
+            started.append(service)
+            amqp_url = service.url
+            say(f"  RabbitMQ is up at {amqp_url} (data in {service.workdir}, removed on exit)")
+        if not _answers(redis_url, 6379):
+            if redis_url != DEFAULT_REDIS_URL:
+                raise LaunchError(f"nothing answers at TOPOSERVE_REDIS_URL={_redact(redis_url)}; start Redis there "
+                                  "or unset the variable to let toposerve start a local one")
+            say("no Redis answers at the default URL: starting a throwaway local redis-server ...")
+            service = start_redis()
+            started.append(service)
+            redis_url = service.url
+            say(f"  Redis is up at {redis_url} (data in {service.workdir}, removed on exit)")
+    except (ServiceUnavailable, LaunchError):
+        for service in reversed(started):
+            service.stop()
+        raise
+    return settings.model_copy(update={"amqp_url": amqp_url, "redis_url": redis_url}), started
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    backoff_s: float = field(default=1.0)
+
+
+class Supervisor:
+    """Keeps a set of child processes running until told to stop."""
+
+    def __init__(self, children: list[Child], env: dict[str, str], say: Say) -> None:
+        self.children = children
+        self.env = env
+        self.say = say
+        self.stopping = False
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self._start(child)
+
+    def _start(self, child: Child) -> None:
+        # A session of its own: Ctrl-C reaches only the launcher, which then stops
+        # children in order instead of all of them at once.
+        child.process = subprocess.Popen(child.argv, env=self.env, start_new_session=True)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is None:
+                if now >= child.next_start:
+                    self._start(child)
+                continue
+            code = child.process.poll()
+            if code is None:
+                if child.restarts and now - child.next_start > 60:
+                    child.backoff_s = 1.0  # it stayed up a minute: forget old crashes
+                continue
+            child.restarts += 1
+            child.process = None
+            child.next_start = now + child.backoff_s
+            self.say(f"{child.name} exited with code {code}; restarting in {child.backoff_s:.0f}s "
+                     f"(restart #{child.restarts})")
+            child.backoff_s = min(child.backoff_s * 2, 30.0)
+
+    def stop(self, names_in_order: list[list[str]], timeout_s: float) -> None:
+        self.stopping = True
+        for group in names_in_order:
+            processes = [c.process for c in self.children if c.name in group and c.process is not None]
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for process in processes:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def child_processes(profile: Profile, profile_arg: str, host: str, port: int) -> list[Child]:
+    base = [sys.executable, "-m", "deploy.cli"]
+    children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)])]
+    for stage, spec in profile.stages.items():
+        for replica in range(spec.replicas):
+            children.append(Child(f"{stage}[{replica}]", [*base, "worker", "--profile", profile_arg, "--stage", stage,
+                                                          "--replica", str(replica)]))
+    return children
+
+
+def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        supervisor.poll()
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=1.0)
+            body = response.json()
+            consumers = body.get("stage_consumers", {})
+            if response.status_code == 200 and consumers and all(n > 0 for n in consumers.values()):
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+@contextmanager
+def running_profile(
+    profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say
+) -> Iterator[tuple[str, Supervisor]]:
+    """Start services (if needed) and every process of the profile; stop them all on exit."""
+    if port_answers(host, port):
+        raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
+    settings, started = ensure_services(settings, say)
+    env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
+           "TOPOSERVE_NAMESPACE": settings.namespace}
+    children = child_processes(profile, profile_arg, host, port)
+    supervisor = Supervisor(children, env, say)
+    base_url = f"http://{host}:{port}"
+    try:
+        say(f"starting profile {profile.name!r}: {', '.join(c.name for c in children)}")
+        supervisor.start_all()
+        if not wait_ready(base_url, 60, supervisor):
+            raise LaunchError(f"profile {profile.name!r} was not ready after 60 s ({base_url}/readyz tells why)")
+        yield base_url, supervisor
+        say("stopping: ingress first, then stages drain their in-flight work ...")
+        stages = [c.name for c in children if c.name != "ingress"]
+        supervisor.stop([["ingress"], stages], timeout_s=settings.drain_timeout_s + 5)
+    finally:
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+        for service in reversed(started):
+            say(f"stopping the throwaway {service.name} ...")
+            service.stop()
+
+
+def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say) -> int:
+    """``toposerve up``: run until Ctrl-C or SIGTERM."""
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with running_profile(profile, profile_arg, settings, host, port, say) as (base_url, supervisor):
+            say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
+            say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "
+                "-d '{\"instances\": [[5.1,3.5,1.4,0.2]]}'")
+            while not stop_requested:
+                supervisor.poll()
+                time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    say("stopped")
+    return 0

@@ -1,0 +1,58 @@
+"""Entry points of the processes a profile runs: one stage replica, or the ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvicorn
+
+from brokers.settings import Settings
+from deploy.components import build_app, build_stage_runner
+from deploy.profile import Profile
+
+log = logging.getLogger("toposerve")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    # aio-pika logs every reconnect attempt at length; its warnings are enough.
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+
+async def run_stage(profile: Profile, stage: str, settings: Settings, replica: int = 0) -> None:
+    runner = build_stage_runner(profile, stage, settings, replica)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("stage %s.%s replica %d starting (namespace %s)", profile.name, stage, replica, settings.namespace)
+    await runner.run_until(stop)
+    log.info("stage %s.%s replica %d stopped: %s", profile.name, stage, replica, runner.stats)
+
+
+def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, access_log: bool = False) -> None:
+    app = build_app(profile, settings)
+    # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, finishes requests, runs the lifespan exit.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
+                            loop="uvloop" if _has_uvloop() else "asyncio", timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True

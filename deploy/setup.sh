@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up a development/run environment in .venv: toposerve and its test tools.
+# RabbitMQ and Redis come from Debian (rabbitmq-server, redis-server); when they are
+# missing and we are root, install them, because the fixtures and `toposerve up`
+# start throwaway servers from those binaries when nothing else answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1 || ! { command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ]; }; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing rabbitmq-server and redis-server from Debian ..." >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server redis-server >/dev/null
+  else
+    echo "setup: rabbitmq-server/redis-server not found; install them (apt-get install -y rabbitmq-server redis-server)" \
+         "or point TOPOSERVE_AMQP_URL / TOPOSERVE_REDIS_URL at running servers" >&2
+  fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,119 @@
+"""The asynchronous profile end to end on real RabbitMQ and Redis: submit, poll, read."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from brokers.settings import Settings
+from deploy.components import build_stage_runner
+from tests.integration.conftest import Stack, start_stack
+from tests.support.images import b64, sample_images
+
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+
+
+async def wait_job(stack: Stack, location: str) -> dict:
+    response = await stack.client.get(location, params={"wait": 10})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_iris_job_goes_pending_then_succeeds_with_one_prediction_per_row(settings: Settings) -> None:
+    # Without a predict stage at first, so the job is observably pending.
+    async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS})
+        assert response.status_code == 202
+        body = response.json()
+        assert body["status"] == "pending"
+        assert uuid.UUID(body["id"]).version == 4
+        assert response.headers["location"] == f"/v1/jobs/{body['id']}"
+
+        pending = await stack.client.get(response.headers["location"])
+        assert pending.status_code == 202
+        assert pending.json()["status"] == "pending"
+
+        predict = build_stage_runner(stack.profile, "predict", settings)
+        await predict.start()
+        try:
+            job = await wait_job(stack, response.headers["location"])
+        finally:
+            await predict.drain_and_close()
+        assert job["status"] == "succeeded"
+        assert job["model_version"] == "1"
+        assert [row["label"] for row in job["predictions"]] == ["setosa", "virginica", "versicolor"]
+        for row in job["predictions"]:
+            assert len(row["probabilities"]) == 3
+            assert abs(sum(row["probabilities"]) - 1) < 1e-3
+            assert row["class_index"] == ["setosa", "versicolor", "virginica"].index(row["label"])
+        assert {"preprocess_ms", "predict_ms", "total_ms"} <= set(job["timings"])
+
+
+@pytest.mark.parametrize("model", ["digits_fast", "digits_accurate"])
+async def test_every_sample_image_is_classified_correctly(async_stack: Stack, model: str) -> None:
+    locations = {}
+    for path, label in sample_images():
+        response = await async_stack.client.post(f"/v1/models/{model}/predict",
+                                                 json={"image": b64(path.read_bytes())})
+        assert response.status_code == 202, response.text
+        locations[path.name] = (response.headers["location"], label)
+    assert len(locations) >= 5
+    for name, (location, label) in locations.items():
+        job = await wait_job(async_stack, location)
+        assert job["status"] == "succeeded", (name, job)
+        assert job["predictions"][0]["label"] == label, name
+
+
+async def test_unknown_and_malformed_job_ids_are_404(async_stack: Stack) -> None:
+    for job_id in (str(uuid.uuid4()), "not-a-uuid", "1" * 300):
+        response = await async_stack.client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "unknown_job"
+
+
+async def test_job_keys_are_namespaced_and_expire(async_stack: Stack) -> None:
+    response = await async_stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
+    job = await wait_job(async_stack, response.headers["location"])
+    client = async_stack.runners["store"].stage.results.client
+    key = f"{async_stack.settings.namespace}:job:{job['id']}"
+    ttl = await client.ttl(key)
+    assert 0 < ttl <= async_stack.profile.ingress.result_ttl_s
+    keys = [k.decode() async for k in client.scan_iter(match=f"{async_stack.settings.namespace}:*")]
+    assert keys and all(k.startswith(f"{async_stack.settings.namespace}:") for k in keys)
+    for k in keys:
+        assert await client.ttl(k) > 0, f"{k} has no TTL"
+
+
+async def test_models_endpoints_describe_the_profile_models(async_stack: Stack) -> None:
+    listing = (await async_stack.client.get("/v1/models")).json()["models"]
+    assert {m["name"] for m in listing} == {"iris", "digits_fast", "digits_accurate"}
+    iris = (await async_stack.client.get("/v1/models/iris")).json()
+    assert iris["labels"] == ["setosa", "versicolor", "virginica"]
+    assert iris["input"]["shape"] == [None, 4] and len(iris["sha256"]) == 64
+    assert iris["input_kind"] == "instances"
+    digits = (await async_stack.client.get("/v1/models/digits_fast")).json()
+    assert digits["input_kind"] == "image" and digits["preprocessing"]["width"] == 8
+    missing = await async_stack.client.get("/v1/models/nope")
+    assert missing.status_code == 404 and "iris" in missing.json()["error"]["message"]
+
+
+async def test_health_and_readiness_report_dependencies(async_stack: Stack) -> None:
+    assert (await async_stack.client.get("/healthz")).json() == {"status": "ok"}
+    ready = await async_stack.client.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["checks"]["broker"]["ok"] and body["checks"]["redis"]["ok"]
+    assert set(body["stage_consumers"].values()) == {1}
+
+
+async def test_readiness_fails_when_redis_is_unreachable(amqp_url: str, namespace: str) -> None:
+    dead_redis = Settings(amqp_url=amqp_url, redis_url="redis://127.0.0.1:1/0", namespace=namespace)
+    async for stack in start_stack(dead_redis, "asynchronous", stages=[]):
+        ready = await stack.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"]["ok"] is False
+        # Submitting while the store is down is refused clearly, not accepted and lost.
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "store_unavailable"

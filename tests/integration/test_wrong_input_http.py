@@ -1,0 +1,114 @@
+"""Every wrong input a caller can send over HTTP gets a clear 4xx naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.support.images import b64, png_bomb, png_bytes, sample_images, truncated
+
+IRIS = "/v1/models/iris/predict"
+DIGITS = "/v1/models/digits_fast/predict"
+
+
+def digit_png() -> bytes:
+    return next(path for path, _ in sample_images() if path.suffix == ".png").read_bytes()
+
+
+def digit_jpeg() -> bytes:
+    return next(path for path, _ in sample_images() if path.suffix == ".jpg").read_bytes()
+
+
+async def post(stack: Stack, path: str, **kwargs) -> tuple[int, str, str]:
+    response = await stack.client.post(path, **kwargs)
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return response.status_code, body["error"]["code"], body["error"]["message"]
+
+
+CASES = [
+    # (id, path, request kwargs, status, code, words the message must contain)
+    ("malformed-json", IRIS, {"content": b'{"instances": [[1,2,3,4]', "headers": {"content-type": "application/json"}},
+     400, "invalid_json", ["not valid JSON"]),
+    ("empty-body", IRIS, {"content": b"", "headers": {"content-type": "application/json"}},
+     400, "invalid_json", ["empty"]),
+    ("not-utf8", IRIS, {"content": b'{"instances": "\xff\xfe"}', "headers": {"content-type": "application/json"}},
+     400, "invalid_json", ["UTF-8"]),
+    ("wrong-content-type", IRIS, {"content": b"<xml/>", "headers": {"content-type": "application/xml"}},
+     415, "unsupported_media_type", ["application/xml"]),
+    ("multipart", IRIS, {"files": {"f": ("a.txt", b"x")}}, 415, "unsupported_media_type", ["multipart/form-data"]),
+    ("json-array-body", IRIS, {"json": [[5.1, 3.5, 1.4, 0.2]]}, 422, "invalid_request", ["JSON object"]),
+    ("no-input", IRIS, {"json": {}}, 422, "invalid_request", ["exactly one"]),
+    ("unknown-field", IRIS, {"json": {"instances": [[1, 2, 3, 4]], "extra": 1}}, 422, "invalid_request", ["extra"]),
+    ("wrong-type", IRIS, {"json": {"instances": [["a", 2, 3, 4]]}}, 422, "invalid_request", ["instances.0.0"]),
+    ("wrong-feature-count", IRIS, {"json": {"instances": [[5.1, 3.5, 1.4, 0.2], [1, 2, 3]]}},
+     422, "invalid_input", ["instances[1]", "3 values", "expects 4"]),
+    ("nan", IRIS, {"content": b'{"instances": [[5.1, NaN, 1.4, 0.2]]}', "headers": {"content-type": "application/json"}},
+     422, "invalid_input", ["instances[0][1]", "finite"]),
+    ("infinity", IRIS, {"content": b'{"instances": [[5.1, 1, Infinity, 0.2]]}'},
+     422, "invalid_input", ["instances[0][2]", "finite"]),
+    ("overflow", IRIS, {"content": b'{"instances": [[5.1, 1, 1e400, 0.2]]}'}, 422, "invalid_input", ["finite"]),
+    ("too-big-for-float32", IRIS, {"json": {"instances": [[5.1, 1, 1e300, 0.2]]}}, 422, "invalid_input", ["float32"]),
+    ("empty-instances", IRIS, {"json": {"instances": []}}, 422, "invalid_input", ["empty"]),
+    ("too-many-rows", IRIS, {"json": {"instances": [[1.0, 2.0, 3.0, 4.0]] * 101}}, 413, "too_large", ["101 rows", "100"]),
+    ("body-too-large", IRIS, {"content": b'{"instances": [' + b"[1,2,3,4]," * 40_000 + b"[1,2,3,4]]}"},
+     413, "body_too_large", ["limit"]),
+    ("unknown-model", "/v1/models/resnet/predict", {"json": {"instances": [[1, 2, 3, 4]]}},
+     404, "unknown_model", ["resnet", "iris"]),
+    ("image-to-tabular-model", IRIS, {"json": {"image": "aGVsbG8="}}, 422, "invalid_input", ["instances"]),
+    ("instances-to-image-model", DIGITS, {"json": {"instances": [[0.0] * 64]}}, 422, "invalid_input", ["image"]),
+    ("both-inputs", DIGITS, {"json": {"instances": [[1, 2, 3, 4]], "image": "aGVsbG8="}},
+     422, "invalid_request", ["exactly one", "instances and image"]),
+    ("not-base64", DIGITS, {"json": {"image": "this is *not* base64!"}}, 422, "invalid_input", ["base64"]),
+    ("not-an-image", DIGITS, {"json": {"image": b64(b"hello, I am a text file" * 10)}},
+     422, "invalid_input", ["not a PNG or JPEG"]),
+    ("gif-is-refused", DIGITS, {"json": {"image": b64(b"GIF89a" + b"\x00" * 40)}},
+     422, "invalid_input", ["not a PNG or JPEG"]),
+    ("truncated-png", DIGITS, {"json": {"image": b64(truncated(png_bytes((64, 64), "RGB"), 0.5))}},
+     422, "invalid_input", ["truncated or corrupt"]),
+    ("decompression-bomb", DIGITS, {"json": {"image": b64(png_bomb())}}, 413, "too_large", ["pixels", "limit"]),
+    ("empty-image", DIGITS, {"json": {"image": ""}}, 422, "invalid_input", ["empty"]),
+]
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "code", "words"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+async def test_wrong_input_gets_a_clear_4xx(async_stack: Stack, path, kwargs, status, code, words) -> None:
+    got_status, got_code, message = await post(async_stack, path, **kwargs)
+    assert (got_status, got_code) == (status, code), message
+    for word in words:
+        assert word in message, message
+
+
+async def test_nothing_was_queued_for_refused_requests(async_stack: Stack) -> None:
+    await post(async_stack, IRIS, json={"instances": [[1, 2, 3]]})
+    queue = async_stack.runners["preprocess"]._queue
+    assert queue is not None
+    declared = await queue.channel.declare_queue(queue.name, passive=True)
+    assert declared.declaration_result.message_count == 0
+
+
+async def test_a_truncated_jpeg_fails_its_job_with_the_reason(async_stack: Stack) -> None:
+    """JPEG has no checksums, so truncation may pass the ingress's header check; the stage catches it."""
+    response = await async_stack.client.post(DIGITS, json={"image": b64(truncated(digit_jpeg(), 0.5))})
+    if response.status_code == 202:
+        job = (await async_stack.client.get(response.headers["location"], params={"wait": 10})).json()
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "invalid_input"
+        assert "truncated or corrupt" in job["error"]["message"]
+    else:
+        assert response.status_code == 422
+        assert "truncated or corrupt" in response.json()["error"]["message"]
+
+
+async def test_curl_style_form_content_type_and_data_urls_are_accepted(async_stack: Stack) -> None:
+    # `curl -d` sends application/x-www-form-urlencoded; the README's examples rely on it.
+    response = await async_stack.client.post(
+        IRIS, content=b'{"instances": [[5.1,3.5,1.4,0.2]]}',
+        headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 202
+    data_url = "data:image/png;base64," + b64(digit_png())
+    response = await async_stack.client.post(DIGITS, json={"image": data_url})
+    assert response.status_code == 202
+    job = (await async_stack.client.get(response.headers["location"], params={"wait": 10})).json()
+    assert job["status"] == "succeeded"
