@@ -35,9 +35,15 @@ async def open_confirm_channel(connection: AbstractRobustConnection, prefetch: i
     return channel
 
 
-def connect_redis(url: str) -> redis.Redis:
+def connect_redis(url: str, max_connections: int = 64) -> redis.Redis:
+    # A blocking pool: under a burst, callers wait briefly for a connection instead of
+    # failing with "Too many connections" (what the default pool does past its size).
     # Short timeouts: a Redis outage must become a clear error, never a hang.
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=15)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5,
+        socket_timeout=5, socket_connect_timeout=3, health_check_interval=15,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def amqp_message(

@@ -14,10 +14,11 @@ cannot pull images), but the Debian packages ``rabbitmq-server`` and
 - as the ``rabbitmq`` user when running as root (``rabbitmq-server`` refuses to
   run its files otherwise), with the data dir owned by that user.
 
-Every process started here carries a marker environment variable, so stopping
-finds and ends all of them (the Erlang VM, its helpers, a daemonized Redis)
-even when a pid file is stale or missing; a ``weakref.finalize`` hook kills them
-at interpreter exit if ``stop()`` was never called. See
+Every process started here carries a marker environment variable (and runs in
+the work dir), so stopping finds and ends all of them (the Erlang VM, its
+helpers, a daemonized Redis) even when a pid file is stale or missing; a
+``weakref.finalize`` hook kills them at interpreter exit if ``stop()`` was never
+called. System-wide servers (e.g. on 5672/6379) are never touched. See
 ``/work/shared/reference/local-services.md`` for the checked facts behind this.
 
 Typical use::
@@ -67,6 +68,7 @@ _LOG_TAIL_LINES = 40
 # Process names never killed by the marker sweep: epmd is shared by every
 # Erlang node on the machine (if our node happened to start it, it stays).
 _SPARED_COMMANDS: frozenset[str] = frozenset({"epmd"})
+_SERVER_COMMANDS: frozenset[str] = frozenset({"redis-server", "beam.smp", "erl_child_setup"})
 
 
 class ServiceUnavailable(RuntimeError):
@@ -126,9 +128,12 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries ``MARKER_ENV=marker`` (Linux /proc)."""
+def _our_pids(marker: str, workdir: Path) -> list[int]:
+    """Live processes of ours (Linux /proc): those whose environment carries
+    ``MARKER_ENV=marker``, and server processes whose cwd is our work dir (Redis
+    rewrites its process title over the environment block, hiding the marker)."""
     needle = f"{MARKER_ENV}={marker}".encode()
+    cwd_wanted = str(workdir)
     found: list[int] = []
     proc = Path("/proc")
     if not proc.is_dir():
@@ -137,12 +142,16 @@ def _marked_pids(marker: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
             comm = (entry / "comm").read_text().strip()
+            if comm in _SPARED_COMMANDS:
+                continue
+            ours = needle in (entry / "environ").read_bytes().split(b"\0")
+            if not ours and comm in _SERVER_COMMANDS:
+                cwd = os.readlink(entry / "cwd").removesuffix(" (deleted)")
+                ours = cwd == cwd_wanted
         except OSError:
             continue
-        if comm not in _SPARED_COMMANDS and _pid_alive(int(entry.name)):
+        if ours and _pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -163,10 +172,17 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _kill_marked(marker: str, extra_pids: tuple[int, ...] = ()) -> None:
-    """SIGKILL every process of ours and wait until they are gone."""
+def _kill_ours(marker: str, workdir: Path, extra_pids: tuple[int, ...] = ()) -> None:
+    """SIGKILL every process of ours and wait until they are gone.
+
+    With /proc, only processes carrying the marker are touched (a remembered pid
+    may have been reused by an unrelated process); without it, ``extra_pids``."""
+    has_proc = Path("/proc/self/environ").exists()
     for _ in range(3):  # a dying VM may still spawn a helper: sweep again
-        pids = sorted({*_marked_pids(marker), *(p for p in extra_pids if _pid_alive(p))})
+        if has_proc:
+            pids = _our_pids(marker, workdir)
+        else:
+            pids = [p for p in extra_pids if _pid_alive(p)]
         if not pids:
             return
         for pid in pids:
@@ -174,12 +190,14 @@ def _kill_marked(marker: str, extra_pids: tuple[int, ...] = ()) -> None:
         _wait_gone(pids, 10.0)
 
 
-def _finalize(marker: str, owner_pid: int, extra_pids: list[int], cleanup_dir: Path | None) -> None:
+def _finalize(
+    marker: str, owner_pid: int, workdir: Path, extra_pids: list[int], cleanup_dir: Path | None
+) -> None:
     """Last-resort cleanup; also what ``stop()`` ends with. Only in the creating process
     (a forked child inheriting the finalizer must not kill its parent's services)."""
     if os.getpid() != owner_pid:
         return
-    _kill_marked(marker, tuple(extra_pids))
+    _kill_ours(marker, workdir, tuple(extra_pids))
     if cleanup_dir is not None:
         shutil.rmtree(cleanup_dir, ignore_errors=True)
 
@@ -285,6 +303,7 @@ class LocalService(ABC):
             _finalize,
             self._marker,
             os.getpid(),
+            self.workdir,
             self._known_pids,
             self.workdir if self._owns_workdir else None,
         )
@@ -326,13 +345,15 @@ class LocalService(ABC):
             self.pid = None
             self._finalizer()  # SIGKILL leftovers, rm -r the temp dir
             self._reap()
+            self._wait_ports_closed()
 
     def kill(self) -> None:
         """SIGKILL the server (a crash, for fault tests); data stays for ``restart()``."""
         self._ensure_not_stopped()
-        _kill_marked(self._marker, tuple(self._known_pids))
+        _kill_ours(self._marker, self.workdir, tuple(self._known_pids))
         self._reap()
         self.pid = None
+        self._wait_ports_closed()
 
     def restart(self) -> None:
         """Start again on the same port(s) with the same data dir; clean shutdown first
@@ -340,9 +361,10 @@ class LocalService(ABC):
         self._ensure_not_stopped()
         if self.running and self._graceful_shutdown(timeout=30.0):
             self._reap()
-        _kill_marked(self._marker, tuple(self._known_pids))
+        _kill_ours(self._marker, self.workdir, tuple(self._known_pids))
         self._reap()
         self.pid = None
+        self._wait_ports_closed()
         self._start()
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
@@ -370,10 +392,24 @@ class LocalService(ABC):
             self._launch()
             self._wait_ready(deadline)
         except BaseException:
-            _kill_marked(self._marker, tuple(self._known_pids))
+            _kill_ours(self._marker, self.workdir, tuple(self._known_pids))
             self._reap()
             self.pid = None
             raise
+
+    def _ports(self) -> list[int]:
+        return [self.port]
+
+    def _wait_ports_closed(self, timeout: float = 5.0) -> None:
+        """A dead process's listening sockets can linger for a moment (seen under
+        gVisor: the process is a zombie, the port still accepts): wait them out."""
+        if not self._known_pids:
+            return  # nothing of ours ever ran (e.g. the port was taken by someone else)
+        deadline = time.monotonic() + timeout
+        while any(port_answers(self.host, p, timeout=0.2) for p in self._ports()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
 
     def _remember(self, pid: int | None) -> None:
         self.pid = pid
@@ -399,6 +435,9 @@ class RabbitMQService(LocalService):
     def _pidfile(self) -> Path:
         return self.workdir / "rabbitmq.pid"
 
+    def _ports(self) -> list[int]:
+        return [self.port, self.dist_port]
+
     def _log_files(self) -> list[Path]:
         return [self.workdir / "startup.log", self.workdir / "log" / "rabbit.log"]
 
@@ -407,6 +446,7 @@ class RabbitMQService(LocalService):
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("RABBITMQ_", "ERL_")) and k not in ("NODENAME", "HOME")
+            or k == "ERL_EPMD_PORT"  # keep a non-default epmd port, drop ERL_FLAGS & co
         }
         env["HOME"] = self.run_as.home or os.environ.get("HOME", str(self.workdir))
         if self.run_as.name:
@@ -466,6 +506,7 @@ class RabbitMQService(LocalService):
         for p in (self.port, self.dist_port):
             if port_answers(self.host, p):
                 raise ServiceUnavailable(f"rabbitmq: port {self.host}:{p} is already in use")
+        self._pidfile.unlink(missing_ok=True)  # never read a previous run's pid
         self._write_config()
         # Foreground (not -detached): the console output, where boot errors such as
         # a bad config go, lands in startup.log, and an early exit is seen at once.
@@ -582,7 +623,7 @@ class RedisService(LocalService):
             pid = _read_pid(self._pidfile)
             if pid is not None:
                 self._remember(pid)
-            alive = bool(_marked_pids(self._marker)) or (pid is not None and _pid_alive(pid))
+            alive = bool(_our_pids(self._marker, self.workdir)) or (pid is not None and _pid_alive(pid))
             if not alive and time.monotonic() > grace:
                 raise self._fail("exited during startup")
             if time.monotonic() > deadline:
@@ -602,8 +643,8 @@ class RedisService(LocalService):
 
 def _prepare_workdir(workdir: Path | None, prefix: str) -> tuple[Path, bool]:
     if workdir is None:
-        return Path(tempfile.mkdtemp(prefix=prefix)), True
-    workdir = Path(workdir).absolute()
+        return Path(tempfile.mkdtemp(prefix=prefix)).resolve(), True
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     return workdir, False
 
@@ -633,8 +674,8 @@ def start_rabbitmq(
     if server is None or ctl is None:
         missing = " and ".join(n for n, p in (("rabbitmq-server", server), ("rabbitmqctl", ctl)) if p is None)
         raise ServiceUnavailable(
-            f"{missing} not found on PATH, in /usr/sbin or /usr/lib/rabbitmq/bin. "
-            f"Install it with: {INSTALL_HINT} (or use Docker / set TOPOSERVE_TEST_AMQP_URL)"
+            f"{missing} not found (looked on PATH, in /usr/sbin and /usr/lib/rabbitmq/bin). "
+            f"Install it with: {INSTALL_HINT}"
         )
     run_as = _rabbitmq_run_as()
     path, owned = _prepare_workdir(workdir, "toposerve-rabbitmq-")
@@ -682,8 +723,8 @@ def start_redis(
     server = find_binary("redis-server")
     if server is None:
         raise ServiceUnavailable(
-            "redis-server not found on PATH, in /usr/sbin or /usr/lib/rabbitmq/bin. "
-            f"Install it with: {INSTALL_HINT} (or use Docker / set TOPOSERVE_TEST_REDIS_URL)"
+            "redis-server not found (looked on PATH, in /usr/sbin and /usr/lib/rabbitmq/bin). "
+            f"Install it with: {INSTALL_HINT}"
         )
     path, owned = _prepare_workdir(workdir, "toposerve-redis-")
     redis_port = port if port is not None else free_port()

@@ -280,13 +280,15 @@ class FreshServices:
 def fresh_services() -> Iterator[FreshServices]:
     """Private throwaway servers for fault-injection tests (about 5 s to start)."""
     with ExitStack() as stack:
+        error: ServiceUnavailable | None = None
         try:
             rabbitmq = stack.enter_context(start_rabbitmq())
             redis = stack.enter_context(start_redis(appendonly=True))
         except ServiceUnavailable as exc:
+            error = exc
+        if error is not None:
             pytest.fail(
-                f"fresh_services needs local rabbitmq-server and redis-server processes "
-                f"(containers cannot be killed and restarted on the same port here): {exc}\n"
-                f"Install them with: {INSTALL_HINT}"
+                "fresh_services needs local rabbitmq-server and redis-server processes, which it "
+                f"kills and restarts on the same ports:\n{error}"
             )
         yield FreshServices(rabbitmq=rabbitmq, redis=redis)

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from brokers.connections import connect_redis
+from brokers.results import ResultStore
 from brokers.settings import Settings
 from consumers.stage import StageRunner
 from deploy.components import build_app, build_stage_runner, load_checked_profile
@@ -21,6 +23,7 @@ class Stack:
     profile: Profile
     runners: dict[str, StageRunner]
     client: httpx.AsyncClient
+    results: ResultStore  # direct reads of job records, for tests that check many at once
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def settings(amqp_url: str, redis_url: str, namespace: str) -> Settings:
 
 async def start_stack(settings: Settings, profile_name: str, stages: list[str] | None = None) -> AsyncIterator[Stack]:
     profile = load_checked_profile(profile_name, settings)
-    runners = {name: build_stage_runner(profile, name, settings) for name in (stages or list(profile.stages))}
+    runners = {name: build_stage_runner(profile, name, settings) for name in (list(profile.stages) if stages is None else stages)}
     for runner in runners.values():
         await runner.start()
     app = build_app(profile, settings)
@@ -39,7 +42,12 @@ async def start_stack(settings: Settings, profile_name: str, stages: list[str] |
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ingress", timeout=30) as client:
-                yield Stack(settings, profile, runners, client)
+                results = ResultStore(connect_redis(settings.redis_url), settings.namespace,
+                                      profile.ingress.result_ttl_s)
+                try:
+                    yield Stack(settings, profile, runners, client, results)
+                finally:
+                    await results.client.aclose()
     finally:
         for runner in runners.values():
             await runner.drain_and_close()

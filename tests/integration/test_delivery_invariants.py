@@ -1,0 +1,156 @@
+"""Invariants under process death: SIGKILL loses nothing, SIGTERM drains (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from brokers.settings import Settings
+from tests.integration.conftest import Stack, start_stack
+from tests.support.processes import WorkerProcess
+
+ROWS = {"setosa": [5.1, 3.5, 1.4, 0.2], "versicolor": [5.9, 3.0, 4.2, 1.5], "virginica": [6.7, 3.0, 5.2, 2.3]}
+N_JOBS = 1000
+
+
+@pytest.fixture
+async def ingress_only(settings: Settings) -> AsyncIterator[Stack]:
+    async for stack in start_stack(settings, "asynchronous", stages=[]):
+        yield stack
+        if hasattr(stack, "_probe"):
+            await stack._probe[0].close()
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
+    procs = {stage: WorkerProcess(settings, "asynchronous", stage, tmp_path)
+             for stage in ("preprocess", "predict", "store")}
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+async def submit_jobs(stack: Stack, n: int) -> dict[str, str]:
+    """n jobs, each one row of a known species; returns job id -> expected label."""
+    labels = list(ROWS)
+
+    async def one(i: int) -> tuple[str, str]:
+        label = labels[i % 3]
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": [ROWS[label]]})
+        assert response.status_code == 202, response.text
+        return response.json()["id"], label
+
+    results = []
+    for start in range(0, n, 100):
+        results += await asyncio.gather(*(one(i) for i in range(start, min(n, start + 100))))
+    return dict(results)
+
+
+async def statuses(stack: Stack, ids: list[str]) -> dict[str, dict]:
+    records = await asyncio.gather(*(stack.results.get(uuid.UUID(i)) for i in ids))
+    return {i: r.model_dump(mode="json") for i, r in zip(ids, records, strict=True) if r is not None}
+
+
+async def wait_until(predicate, timeout: float = 60, interval: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+async def count_done(stack: Stack, ids: list[str]) -> int:
+    return sum(1 for r in (await statuses(stack, ids)).values() if r["status"] != "pending")
+
+
+async def assert_all_succeeded_correctly(stack: Stack, expected: dict[str, str]) -> None:
+    ids = list(expected)
+    await wait_until(lambda: _all_done(stack, ids), timeout=90, interval=0.2)
+    records = await statuses(stack, ids)
+    assert len(records) == len(expected)
+    for job_id, record in records.items():
+        assert record["status"] == "succeeded", record
+        assert [p["label"] for p in record["predictions"]] == [expected[job_id]]
+
+
+async def _all_done(stack: Stack, ids: list[str]) -> bool:
+    return await count_done(stack, ids) == len(ids)
+
+
+@pytest.mark.parametrize("victim", ["predict", "store"])
+async def test_sigkill_while_holding_unacked_messages_loses_nothing(
+    ingress_only: Stack, workers: dict[str, WorkerProcess], victim: str
+) -> None:
+    stack = ingress_only
+    # Everything upstream of the victim runs first, so its queue fills with work.
+    for stage in ("preprocess", "predict", "store"):
+        if stage != victim:
+            workers[stage].start()
+    for stage in ("preprocess", "predict", "store"):
+        if stage != victim:
+            workers[stage].wait_consuming()
+    expected = await submit_jobs(stack, N_JOBS)
+    ids = list(expected)
+
+    await wait_until(lambda: _queue_full(stack, victim), timeout=60, interval=0.05)
+    workers[victim].start()
+    # Kill it as soon as it has taken deliveries: it holds unacked messages then.
+    await wait_until(lambda: _queue_taken(stack, victim), timeout=60, interval=0.002)
+    workers[victim].kill()
+    done_at_kill = await count_done(stack, ids)
+    assert done_at_kill < N_JOBS, "the victim finished everything before it was killed; nothing was tested"
+
+    workers[victim].start()
+    await assert_all_succeeded_correctly(stack, expected)
+
+
+async def _queue_taken(stack: Stack, stage: str) -> bool:
+    """True once the stage's queue holds fewer ready messages than were sent to it."""
+    return await ready_messages(stack, stage) < N_JOBS
+
+
+async def _queue_full(stack: Stack, stage: str) -> bool:
+    """True once every job's message waits in the stage's queue (upstream is done)."""
+    return await ready_messages(stack, stage) == N_JOBS
+
+
+async def ready_messages(stack: Stack, stage: str) -> int:
+    channel = await _probe_channel(stack)
+    queue = await channel.declare_queue(stack.profile.queue_spec(stack.settings.namespace, stage).name, passive=True)
+    return queue.declaration_result.message_count
+
+
+async def _probe_channel(stack: Stack) -> aio_pika.abc.AbstractChannel:
+    # One connection for all probes: a passive declare on it takes about a millisecond.
+    if not hasattr(stack, "_probe"):
+        connection = await aio_pika.connect(stack.settings.amqp_url)
+        stack._probe = (connection, await connection.channel())  # type: ignore[attr-defined]
+    return stack._probe[1]  # type: ignore[attr-defined]
+
+
+async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
+    ingress_only: Stack, workers: dict[str, WorkerProcess]
+) -> None:
+    stack = ingress_only
+    for stage in ("preprocess", "store"):
+        workers[stage].start()
+    for stage in ("preprocess", "store"):
+        workers[stage].wait_consuming()
+    expected = await submit_jobs(stack, N_JOBS)
+    ids = list(expected)
+    await wait_until(lambda: _queue_full(stack, "predict"), timeout=60, interval=0.05)
+    workers["predict"].start()
+    await wait_until(lambda: _queue_taken(stack, "predict"), timeout=60, interval=0.002)
+    code = await asyncio.to_thread(workers["predict"].terminate)
+    assert code == 0, workers["predict"].log()
+    assert "stopped" in workers["predict"].log()
+    # What it took before SIGTERM was finished and acked, or returned to the queue; a
+    # second predict process finishes the rest and every job ends exactly once.
+    workers["predict"].start()
+    await assert_all_succeeded_correctly(stack, expected)

@@ -1,0 +1,62 @@
+"""Stage processes for tests that kill or stop them (the real `toposerve worker`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from brokers.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, profile: str, stage: str, log_dir: Path) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.stage = stage
+        self.log_path = log_dir / f"{stage}.log"
+        self.process: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TOPOSERVE_AMQP_URL": self.settings.amqp_url,
+                "TOPOSERVE_REDIS_URL": self.settings.redis_url, "TOPOSERVE_NAMESPACE": self.settings.namespace,
+                "TOPOSERVE_DRAIN_TIMEOUT_S": str(self.settings.drain_timeout_s)}
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "worker", "--profile", self.profile, "--stage", self.stage],
+            env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_consuming(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if f"consuming {self.settings.namespace}" in self.log():
+                return
+            assert self.process is not None and self.process.poll() is None, self.log()
+            time.sleep(0.05)
+        raise AssertionError(f"{self.stage} did not start consuming:\n{self.log()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
