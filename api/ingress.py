@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from api.errors import ApiError, describe_validation_errors
 from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
 from brokers.messages import FailureCode, InferenceRequest, routing_key, utc_now
-from brokers.results import ResultStore
+from brokers.results import CompletionListener, ResultStore
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
 from consumers.preprocessing import InputError, InputLimits, check_image_header, rows_to_features
@@ -70,6 +70,7 @@ class Ingress:
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.result_ttl_s)
+        self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.topology = None
 
     async def start(self) -> None:
@@ -79,8 +80,10 @@ class Ingress:
         # even when its stage has not started yet.
         self.topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
         self.publisher = Publisher(self.topology.exchange)
+        self.completions.start()
 
     async def close(self) -> None:
+        await self.completions.close()
         if self.connection is not None:
             await self.connection.close()
         await self.results.client.aclose()

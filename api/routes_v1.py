@@ -83,19 +83,19 @@ async def get_job(
         parsed = uuid.UUID(job_id)
     except ValueError:
         raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
-    results = ingress_of(request).results
+    ingress = ingress_of(request)
     loop = asyncio.get_running_loop()
     until = loop.time() + wait
-    pause = 0.01
     while True:
         try:
-            record = await results.get(parsed)
+            record = await ingress.results.get(parsed)
         except RedisError as exc:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc
         if record is None:
             raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
-        if record.status is not JobStatus.PENDING or loop.time() >= until:
+        remaining = until - loop.time()
+        if record.status is not JobStatus.PENDING or remaining <= 0:
             return job_response(record)
-        await asyncio.sleep(min(pause, max(0.0, until - loop.time())))
-        pause = min(pause * 2, 0.2)
+        # Woken by the store's announcement; re-read at least every second regardless.
+        await ingress.completions.wait(parsed, min(remaining, 1.0))

@@ -7,8 +7,6 @@ broker did not take (nacked, over a queue bound, or routed to no queue) raises
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 import redis.asyncio as redis
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
@@ -91,5 +89,5 @@ class Publisher:
             raise PublishRefused(f"no queue is bound to routing key {routing_key!r}") from exc
         except DeliveryError as exc:
             raise PublishRefused(f"the broker refused the message for {routing_key!r} (queue full?)") from exc
-        except (AMQPError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishRefused(f"publishing to {routing_key!r} failed: {type(exc).__name__}: {exc}") from exc

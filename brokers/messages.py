@@ -7,21 +7,48 @@ dtype and shape; never nested float lists, never pickle.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]{0,63}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="Model name (routing-key safe)")]
-_MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+_MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Publishers in other languages often send times without a zone; they mean UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _b64decode(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        altchars = b"-_" if ("-" in text or "_" in text) else None
+        try:
+            return base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"not valid base64: {exc}") from exc
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+# Standard base64 in JSON (URL-safe is accepted too): what any client's decoder expects.
+Base64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_b64decode),
+    PlainSerializer(lambda data: base64.b64encode(data).decode(), return_type=str, when_used="json"),
+]
 
 
 def is_model_name(value: str) -> bool:
-    return bool(_MODEL_NAME_RE.match(value))
+    return bool(_MODEL_NAME_RE.fullmatch(value))
 
 
 def utc_now() -> datetime:
@@ -31,12 +58,12 @@ def utc_now() -> datetime:
 class Envelope(BaseModel):
     """Fields every message carries: the job id, the model, time bounds and timings."""
 
-    model_config = ConfigDict(extra="ignore", ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(extra="ignore")
 
     id: uuid.UUID = Field(description="Job id (UUID4); results are stored under it")
     model: ModelName
-    created_at: datetime = Field(default_factory=utc_now)
-    deadline: datetime | None = Field(default=None, description="Absolute time after which the work is dropped")
+    created_at: UtcDatetime = Field(default_factory=utc_now, description="ISO 8601; no zone means UTC")
+    deadline: UtcDatetime | None = Field(default=None, description="Absolute time after which the work is dropped")
     batch_id: str | None = Field(default=None, max_length=128)
     timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds spent per stage")
 
@@ -66,11 +93,9 @@ class InferenceRequest(Envelope):
 class Tensor(BaseModel):
     """A dense array as raw little-endian bytes; see ``brokers.tensors`` for the codec."""
 
-    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
-
     dtype: Literal["float32", "float64", "int64", "int32", "uint8"]
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
-    data: bytes
+    data: Base64Bytes
 
 
 class Features(Envelope):

@@ -7,6 +7,9 @@ redelivered message rewrites nothing, so each job ends exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -15,6 +18,8 @@ import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
 from brokers.messages import Failure, Prediction, RowPrediction, utc_now
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(StrEnum):
@@ -64,13 +69,15 @@ class JobRecord(BaseModel):
         )
 
 
-# Write the terminal record unless one is already there (first terminal state wins).
+# Write the terminal record unless one is already there (first terminal state wins),
+# and announce it, so waiting callers wake at once instead of polling.
 _FINISH_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current and not string.find(current, '"status":"pending"', 1, true) then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
@@ -85,13 +92,20 @@ class ResultStore:
     def key(self, job_id: uuid.UUID) -> str:
         return f"{self.namespace}:job:{job_id}"
 
+    @property
+    def done_channel(self) -> str:
+        return f"{self.namespace}:job-done"
+
     async def create_pending(self, job_id: uuid.UUID, model: str, created_at: datetime) -> None:
         record = JobRecord(id=job_id, model=model, status=JobStatus.PENDING, created_at=created_at)
         await self.client.set(self.key(job_id), record.model_dump_json(), ex=self.ttl_s, nx=True)
 
     async def finish(self, record: JobRecord) -> bool:
         """Store a terminal record; False when the job had already ended (a redelivery)."""
-        written = await self._finish(keys=[self.key(record.id)], args=[record.model_dump_json(), self.ttl_s])
+        written = await self._finish(
+            keys=[self.key(record.id)],
+            args=[record.model_dump_json(), self.ttl_s, self.done_channel, str(record.id)],
+        )
         return bool(written)
 
     async def delete(self, job_id: uuid.UUID) -> None:
@@ -100,3 +114,71 @@ class ResultStore:
     async def get(self, job_id: uuid.UUID) -> JobRecord | None:
         raw = await self.client.get(self.key(job_id))
         return None if raw is None else JobRecord.model_validate_json(raw)
+
+
+class CompletionListener:
+    """Wakes callers waiting for a job to end, from the store's ``job-done`` announcements.
+
+    One Redis subscription per process. Announcements are a speed-up, not the source
+    of truth: waiters always re-read the record, and poll slowly as a fallback, so a
+    lost announcement (a reconnect) only delays an answer.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="completion-listener")
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        # redis-py can swallow a cancellation that lands while it connects: repeat it.
+        for _ in range(50):
+            if self._task.done():
+                break
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=0.05)
+
+    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> None:
+        """Return when ``job_id`` is announced or ``timeout_s`` passes, whichever is first."""
+        key = str(job_id)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, set()).add(future)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[key]
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff = 0.1
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    key = data.decode() if isinstance(data, bytes) else str(data)
+                    for future in self._waiters.get(key, ()):
+                        if not future.done():
+                            future.set_result(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: waiters fall back to polling meanwhile
+                log.warning("job-done subscription lost (%s); resubscribing", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                # Bounded: closing a subscription cancelled mid-connect can wait forever.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)

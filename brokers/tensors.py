@@ -19,7 +19,7 @@ class TensorError(ValueError):
 
 def encode_tensor(array: np.ndarray) -> Tensor:
     dtype = array.dtype.newbyteorder("<")
-    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    contiguous = np.asarray(array).astype(dtype, order="C", copy=False)  # keeps a 0-d shape, unlike ascontiguousarray
     return Tensor(dtype=contiguous.dtype.name, shape=list(contiguous.shape), data=contiguous.tobytes())
 
 

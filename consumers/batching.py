@@ -43,6 +43,9 @@ class MicroBatcher:
         self.max_batch_delay_s = max_batch_delay_ms / 1000
         self.stats = BatchStats()
         self._queues: dict[str, asyncio.Queue[_Pending]] = {}
+        # A request that did not fit the last batch opens the next one.
+        self._carry: dict[str, _Pending] = {}
+        self._closed = False
         self._loops: dict[str, asyncio.Task] = {}
         # One thread: batches for one process run one after another, which is what
         # lets the next batch fill up while this one runs.
@@ -50,6 +53,8 @@ class MicroBatcher:
 
     async def submit(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class indices and probabilities for ``features`` (its rows), once its batch has run."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
         queue = self._queues.get(model)
         if queue is None:
             queue = self._queues[model] = asyncio.Queue()
@@ -59,15 +64,24 @@ class MicroBatcher:
         return await future
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._loops.values():
             task.cancel()
         for task in self._loops.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Nobody will run what is still waiting: tell its callers instead of leaving them hanging.
+        closed = RuntimeError("the batcher closed before this request ran")
+        for pending in self._carry.values():
+            _set_exception(pending, closed)
+        for queue in self._queues.values():
+            while not queue.empty():
+                _set_exception(queue.get_nowait(), closed)
         self._executor.shutdown(wait=True)
 
-    async def _collect(self, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
-        batch = [await queue.get()]
+    async def _collect(self, model: str, queue: asyncio.Queue[_Pending]) -> list[_Pending]:
+        carried = self._carry.pop(model, None)
+        batch = [carried if carried is not None else await queue.get()]
         rows = len(batch[0].features)
         loop = asyncio.get_running_loop()
         until = loop.time() + self.max_batch_delay_s
@@ -82,6 +96,9 @@ class MicroBatcher:
                     item = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
                     break
+            if rows + len(item.features) > self.max_batch_size:
+                self._carry[model] = item  # never overshoot the cap; it starts the next batch
+                break
             batch.append(item)
             rows += len(item.features)
         return batch
@@ -89,7 +106,7 @@ class MicroBatcher:
     async def _loop(self, model: str, queue: asyncio.Queue[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect(queue)
+            batch = await self._collect(model, queue)
             try:
                 features = batch[0].features if len(batch) == 1 else np.concatenate([p.features for p in batch])
                 labels, probabilities = await loop.run_in_executor(self._executor, self.run_batch, model, features)

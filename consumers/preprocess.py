@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from brokers.messages import Envelope, Features, FailureCode, InferenceRequest
+from brokers.messages import Envelope, FailureCode, Features, InferenceRequest
 from brokers.tensors import encode_tensor
 from consumers.preprocessing import InputError, InputLimits, image_b64_to_features, rows_to_features
 from consumers.registry import ModelManifest

@@ -63,7 +63,7 @@ class StageStats:
     failed: int = 0
     retried: int = 0
     dead_lettered: int = 0
-    in_flight: set[asyncio.Task] = field(default_factory=set)
+    in_flight: set[asyncio.Task] = field(default_factory=set, repr=False)
 
 
 class Stage(ABC):
@@ -82,10 +82,10 @@ class Stage(ABC):
         """Parse and validate one message body; raises ``ValidationError``."""
         return self.input_type.model_validate_json(body)
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Load what the stage needs (models, connections) before consuming."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - optional hook
         """Release what ``start`` acquired."""
 
     @abstractmethod
@@ -265,7 +265,7 @@ class StageRunner:
                 # We know whose job it is: end it as failed so its caller learns why.
                 job_id, model = ident
                 failure = Failure(id=job_id, model=model, stage=self.stage.name,
-                                  code=FailureCode.INVALID_MESSAGE, message=reason)
+                                  code=FailureCode.INVALID_MESSAGE, message=reason[:4000])
                 await self._publish_all([outgoing(failure)], delivery)
             await self._dead_letter(delivery, reason)
         except PublishRefused:

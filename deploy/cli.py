@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import click
 
@@ -113,6 +114,44 @@ def topology(profile_name: str) -> None:
         click.echo(f"      {' '.join(knobs)}")
     click.echo("flow: request.<model> -> preprocess -> features.<model> -> predict -> prediction.<model> "
                "| failure.<model> -> store -> Redis")
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True)
+@click.option("--concurrency", "-c", "concurrencies", type=int, multiple=True, default=(1, 64), show_default=True,
+              help="Closed-loop workers; repeat for several runs")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds measured per run")
+@click.option("--model", default="iris", show_default=True)
+@click.option("--url", default=None, help="Load a running ingress instead of starting the profile")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here")
+def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, model: str, url: str | None,
+          out: Path | None) -> None:
+    """Measure throughput and latency percentiles of a profile next to an in-process baseline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from deploy.bench import run_bench
+    from deploy.launcher import LaunchError
+    from deploy.processes import configure_logging
+
+    configure_logging("WARNING")
+    settings = _settings()
+    profile = _profile(profile_name, settings)
+    try:
+        report = run_bench(profile, profile_name, settings, model=model, concurrencies=list(concurrencies),
+                           duration_s=duration, url=url, out=out, say=_say)
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table(title=f"toposerve bench: profile {profile.name} ({profile.ingress.mode}), model {model}")
+    for column in ("target", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
+        table.add_column(column, justify="right")
+    for run in report.runs:
+        s = run.summary
+        table.add_row(run.target, str(run.concurrency), f"{s.throughput_rps:,.0f}", f"{s.p50_ms:.3f}",
+                      f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", str(s.errors))
+    Console().print(table)
+    if out:
+        _say(f"report written to {out}")
 
 
 @main.command()

@@ -102,6 +102,7 @@ class Supervisor:
         # A session of its own: Ctrl-C reaches only the launcher, which then stops
         # children in order instead of all of them at once.
         child.process = subprocess.Popen(child.argv, env=self.env, start_new_session=True)
+        self.say(f"{child.name} started (pid {child.process.pid})")
 
     def poll(self) -> None:
         now = time.monotonic()
@@ -150,7 +151,7 @@ def child_processes(profile: Profile, profile_arg: str, host: str, port: int) ->
 
 def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not supervisor.stopping:
         supervisor.poll()
         try:
             response = httpx.get(f"{url}/readyz", timeout=1.0)
@@ -180,12 +181,15 @@ def running_profile(
     try:
         say(f"starting profile {profile.name!r}: {', '.join(c.name for c in children)}")
         supervisor.start_all()
-        if not wait_ready(base_url, 60, supervisor):
-            raise LaunchError(f"profile {profile.name!r} was not ready after 60 s ({base_url}/readyz tells why)")
-        yield base_url, supervisor
-        say("stopping: ingress first, then stages drain their in-flight work ...")
-        stages = [c.name for c in children if c.name != "ingress"]
-        supervisor.stop([["ingress"], stages], timeout_s=settings.drain_timeout_s + 5)
+        try:
+            if not wait_ready(base_url, 60, supervisor):
+                raise LaunchError(f"profile {profile.name!r} was not ready after 60 s ({base_url}/readyz tells why)")
+            yield base_url, supervisor
+        finally:
+            # Runs on Ctrl-C too; a second Ctrl-C interrupts it and the outer finally kills.
+            say("stopping: ingress first, then stages drain their in-flight work (Ctrl-C again forces) ...")
+            stages = [c.name for c in children if c.name != "ingress"]
+            supervisor.stop([["ingress"], stages], timeout_s=settings.drain_timeout_s + 5)
     finally:
         for child in children:
             if child.process is not None and child.process.poll() is None:
@@ -203,6 +207,7 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stop_requested
         stop_requested = True
+        raise KeyboardInterrupt  # leaves a wait in progress (startup included); cleanup runs in finally
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -213,6 +218,8 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
             while not stop_requested:
                 supervisor.poll()
                 time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -324,7 +324,7 @@ class LocalService(ABC):
     @abstractmethod
     def _log_files(self) -> list[Path]: ...
 
-    def _reap(self) -> None:
+    def _reap(self) -> None:  # noqa: B027 - optional hook
         """Collect our own child process after it exited (no zombies)."""
 
     # -- public API

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import sklearn
 import skl2onnx
+import sklearn
 from PIL import Image
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType

@@ -143,7 +143,6 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
     for stage in ("preprocess", "store"):
         workers[stage].wait_consuming()
     expected = await submit_jobs(stack, N_JOBS)
-    ids = list(expected)
     await wait_until(lambda: _queue_full(stack, "predict"), timeout=60, interval=0.05)
     workers["predict"].start()
     await wait_until(lambda: _queue_taken(stack, "predict"), timeout=60, interval=0.002)

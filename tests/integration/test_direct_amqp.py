@@ -8,14 +8,13 @@ import uuid
 from datetime import timedelta
 
 import aio_pika
+import numpy as np
 import pytest
 
 from brokers.messages import Features, InferenceRequest, Tensor, utc_now
 from brokers.tensors import encode_tensor
 from brokers.topology import dead_queue_name, exchange_name
 from tests.integration.conftest import Stack
-
-import numpy as np
 
 
 async def publish(stack: Stack, routing_key: str, body: bytes) -> None:

@@ -1,0 +1,93 @@
+"""``toposerve bench``: start a profile, load it at each concurrency, compare with baselines.
+
+Figures, not assertions: the load generator shares the machine's cores with the
+server, so read ratios against the baselines measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from brokers.settings import Settings
+from consumers.predict import to_row_predictions
+from consumers.preprocessing import rows_to_features
+from consumers.registry import ModelRegistry
+from deploy.components import input_limits, models_dir
+from deploy.launcher import Say, running_profile
+from deploy.local_services import free_port
+from deploy.profile import Profile
+from producers.loadgen import LatencySummary, run_closed_loop, run_in_process_baseline
+
+IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+class BenchRun(BaseModel):
+    target: str
+    concurrency: int
+    summary: LatencySummary
+    error_samples: list[str] = []
+
+
+class BenchReport(BaseModel):
+    profile: str
+    mode: str
+    model: str
+    payload: dict
+    started_at: datetime
+    machine: dict
+    runs: list[BenchRun]
+
+
+def in_process_baseline(settings: Settings, model: str, duration_s: float) -> LatencySummary:
+    """The same validation, model call and result shaping as the pipeline, in one process."""
+    registry = ModelRegistry(models_dir(settings), intra_op_threads=settings.ort_intra_op_threads)
+    loaded = registry.load(model)
+    limits = input_limits(settings)
+
+    def once() -> None:
+        features = rows_to_features([IRIS_ROW], loaded.manifest, limits)
+        labels, probabilities = loaded.run(features)
+        to_row_predictions(labels, probabilities, loaded.manifest.labels)
+
+    return run_in_process_baseline(once, duration_s)
+
+
+def run_bench(
+    profile: Profile, profile_arg: str, settings: Settings, *, model: str, concurrencies: list[int],
+    duration_s: float, url: str | None, out: Path | None, say: Say,
+) -> BenchReport:
+    payload = {"instances": [IRIS_ROW]}
+    path = f"/v1/models/{model}/predict"
+    runs: list[BenchRun] = []
+
+    def load(base_url: str) -> None:
+        for concurrency in concurrencies:
+            say(f"{profile.name}: concurrency {concurrency} for {duration_s:.0f}s ...")
+            summary, errors = asyncio.run(run_closed_loop(base_url, path, payload, mode=profile.ingress.mode,
+                                                          concurrency=concurrency, duration_s=duration_s))
+            runs.append(BenchRun(target=profile.name, concurrency=concurrency, summary=summary, error_samples=errors))
+
+    if url:
+        load(url)
+    else:
+        with running_profile(profile, profile_arg, settings, "127.0.0.1", free_port(), say) as (base_url, _):
+            load(base_url)
+    say(f"in-process baseline ({model} called directly) for {duration_s:.0f}s ...")
+    runs.append(BenchRun(target="in_process", concurrency=1,
+                         summary=in_process_baseline(settings, model, duration_s)))
+    report = BenchReport(
+        profile=profile.name, mode=profile.ingress.mode, model=model, payload=payload,
+        started_at=datetime.now(UTC), runs=runs,
+        machine={"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+    return report

@@ -1,0 +1,148 @@
+"""The commands a user types: `toposerve up` serving the README's requests, `topology`, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.local_services import free_port
+from tests.support.images import b64, sample_images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toposerve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env or os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_topology_prints_exchanges_queues_bindings_and_stages() -> None:
+    result = toposerve("topology", "--profile", "asynchronous", env={**os.environ, "TOPOSERVE_NAMESPACE": "demo"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("demo.inference (topic, durable)", "demo.dead", "demo.asynchronous.preprocess (classic) <- request.*",
+                     "demo.asynchronous.predict (classic) <- features.*",
+                     "demo.asynchronous.store (classic) <- prediction.*, failure.*", "max_batch_size=128"):
+        assert expected in out, out
+
+
+def test_unknown_profile_and_broken_profile_fail_with_the_file_and_field(tmp_path: Path) -> None:
+    result = toposerve("topology", "--profile", "nope")
+    assert result.returncode != 0 and "no profile 'nope'" in result.stderr and "asynchronous" in result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nmodels: [iris]\nstages:\n  p:\n    kind: predict\n    consumes: []\n")
+    result = toposerve("topology", "--profile", str(broken))
+    assert result.returncode != 0
+    assert str(broken) in result.stderr and "stages.p.predict.consumes" in result.stderr
+
+
+def test_up_refuses_an_explicit_url_where_nothing_answers() -> None:
+    env = {**os.environ, "TOPOSERVE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
+    result = toposerve("up", "--profile", "asynchronous", "--port", str(free_port()), env=env)
+    assert result.returncode != 0
+    assert "nothing answers at TOPOSERVE_AMQP_URL" in result.stderr
+
+
+def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
+    amqp_url: str, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, "TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
+           "TOPOSERVE_NAMESPACE": namespace}
+    log = (tmp_path / "up.log").open("w+")
+    process = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--profile", "asynchronous",
+                                "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "ready:" not in Path(log.name).read_text():
+            assert process.poll() is None, Path(log.name).read_text()
+            assert time.monotonic() < deadline, Path(log.name).read_text()
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        # The README's curl: no content type given, so curl sends a form type.
+        response = httpx.post(f"{base}/v1/models/iris/predict",
+                              content='{"instances": [[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}',
+                              headers={"content-type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 202
+        job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 10}).json()
+        assert [p["label"] for p in job["predictions"]] == ["setosa", "virginica"]
+        path, label = sample_images()[0]
+        response = httpx.post(f"{base}/v1/models/digits_fast/predict", json={"image": b64(path.read_bytes())})
+        job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 10}).json()
+        assert job["predictions"][0]["label"] == label
+        assert httpx.get(f"{base}/readyz").status_code == 200
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        output = Path(log.name).read_text()
+        assert "stopped" in output
+        for stage in ("preprocess", "predict", "store"):
+            assert f"stage asynchronous.{stage} replica 0 stopped" in output, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("stage", ["predict"])
+def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace: str, tmp_path: Path,
+                                       stage: str) -> None:
+    port = free_port()
+    env = {**os.environ, "TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
+           "TOPOSERVE_NAMESPACE": namespace}
+    log_path = tmp_path / "up.log"
+    process = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--profile", "asynchronous",
+                                "--port", str(port)], cwd=REPO, env=env, stdout=log_path.open("w"),
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "ready:" not in log_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        victim = re.search(rf"{stage}\[0\] started \(pid (\d+)\)", log_path.read_text())
+        assert victim, log_path.read_text()
+        os.kill(int(victim.group(1)), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "restarting" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        response = httpx.post(f"{base}/v1/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 20}).json()
+        assert job["status"] == "succeeded"
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_up_starts_throwaway_servers_when_nothing_answers_at_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from brokers.settings import Settings
+    from deploy import launcher
+
+    # Stand-ins for the default URLs: free ports where nothing answers.
+    amqp_default = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    redis_default = f"redis://127.0.0.1:{free_port()}/0"
+    monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp_default)
+    monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", redis_default)
+    said: list[str] = []
+    settings, started = launcher.ensure_services(Settings(amqp_url=amqp_default, redis_url=redis_default), said.append)
+    try:
+        assert [s.name for s in started] == ["rabbitmq", "redis"]
+        assert any("starting a throwaway local rabbitmq-server" in line for line in said)
+        assert any("starting a throwaway local redis-server" in line for line in said)
+        assert settings.amqp_url != amqp_default and settings.redis_url != redis_default
+        assert launcher._answers(settings.amqp_url, 5672) and launcher._answers(settings.redis_url, 6379)
+    finally:
+        for service in started:
+            service.stop()

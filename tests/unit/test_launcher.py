@@ -1,0 +1,176 @@
+"""deploy/launcher.py ensure_services: use what answers, start throwaway servers only at default URLs.
+
+No real server is ever started here: the start functions are replaced, and the
+"default" URLs are pointed at free loopback ports so a RabbitMQ/Redis that may be
+running on 5672/6379 on this machine plays no part.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from brokers.settings import Settings
+from deploy import launcher, local_services
+from deploy.launcher import LaunchError, ensure_services
+from deploy.local_services import INSTALL_HINT, ServiceUnavailable, free_port
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch) -> None:
+    for var in ("TOPOSERVE_AMQP_URL", "TOPOSERVE_REDIS_URL", "TOPOSERVE_NAMESPACE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A loopback port where something accepts TCP connections."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def never_start(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        pytest.fail("ensure_services tried to start a local server")
+
+    monkeypatch.setattr(launcher, "start_rabbitmq", fail)
+    monkeypatch.setattr(launcher, "start_redis", fail)
+
+
+@pytest.fixture
+def silent_defaults(monkeypatch) -> tuple[str, str]:
+    """Make the launcher's default URLs point at free ports where nothing listens."""
+    amqp = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    redis = f"redis://127.0.0.1:{free_port()}/0"
+    monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp)
+    monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", redis)
+    return amqp, redis
+
+
+@dataclass
+class FakeService:
+    name: str
+    url: str
+    workdir: Path = Path("/tmp/fake")
+    stopped: int = 0
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+@dataclass
+class Said:
+    lines: list[str] = field(default_factory=list)
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def test_the_real_defaults_are_the_documented_ones() -> None:
+    assert launcher.DEFAULT_AMQP_URL == "amqp://guest:guest@127.0.0.1:5672/"
+    assert launcher.DEFAULT_REDIS_URL == "redis://127.0.0.1:6379/0"
+
+
+def test_silent_non_default_amqp_url_is_named_and_nothing_is_started(never_start, listener) -> None:
+    port = free_port()
+    settings = Settings(amqp_url=f"amqp://app:s3cret@127.0.0.1:{port}/", redis_url=f"redis://127.0.0.1:{listener}/0")
+    say = Said()
+    with pytest.raises(LaunchError) as info:
+        ensure_services(settings, say)
+    message = str(info.value)
+    assert "TOPOSERVE_AMQP_URL" in message
+    assert f"127.0.0.1:{port}" in message
+    assert "s3cret" not in message and "***" in message  # the password is redacted
+    assert "starting" not in say.text
+
+
+def test_silent_non_default_redis_url_is_named_and_nothing_is_started(never_start, listener) -> None:
+    port = free_port()
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{listener}/", redis_url=f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(LaunchError) as info:
+        ensure_services(settings, Said())
+    assert "TOPOSERVE_REDIS_URL" in str(info.value)
+    assert f"127.0.0.1:{port}" in str(info.value)
+
+
+def test_services_that_answer_are_used_as_they_are(never_start, listener) -> None:
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{listener}/",
+                        redis_url=f"redis://127.0.0.1:{listener}/0", namespace="t-abc")
+    say = Said()
+    resolved, started = ensure_services(settings, say)
+    assert started == []
+    assert resolved.amqp_url == settings.amqp_url and resolved.redis_url == settings.redis_url
+    assert resolved.namespace == "t-abc"
+    assert say.lines == []
+
+
+@pytest.mark.parametrize("which", ["rabbitmq", "redis"])
+def test_missing_server_at_default_url_propagates_the_install_hint(monkeypatch, silent_defaults, listener,
+                                                                   which: str) -> None:
+    amqp, redis = silent_defaults
+    if which == "redis":
+        amqp = f"amqp://guest:guest@127.0.0.1:{listener}/"  # AMQP answers; only Redis is missing
+        monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp)
+
+    def missing(*args, **kwargs):
+        raise ServiceUnavailable(f"{which}-server not found. Install it with: {INSTALL_HINT}")
+
+    monkeypatch.setattr(launcher, "start_rabbitmq", missing if which == "rabbitmq" else _not_called)
+    monkeypatch.setattr(launcher, "start_redis", missing)
+    say = Said()
+    with pytest.raises(ServiceUnavailable) as info:
+        ensure_services(Settings(amqp_url=amqp, redis_url=redis), say)
+    assert INSTALL_HINT in str(info.value)
+    assert f"starting a throwaway local {which}-server" in say.text
+
+
+def _not_called(*args, **kwargs):
+    pytest.fail("start_rabbitmq called although AMQP answers")
+
+
+def test_real_start_functions_without_binaries_give_the_install_hint(monkeypatch, silent_defaults) -> None:
+    # The real start_rabbitmq, with no binary to be found: it must refuse before starting anything.
+    monkeypatch.setattr(local_services, "find_binary", lambda name: None)
+    amqp, redis = silent_defaults
+    with pytest.raises(ServiceUnavailable) as info:
+        ensure_services(Settings(amqp_url=amqp, redis_url=redis), Said())
+    assert INSTALL_HINT in str(info.value) and "rabbitmq-server" in str(info.value)
+
+
+def test_servers_started_before_a_failure_are_stopped(monkeypatch, silent_defaults) -> None:
+    amqp, redis = silent_defaults
+    rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:1/")
+    monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
+
+    def no_redis():
+        raise ServiceUnavailable(f"redis-server not found. Install it with: {INSTALL_HINT}")
+
+    monkeypatch.setattr(launcher, "start_redis", no_redis)
+    with pytest.raises(ServiceUnavailable):
+        ensure_services(Settings(amqp_url=amqp, redis_url=redis), Said())
+    assert rabbit.stopped == 1
+
+
+def test_throwaway_servers_replace_the_default_urls(monkeypatch, silent_defaults) -> None:
+    amqp, redis = silent_defaults
+    rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:40001/")
+    redis_service = FakeService("redis", "redis://127.0.0.1:40002/0")
+    monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
+    monkeypatch.setattr(launcher, "start_redis", lambda: redis_service)
+    say = Said()
+    resolved, started = ensure_services(Settings(amqp_url=amqp, redis_url=redis), say)
+    assert started == [rabbit, redis_service]
+    assert resolved.amqp_url == rabbit.url and resolved.redis_url == redis_service.url
+    assert rabbit.stopped == redis_service.stopped == 0  # the caller stops them later
+    assert rabbit.url in say.text and redis_service.url in say.text
