@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import FastAPI
 
-from api import health, routes_v1
+from api import book_routes, health, routes_v1
 from api.errors import install_error_handlers
 from api.ingress import Ingress, IngressConfig
 from brokers.settings import Settings
 
 
-def create_app(settings: Settings, config: IngressConfig) -> FastAPI:
+class Companion(Protocol):
+    """Something that runs inside the ingress process (web_single: the stages)."""
+
+    async def start(self) -> None: ...
+
+    async def drain_and_close(self) -> None: ...
+
+
+def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for companion in companions:
+            await companion.start()
         ingress = Ingress(settings, config)
         await ingress.start()
         app.state.ingress = ingress
@@ -23,6 +34,8 @@ def create_app(settings: Settings, config: IngressConfig) -> FastAPI:
             yield
         finally:
             await ingress.close()
+            for companion in companions:
+                await companion.drain_and_close()
 
     app = FastAPI(
         title="toposerve",
@@ -33,4 +46,5 @@ def create_app(settings: Settings, config: IngressConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
+    app.include_router(book_routes.book_router(config.mode))
     return app

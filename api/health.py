@@ -26,43 +26,39 @@ async def _check_redis(ingress: Ingress) -> tuple[bool, str]:
     return True, "ok"
 
 
-async def _check_broker(ingress: Ingress) -> tuple[bool, str, dict[str, int]]:
+def _check_broker(ingress: Ingress) -> tuple[bool, str, dict[str, int]]:
     connection = ingress.connection
     if connection is None or connection.is_closed:
         return False, "not connected", {}
-    consumers: dict[str, int] = {}
-    try:
-        # A passive declare on a short-lived channel: proves the broker answers and
-        # tells how many consumers each stage queue has.
-        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), timeout=1.0)
-        try:
-            for spec in ingress.config.queues:
-                queue = await asyncio.wait_for(channel.declare_queue(spec.name, passive=True), timeout=1.0)
-                consumers[spec.name] = queue.declaration_result.consumer_count
-        finally:
-            await channel.close()
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}", consumers
-    return True, "ok", consumers
+    monitor = ingress.monitor
+    if monitor is None:
+        return False, "not started", {}
+    # The monitor's last passive declare of every stage queue (refreshed each second).
+    if monitor.error is not None:
+        return False, monitor.error, monitor.consumers
+    return True, "ok", monitor.consumers
 
 
-@router.get("/readyz")
-async def readyz(request: Request) -> Response:
-    ingress: Ingress = request.app.state.ingress
-    (redis_ok, redis_detail), (broker_ok, broker_detail, consumers) = await asyncio.gather(
-        _check_redis(ingress), _check_broker(ingress)
-    )
+async def readiness(ingress: Ingress) -> tuple[bool, dict]:
+    redis_ok, redis_detail = await _check_redis(ingress)
+    broker_ok, broker_detail, consumers = _check_broker(ingress)
     models_ok = bool(ingress.manifests)
     ready = redis_ok and broker_ok and models_ok
-    body = {
+    return ready, {
         "ready": ready,
         "checks": {
             "broker": {"ok": broker_ok, "detail": broker_detail},
             "redis": {"ok": redis_ok, "detail": redis_detail},
             "models": {"ok": models_ok, "detail": sorted(ingress.manifests)},
         },
-        # Reported, not required: an async profile accepts work before its stages start.
+        # Reported, not required: an async profile accepts work before its stages start
+        # (a sync request to a stage without consumers is answered 503 at once).
         "stage_consumers": consumers,
     }
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    ready, body = await readiness(request.app.state.ingress)
     return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json",
                     headers=None if ready else {"Retry-After": "1"})

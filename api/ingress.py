@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -15,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from redis.exceptions import RedisError
 
 from api.errors import ApiError, describe_validation_errors
+from api.replies import ReplyRouter
+from api.stage_monitor import StageMonitor
 from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
-from brokers.messages import FailureCode, InferenceRequest, routing_key, utc_now
+from brokers.messages import Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
 from brokers.results import CompletionListener, ResultStore
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
@@ -31,6 +35,15 @@ class IngressConfig(BaseModel):
     models_dir: Path
     queues: list[QueueSpec] = Field(default_factory=list)
     result_ttl_s: int = 3600
+    timeout_s: float = 5.0
+    max_timeout_s: float = 60.0
+    # The model the book-compatible routes (/predict, /metadata, ...) serve.
+    book_model: str | None = None
+    # sync_async: a request for the key model is answered by it at once, and the
+    # value model gets the same input as a background job.
+    sync_async_pairs: dict[str, str] = Field(default_factory=dict)
+    # The image /predict/test sends for image models (the book's bundled cat.jpg).
+    sample_image: Path | None = None
 
 
 class PredictBody(BaseModel):
@@ -71,18 +84,26 @@ class Ingress:
         self.publisher: Publisher | None = None
         self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.result_ttl_s)
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
-        self.topology = None
+        self.replies: ReplyRouter | None = None
+        self.monitor: StageMonitor | None = None
 
     async def start(self) -> None:
         self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}")
         channel = await open_confirm_channel(self.connection)
         # Declaring the stage queues here too means an accepted request is queued
         # even when its stage has not started yet.
-        self.topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
-        self.publisher = Publisher(self.topology.exchange)
+        topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
+        self.publisher = Publisher(topology.exchange)
         self.completions.start()
+        if self.config.mode != "async":
+            self.replies = ReplyRouter(self.connection, self.settings.namespace)
+            await self.replies.start()
+        self.monitor = StageMonitor(self.connection, [q.name for q in self.config.queues])
+        await self.monitor.start()
 
     async def close(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
         await self.completions.close()
         if self.connection is not None:
             await self.connection.close()
@@ -118,7 +139,7 @@ class Ingress:
         return InferenceRequest(id=uuid.uuid4(), model=model, created_at=utc_now(),
                                 instances=body.instances, image=body.image, item_id=body.item_id)
 
-    async def submit(self, request: InferenceRequest) -> None:
+    async def submit_async(self, request: InferenceRequest) -> None:
         """Record the job as pending, then publish it; if the broker refuses, forget the job."""
         assert self.publisher is not None
         try:
@@ -135,3 +156,66 @@ class Ingress:
                 pass  # the pending record expires with its TTL
             raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
                            {"Retry-After": "1"}) from exc
+
+    def timeout_for(self, requested: float | None) -> float:
+        """The caller's timeout (query or header), else the profile's; capped, never <= 0."""
+        if requested is None:
+            return self.config.timeout_s
+        if not requested > 0:  # also refuses NaN
+            raise ApiError(422, "invalid_request", f"timeout must be a positive number of seconds, got {requested}")
+        return min(requested, self.config.max_timeout_s)
+
+    def require_stages(self) -> None:
+        """503 now, rather than a 504 later, when a stage of the profile has no consumer."""
+        if self.monitor is None:
+            return
+        if self.monitor.error is not None:
+            raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {self.monitor.error}",
+                           {"Retry-After": "1"})
+        idle = self.monitor.without_consumers()
+        if idle:
+            raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
+                           {"Retry-After": "1"})
+
+    async def predict_sync(self, request: InferenceRequest, timeout_s: float) -> Prediction | Failure:
+        """Publish with a reply address and wait for the terminal message, at most ``timeout_s``."""
+        assert self.publisher is not None and self.replies is not None
+        self.require_stages()
+        request.deadline = request.created_at + timedelta(seconds=timeout_s)
+        correlation_id = str(request.id)
+        future = self.replies.expect(correlation_id)
+        try:
+            remaining = (request.deadline - utc_now()).total_seconds()
+            if remaining <= 0:
+                raise TimeoutError
+            await self.publisher.publish(
+                request, routing_key("request", request.model), reply_to=self.replies.queue_name,
+                correlation_id=correlation_id, persistent=False, expiration_s=remaining,
+            )
+            remaining = (request.deadline - utc_now()).total_seconds()
+            return await asyncio.wait_for(future, max(remaining, 0.0))
+        except PublishRefused as exc:
+            raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
+                           {"Retry-After": "1"}) from exc
+        except TimeoutError as exc:
+            raise ApiError(504, "deadline_exceeded",
+                           f"no prediction within the deadline of {timeout_s:g} s; the request was dropped") from exc
+        finally:
+            self.replies.forget(correlation_id)
+
+    def accurate_model_for(self, model: str) -> str | None:
+        return self.config.sync_async_pairs.get(model)
+
+    def follow_up_request(self, request: InferenceRequest, model: str) -> InferenceRequest:
+        """The same input for another model, as a job of its own."""
+        return request.model_copy(update={"id": uuid.uuid4(), "model": model, "deadline": None, "timings": {}})
+
+
+FAILURE_STATUS = {
+    FailureCode.INVALID_INPUT: 422,
+    FailureCode.INVALID_MESSAGE: 422,
+    FailureCode.UNKNOWN_MODEL: 404,
+    FailureCode.TOO_LARGE: 413,
+    FailureCode.DEADLINE_EXCEEDED: 504,
+    FailureCode.INTERNAL: 500,
+}

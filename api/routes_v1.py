@@ -11,8 +11,9 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from api.body import read_json
-from api.errors import ApiError
-from api.ingress import Ingress
+from api.errors import ApiError, error_response
+from api.ingress import FAILURE_STATUS, Ingress
+from brokers.messages import Failure, InferenceRequest, Prediction
 from brokers.results import JobRecord, JobStatus
 from consumers.registry import ModelManifest
 
@@ -59,18 +60,69 @@ async def describe_model(model: str, request: Request) -> Response:
     return json_response(model_description(ingress_of(request).manifest(model)))
 
 
-@router.post("/models/{model}/predict", status_code=202)
-async def predict(model: str, request: Request) -> Response:
+def requested_timeout(request: Request, timeout: float | None) -> float | None:
+    """``?timeout=S`` or the ``X-Request-Timeout: S`` header (seconds)."""
+    if timeout is not None:
+        return timeout
+    header = request.headers.get("x-request-timeout")
+    if header is None:
+        return None
+    try:
+        return float(header)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"X-Request-Timeout must be seconds, got {header!r}") from None
+
+
+def outcome_response(outcome: Prediction | Failure) -> Response:
+    """A sync answer: 200 with the prediction, or the error shape with the failure's status."""
+    if isinstance(outcome, Failure):
+        status = FAILURE_STATUS.get(outcome.code, 500)
+        return error_response(status, outcome.code.value, outcome.message)
+    return Response(JobRecord.from_terminal(outcome).model_dump_json(), media_type="application/json")
+
+
+async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
+    await ingress.submit_async(inference)
+    location = f"/v1/jobs/{inference.id}"
+    return {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": inference.model, "location": location}
+
+
+@router.post("/models/{model}/predict")
+async def predict(
+    model: str,
+    request: Request,
+    timeout: float | None = Query(None, description="Sync profiles: seconds to wait (default from the profile)"),
+) -> Response:
+    """Async profiles answer 202 with a job; sync profiles wait for the prediction; sync_async do both."""
     ingress = ingress_of(request)
     ingress.manifest(model)  # 404 for an unknown model before reading the body
     inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes))
-    await ingress.submit(inference)
-    location = f"/v1/jobs/{inference.id}"
-    return json_response(
-        {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": model, "location": location},
-        status=202,
-        headers={"Location": location},
-    )
+    mode = ingress.config.mode
+    accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
+    if mode == "async":
+        job = await accept_job(ingress, inference)
+        return json_response(job, status=202, headers={"Location": job["location"]})
+    timeout_s = ingress.timeout_for(requested_timeout(request, timeout))
+    if accurate is None:
+        return outcome_response(await ingress.predict_sync(inference, timeout_s))
+
+    # sync_async: the accurate model's job is accepted first, so its id is returned
+    # whatever happens to the fast answer.
+    job = await accept_job(ingress, ingress.follow_up_request(inference, accurate))
+    fast: dict = {"id": str(inference.id), "model": model, "status": "failed"}
+    try:
+        outcome = await ingress.predict_sync(inference, timeout_s)
+    except ApiError as exc:
+        fast["error"] = {"code": exc.code, "message": exc.message}
+    else:
+        if isinstance(outcome, Prediction):
+            fast = JobRecord.from_terminal(outcome).model_dump(mode="json")
+        else:
+            fast["error"] = {"code": outcome.code.value, "message": outcome.message}
+    # 200 when the fast answer is there; 202 when only the accurate job was accepted.
+    status = 200 if fast["status"] == "succeeded" else 202
+    body = {"fast": fast, "job": job}
+    return json_response(body, status=status, headers={"Location": job["location"]})
 
 
 @router.get("/jobs/{job_id}")

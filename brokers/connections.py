@@ -50,13 +50,18 @@ def amqp_message(
     reply_to: str | None = None,
     correlation_id: str | None = None,
     headers: dict[str, object] | None = None,
+    persistent: bool = True,
+    expiration_s: float | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         body=body.model_dump_json().encode(),
         content_type=JSON,
         message_id=str(body.id),
         type=getattr(body, "kind", None),
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        # Async and batch work must survive a broker restart; a sync caller who waits
+        # would time out anyway, so its messages skip the disk.
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        expiration=expiration_s,
         reply_to=reply_to,
         correlation_id=correlation_id,
         headers=headers or {},
@@ -78,13 +83,18 @@ class Publisher:
         reply_to: str | None = None,
         correlation_id: str | None = None,
         headers: dict[str, object] | None = None,
+        persistent: bool = True,
+        expiration_s: float | None = None,
+        mandatory: bool = True,
     ) -> None:
-        message = amqp_message(body, reply_to=reply_to, correlation_id=correlation_id, headers=headers)
-        await self.publish_raw(message, routing_key)
+        message = amqp_message(body, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
+                               persistent=persistent, expiration_s=expiration_s)
+        await self.publish_raw(message, routing_key, mandatory=mandatory)
 
-    async def publish_raw(self, message: aio_pika.Message, routing_key: str) -> None:
+    async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:
+        """``mandatory=False`` is for best-effort copies: a message no queue takes is dropped, not refused."""
         try:
-            await self.exchange.publish(message, routing_key, mandatory=True, timeout=self.timeout_s)
+            await self.exchange.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
         except PublishError as exc:
             raise PublishRefused(f"no queue is bound to routing key {routing_key!r}") from exc
         except DeliveryError as exc:

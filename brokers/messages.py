@@ -15,7 +15,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    model_validator,
+)
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]{0,63}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="Model name (routing-key safe)")]
@@ -139,6 +148,13 @@ class Failure(Envelope):
 
 
 TerminalMessage = Prediction | Failure
+# Both terminal messages can arrive on one queue; ``kind`` (in every body) tells which.
+_TERMINAL = TypeAdapter(Annotated[Prediction | Failure, Field(discriminator="kind")])
+
+
+def decode_terminal(body: bytes) -> Prediction | Failure:
+    """Parse a ``Prediction`` or ``Failure`` body; raises ``ValidationError``."""
+    return _TERMINAL.validate_json(body)
 
 
 def routing_key(kind: Literal["request", "features", "prediction", "failure", "telemetry"], model: str) -> str:

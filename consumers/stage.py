@@ -129,6 +129,7 @@ class StageRunner:
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self.ready = asyncio.Event()
+        self._closed = False
 
     async def start(self) -> None:
         await self.stage.start()
@@ -144,10 +145,14 @@ class StageRunner:
         log.info("stage %s consuming %s", self.stage.name, self.queue_spec.name)
 
     async def drain_and_close(self) -> None:
-        """Stop taking messages, let in-flight ones finish (they are acked), then close."""
+        """Stop taking messages, let in-flight ones finish (they are acked), then close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._queue is not None and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                # Bounded: on a connection that is reconnecting, a cancel would wait for it.
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=5)
             except Exception:  # the connection may already be gone; unacked work is requeued then
                 log.warning("could not cancel consumer of %s cleanly", self.queue_spec.name)
         pending = set(self.stats.in_flight)
@@ -211,22 +216,26 @@ class StageRunner:
 
     async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage) -> None:
         assert self._publisher is not None and self._retry is not None
+        headers = {k: v for k, v in (delivery.headers or {}).items() if k != ATTEMPTS_HEADER}
+        persistent = delivery.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         publishes = []
         for out in outputs:
-            headers = dict(delivery.headers or {})
-            headers.pop(ATTEMPTS_HEADER, None)
+            terminal = isinstance(out.body, Prediction | Failure)
+            if terminal and isinstance(out.body, Failure):
+                self.stats.failed += 1
+            # A sync caller's answer goes to its reply queue; the copy on the exchange is
+            # then best-effort (a profile without a store has no queue for it), and so is
+            # the reply itself (the caller may have given up and gone).
+            best_effort = terminal and bool(delivery.reply_to)
             publishes.append(self._publisher.publish(
-                out.body, out.routing_key, reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id, headers=headers,
+                out.body, out.routing_key, reply_to=delivery.reply_to, correlation_id=delivery.correlation_id,
+                headers=headers, persistent=persistent, mandatory=not best_effort,
             ))
-            if isinstance(out.body, Prediction | Failure):
-                if isinstance(out.body, Failure):
-                    self.stats.failed += 1
-                if delivery.reply_to:
-                    # Sync callers wait on their own reply queue; the terminal message goes there too.
-                    publishes.append(self._retry.publish(
-                        out.body, delivery.reply_to, correlation_id=delivery.correlation_id or str(out.body.id),
-                    ))
+            if terminal and delivery.reply_to:
+                publishes.append(self._retry.publish(
+                    out.body, delivery.reply_to, correlation_id=delivery.correlation_id or str(out.body.id),
+                    persistent=False, mandatory=False,
+                ))
         await asyncio.gather(*publishes)
 
     async def _retry_or_dead_letter(

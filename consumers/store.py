@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
-from pydantic import Field, TypeAdapter
 from redis.exceptions import RedisError
 
-from brokers.messages import Envelope, Failure, Prediction
+from brokers.messages import Envelope, Failure, Prediction, decode_terminal
 from brokers.results import JobRecord, ResultStore
 from consumers.stage import Outgoing, Stage, TransientError
-
-# Both terminal messages arrive on one queue; ``kind`` (in every body) tells which.
-_TERMINAL = TypeAdapter(Annotated[Prediction | Failure, Field(discriminator="kind")])
 
 
 class StoreStage(Stage):
@@ -25,7 +21,7 @@ class StoreStage(Stage):
         self.results = results
 
     def decode(self, body: bytes) -> Envelope:
-        return _TERMINAL.validate_json(body)
+        return decode_terminal(body)
 
     async def stop(self) -> None:
         await self.results.client.aclose()

@@ -17,7 +17,7 @@ from consumers.preprocessing import InputLimits
 from consumers.registry import ModelRegistry, load_manifests
 from consumers.stage import Stage, StageRunner
 from consumers.store import StoreStage
-from deploy.profile import MODELS_DIR, PredictSpec, PreprocessSpec, Profile, StoreSpec, load_profile
+from deploy.profile import MODELS_DIR, SAMPLE_IMAGE, PredictSpec, PreprocessSpec, Profile, StoreSpec, load_profile
 
 
 def models_dir(settings: Settings) -> Path:
@@ -69,8 +69,18 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         models_dir=models_dir(settings),
         queues=profile.queue_specs(settings.namespace),
         result_ttl_s=profile.ingress.result_ttl_s,
+        timeout_s=profile.ingress.timeout_s,
+        max_timeout_s=profile.ingress.max_timeout_s,
+        book_model=profile.ingress.book_model or profile.models[0],
+        sync_async_pairs=profile.ingress.sync_async,
+        sample_image=SAMPLE_IMAGE,
     )
 
 
-def build_app(profile: Profile, settings: Settings) -> FastAPI:
-    return create_app(settings, ingress_config(profile, settings))
+def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -> FastAPI:
+    """The ingress app; ``with_stages`` runs every stage replica inside it (web_single)."""
+    companions = []
+    if with_stages:
+        companions = [build_stage_runner(profile, name, settings, replica)
+                      for name, spec in profile.stages.items() for replica in range(spec.replicas)]
+    return create_app(settings, ingress_config(profile, settings), companions=companions)

@@ -142,6 +142,8 @@ class Supervisor:
 def child_processes(profile: Profile, profile_arg: str, host: str, port: int) -> list[Child]:
     base = [sys.executable, "-m", "deploy.cli"]
     children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)])]
+    if profile.ingress.single_process:
+        return children  # the ingress runs every stage itself
     for stage, spec in profile.stages.items():
         for replica in range(spec.replicas):
             children.append(Child(f"{stage}[{replica}]", [*base, "worker", "--profile", profile_arg, "--stage", stage,

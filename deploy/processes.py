@@ -43,7 +43,7 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
 
 
 def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, access_log: bool = False) -> None:
-    app = build_app(profile, settings)
+    app = build_app(profile, settings, with_stages=profile.ingress.single_process)
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, finishes requests, runs the lifespan exit.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
                             loop="uvloop" if _has_uvloop() else "asyncio", timeout_graceful_shutdown=10)

@@ -17,6 +17,7 @@ from brokers.topology import QueueSpec, stage_queue_name
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 MODELS_DIR = Path(__file__).parent / "models"
+SAMPLE_IMAGE = Path(__file__).parent / "samples" / "digits" / "digit_3_64x64_rgb.png"
 
 StageName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
@@ -30,6 +31,12 @@ class IngressSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     result_ttl_s: int = Field(default=3600, ge=1, description="How long job results live in Redis")
+    timeout_s: float = Field(default=5.0, gt=0, le=3600, description="Sync: default seconds to wait")
+    max_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Sync: cap on a caller's timeout")
+    book_model: str | None = Field(default=None, description="Model of the book-compatible routes")
+    sync_async: dict[str, str] = Field(default_factory=dict, description="fast model -> accurate model")
+    # web_single: the ingress and every stage in one process (the book's single container).
+    single_process: bool = False
 
 
 class _StageBase(_Strict):
@@ -64,6 +71,16 @@ class Profile(_Strict):
     models: list[str] = Field(min_length=1)
     ingress: IngressSpec = IngressSpec()
     stages: dict[StageName, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ingress_models_are_profile_models(self) -> Profile:
+        named = [m for m in [self.ingress.book_model, *self.ingress.sync_async, *self.ingress.sync_async.values()] if m]
+        unknown = sorted(set(named) - set(self.models))
+        if unknown:
+            raise ValueError(f"ingress names models not in the profile's 'models': {unknown}")
+        if self.ingress.sync_async and self.ingress.mode != "sync_async":
+            raise ValueError("ingress.sync_async pairs need ingress.mode: sync_async")
+        return self
 
     @model_validator(mode="after")
     def _predict_models_are_profile_models(self) -> Profile:

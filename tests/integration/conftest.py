@@ -24,6 +24,11 @@ class Stack:
     runners: dict[str, StageRunner]
     client: httpx.AsyncClient
     results: ResultStore  # direct reads of job records, for tests that check many at once
+    app: object = None
+
+    @property
+    def ingress(self):
+        return self.app.state.ingress  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -32,12 +37,24 @@ def settings(amqp_url: str, redis_url: str, namespace: str) -> Settings:
                     max_rows=100, max_body_bytes=256 * 1024, max_image_pixels=1_000_000, drain_timeout_s=5)
 
 
-async def start_stack(settings: Settings, profile_name: str, stages: list[str] | None = None) -> AsyncIterator[Stack]:
+async def start_stack(
+    settings: Settings, profile_name: str, stages: list[str] | None = None, replicas: dict[str, int] | None = None
+) -> AsyncIterator[Stack]:
+    """Stage runners (``stages``, default all; ``replicas`` per stage, default 1) and the ingress.
+
+    A single-process profile (web_single) runs its stages inside the app instead.
+    """
     profile = load_checked_profile(profile_name, settings)
-    runners = {name: build_stage_runner(profile, name, settings) for name in (list(profile.stages) if stages is None else stages)}
+    single = profile.ingress.single_process
+    names = [] if single else (list(profile.stages) if stages is None else stages)
+    runners = {}
+    for name in names:
+        for replica in range((replicas or {}).get(name, 1)):
+            runners[name if replica == 0 else f"{name}[{replica}]"] = build_stage_runner(profile, name, settings,
+                                                                                       replica)
     for runner in runners.values():
         await runner.start()
-    app = build_app(profile, settings)
+    app = build_app(profile, settings, with_stages=single)
     try:
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
@@ -45,7 +62,7 @@ async def start_stack(settings: Settings, profile_name: str, stages: list[str] |
                 results = ResultStore(connect_redis(settings.redis_url), settings.namespace,
                                       profile.ingress.result_ttl_s)
                 try:
-                    yield Stack(settings, profile, runners, client, results)
+                    yield Stack(settings, profile, runners, client, results, app)
                 finally:
                     await results.client.aclose()
     finally:
@@ -56,4 +73,10 @@ async def start_stack(settings: Settings, profile_name: str, stages: list[str] |
 @pytest.fixture
 async def async_stack(settings: Settings) -> AsyncIterator[Stack]:
     async for stack in start_stack(settings, "asynchronous"):
+        yield stack
+
+
+@pytest.fixture
+async def sync_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async for stack in start_stack(settings, "synchronous"):
         yield stack

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
-from tests.integration.conftest import Stack
+from brokers.settings import Settings
+from deploy.profile import load_profile
+from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, png_bomb, png_bytes, sample_images, truncated
 
 IRIS = "/v1/models/iris/predict"
@@ -54,7 +58,7 @@ CASES = [
     ("body-too-large", IRIS, {"content": b'{"instances": [' + b"[1,2,3,4]," * 40_000 + b"[1,2,3,4]]}"},
      413, "body_too_large", ["limit"]),
     ("unknown-model", "/v1/models/resnet/predict", {"json": {"instances": [[1, 2, 3, 4]]}},
-     404, "unknown_model", ["resnet", "iris"]),
+     404, "unknown_model", ["resnet", "this profile serves"]),
     ("image-to-tabular-model", IRIS, {"json": {"image": "aGVsbG8="}}, 422, "invalid_input", ["instances"]),
     ("instances-to-image-model", DIGITS, {"json": {"instances": [[0.0] * 64]}}, 422, "invalid_input", ["image"]),
     ("both-inputs", DIGITS, {"json": {"instances": [[1, 2, 3, 4]], "image": "aGVsbG8="}},
@@ -71,10 +75,37 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("path", "kwargs", "status", "code", "words"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-async def test_wrong_input_gets_a_clear_4xx(async_stack: Stack, path, kwargs, status, code, words) -> None:
-    got_status, got_code, message = await post(async_stack, path, **kwargs)
+PROFILES = ["asynchronous", "synchronous", "web_single", "prep_pred", "sync_async"]
+
+
+def _serves(profile: str, path: str) -> bool:
+    model = path.split("/")[3]
+    return model == "resnet" or model in load_profile(profile).models
+
+
+def _cases() -> list:
+    params = []
+    for profile in PROFILES:
+        for case_id, path, kwargs, status, code, words in CASES:
+            if not _serves(profile, path):
+                # The same input sent to the model this profile serves instead.
+                path = path.replace("/iris/", "/digits_fast/") if "/iris/" in path else path
+                if not _serves(profile, path) or "image" in case_id or "instances" in str(kwargs):
+                    continue
+            params.append(pytest.param(profile, path, kwargs, status, code, words, id=f"{profile}-{case_id}"))
+    return params
+
+
+@pytest.fixture
+async def profile_stack(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    async for stack in start_stack(settings, request.param):
+        yield stack
+
+
+@pytest.mark.parametrize(("profile_stack", "path", "kwargs", "status", "code", "words"), _cases(),
+                         indirect=["profile_stack"])
+async def test_wrong_input_gets_a_clear_4xx(profile_stack: Stack, path, kwargs, status, code, words) -> None:
+    got_status, got_code, message = await post(profile_stack, path, **kwargs)
     assert (got_status, got_code) == (status, code), message
     for word in words:
         assert word in message, message

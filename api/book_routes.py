@@ -1,0 +1,218 @@
+"""The book's routes (/health, /metadata, /label, /predict, /predict/label, /predict/test, /job/{id}),
+so the curl commands of its READMEs work against the matching profile.
+
+Same shapes as the book's reference code, with its faults fixed: every row of a
+batch is answered (``predictions``, next to the book's first-row ``prediction``),
+unknown jobs are 404, pending jobs 202, health checks are real, and bad input is a
+4xx naming the problem instead of a 500. All of it goes through the same ingress
+operations (and so the same queues) as the /v1 API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from api.body import read_json
+from api.errors import ApiError, error_response
+from api.health import readiness
+from api.ingress import FAILURE_STATUS, Ingress
+from brokers.messages import Failure, InferenceRequest, Prediction
+from brokers.results import JobStatus
+from consumers.registry import ImagePreprocessing, ModelManifest
+
+IRIS_SAMPLE = [[5.1, 3.5, 1.4, 0.2]]
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _ingress(request: Request) -> Ingress:
+    return request.app.state.ingress
+
+
+def _book_manifest(ingress: Ingress) -> ModelManifest:
+    return ingress.manifest(ingress.config.book_model or next(iter(ingress.manifests)))
+
+
+def _is_image(manifest: ModelManifest) -> bool:
+    return isinstance(manifest.preprocessing, ImagePreprocessing)
+
+
+def _book_body_to_native(data: object, manifest: ModelManifest) -> object:
+    """The book's field names (``data``, ``image_data``) -> our ``instances`` / ``image``."""
+    if not isinstance(data, dict):
+        return data  # parse_predict_body explains what is expected
+    body = dict(data)
+    if "image_data" in body:
+        body["image"] = body.pop("image_data")
+    if "data" in body:
+        body["image" if _is_image(manifest) else "instances"] = body.pop("data")
+    return body
+
+
+def _sample_body(ingress: Ingress, manifest: ModelManifest) -> dict:
+    if not _is_image(manifest):
+        return {"instances": IRIS_SAMPLE}
+    if ingress.config.sample_image is None:
+        raise ApiError(404, "no_sample", "this profile ships no sample image for /predict/test")
+    return {"image": base64.b64encode(ingress.config.sample_image.read_bytes()).decode()}
+
+
+async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
+    data = await read_json(request, ingress.settings.max_body_bytes)
+    return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest))
+
+
+async def _sync_outcome(ingress: Ingress, inference: InferenceRequest) -> Prediction:
+    outcome = await ingress.predict_sync(inference, ingress.config.timeout_s)
+    if isinstance(outcome, Failure):
+        raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
+    return outcome
+
+
+def _probabilities(prediction: Prediction) -> dict:
+    rows = [row.probabilities for row in prediction.rows]
+    return {"prediction": rows[0], "predictions": rows}
+
+
+def _labels(prediction: Prediction) -> dict:
+    labels = [row.label for row in prediction.rows]
+    return {"prediction": labels[0], "predictions": labels}
+
+
+def _metadata(manifest: ModelManifest) -> dict:
+    n_labels = len(manifest.labels)
+    if _is_image(manifest):
+        data = {"data_type": "str", "data_structure": "(1,1)", "data_sample": "base64 encoded image file"}
+    else:
+        data = {"data_type": "float32", "data_structure": f"(1,{manifest.n_features})", "data_sample": IRIS_SAMPLE}
+    return {**data, "prediction_type": "float32", "prediction_structure": f"(1,{n_labels})",
+            "model": manifest.name, "version": manifest.version, "labels": manifest.labels}
+
+
+def _health_all(ingress: Ingress) -> dict:
+    consumers = ingress.monitor.consumers if ingress.monitor else {}
+    # Queue names end with the stage name: {ns}.{profile}.{stage}
+    return {name.rsplit(".", 1)[-1]: "ok" if count > 0 else "ng" for name, count in consumers.items()}
+
+
+async def _job_entry(ingress: Ingress, job_id: str) -> Response:
+    try:
+        record = await ingress.results.get(uuid.UUID(job_id))
+    except ValueError:
+        record = None
+    if record is None:
+        return error_response(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
+    if record.status is JobStatus.PENDING:
+        return _json({job_id: {"prediction": ""}}, status=202)
+    if record.status is JobStatus.FAILED:
+        return _json({job_id: {"prediction": None, "error": record.error.model_dump() if record.error else None}})
+    labels = [row.label for row in record.predictions or []]
+    return _json({job_id: {"prediction": labels[0] if labels else None, "predictions": labels}})
+
+
+def book_router(mode: str) -> APIRouter:
+    router = APIRouter(tags=["book-compatible"])
+
+    @router.get("/health")
+    async def health(request: Request) -> Response:
+        ready, body = await readiness(_ingress(request))
+        return _json({"health": "ok"} if ready else {"health": "ng", "checks": body["checks"]},
+                     status=200 if ready else 503)
+
+    @router.get("/health/all")
+    async def health_all(request: Request) -> Response:
+        return _json(_health_all(_ingress(request)))
+
+    @router.get("/metadata")
+    async def metadata(request: Request) -> Response:
+        return _json(_metadata(_book_manifest(_ingress(request))))
+
+    @router.get("/label")
+    async def label(request: Request) -> Response:
+        manifest = _book_manifest(_ingress(request))
+        # The book's image patterns answer a list, its iris pattern a dict by class index.
+        return _json(manifest.labels if _is_image(manifest) else {str(i): n for i, n in enumerate(manifest.labels)})
+
+    if mode == "sync":
+
+        @router.get("/predict/test")
+        async def predict_test(request: Request) -> Response:
+            ingress = _ingress(request)
+            manifest = _book_manifest(ingress)
+            inference = ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
+            return _json(_probabilities(await _sync_outcome(ingress, inference)))
+
+        @router.get("/predict/test/label")
+        async def predict_test_label(request: Request) -> Response:
+            ingress = _ingress(request)
+            manifest = _book_manifest(ingress)
+            inference = ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
+            return _json(_labels(await _sync_outcome(ingress, inference)))
+
+        @router.post("/predict")
+        async def predict(request: Request) -> Response:
+            ingress = _ingress(request)
+            inference = await _parse(request, ingress, _book_manifest(ingress))
+            return _json(_probabilities(await _sync_outcome(ingress, inference)))
+
+        @router.post("/predict/label")
+        async def predict_label(request: Request) -> Response:
+            ingress = _ingress(request)
+            inference = await _parse(request, ingress, _book_manifest(ingress))
+            return _json(_labels(await _sync_outcome(ingress, inference)))
+
+        @router.post("/v1/models/{model}:predict")
+        async def tf_serving_predict(model: str, request: Request) -> Response:
+            """TF Serving's REST shape (the book's synchronous pattern): images in, labels out."""
+            ingress = _ingress(request)
+            manifest = ingress.manifest(model)
+            data = await read_json(request, ingress.settings.max_body_bytes)
+            inputs = data.get("inputs") if isinstance(data, dict) else None
+            images = inputs.get("image") if isinstance(inputs, dict) else None
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise ApiError(422, "invalid_request", 'send {"inputs": {"image": ["<base64 image>", ...]}}')
+            requests = [ingress.parse_predict_body(manifest.name, {"image": image}) for image in images]
+            outcomes = await asyncio.gather(*(_sync_outcome(ingress, r) for r in requests))
+            return _json({"outputs": [outcome.rows[0].label for outcome in outcomes]})
+
+    else:
+
+        async def _submit(ingress: Ingress, inference: InferenceRequest) -> Response:
+            if mode == "async":
+                await ingress.submit_async(inference)
+                return _json({"job_id": str(inference.id)})
+            # sync_async: the accurate job first, then the fast answer under the fast model's name.
+            fast_model = inference.model
+            job = ingress.follow_up_request(inference, ingress.accurate_model_for(fast_model) or fast_model)
+            await ingress.submit_async(job)
+            try:
+                fast = await _sync_outcome(ingress, inference)
+            except ApiError as exc:
+                return _json({"job_id": str(job.id), fast_model: None,
+                              "error": {"code": exc.code, "message": exc.message}}, status=202)
+            return _json({"job_id": str(job.id), fast_model: fast.rows[0].label})
+
+        @router.get("/predict/test")
+        async def predict_test_job(request: Request) -> Response:
+            ingress = _ingress(request)
+            manifest = _book_manifest(ingress)
+            return await _submit(ingress, ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest)))
+
+        @router.post("/predict")
+        async def predict_job(request: Request) -> Response:
+            ingress = _ingress(request)
+            return await _submit(ingress, await _parse(request, ingress, _book_manifest(ingress)))
+
+        @router.get("/job/{job_id}")
+        async def job(job_id: str, request: Request) -> Response:
+            return await _job_entry(_ingress(request), job_id)
+
+    return router

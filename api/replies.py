@@ -1,0 +1,58 @@
+"""Replies for sync callers: one exclusive reply queue per ingress process.
+
+Every sync request is published with ``reply_to`` = this queue and
+``correlation_id`` = its job id; the stage that ends the job publishes the terminal
+message there, and the matching future resolves. Many requests are in flight on
+one connection at once (FastStream's ``broker.request()`` would serialize them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import ValidationError
+
+from brokers.messages import Failure, Prediction, decode_terminal
+
+log = logging.getLogger(__name__)
+
+
+class ReplyRouter:
+    def __init__(self, connection: AbstractRobustConnection, namespace: str) -> None:
+        self.connection = connection
+        self.queue_name = f"{namespace}.reply.{uuid.uuid4().hex}"
+        self._pending: dict[str, asyncio.Future[Prediction | Failure]] = {}
+        self.late_replies = 0
+
+    async def start(self) -> None:
+        channel = await self.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=1000)
+        # Exclusive + auto-delete: the queue lives exactly as long as this process's connection.
+        queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
+        await queue.consume(self._on_reply, no_ack=True)
+
+    def expect(self, correlation_id: str) -> asyncio.Future[Prediction | Failure]:
+        future: asyncio.Future[Prediction | Failure] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        return future
+
+    def forget(self, correlation_id: str) -> None:
+        self._pending.pop(correlation_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.pop(message.correlation_id or "", None)
+        if future is None or future.done():
+            # The caller's deadline passed (it got a 504) or it left: drop the late reply.
+            self.late_replies += 1
+            return
+        try:
+            future.set_result(decode_terminal(message.body))
+        except ValidationError as exc:
+            future.set_exception(RuntimeError(f"undecodable reply: {exc.error_count()} errors"))
