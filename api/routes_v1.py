@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import orjson
@@ -139,15 +140,17 @@ async def get_job(
     loop = asyncio.get_running_loop()
     until = loop.time() + wait
     while True:
-        try:
-            record = await ingress.results.get(parsed)
-        except RedisError as exc:
-            raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
-                           {"Retry-After": "1"}) from exc
-        if record is None:
-            raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
-        remaining = until - loop.time()
-        if record.status is not JobStatus.PENDING or remaining <= 0:
-            return job_response(record)
-        # Woken by the store's announcement; re-read at least every second regardless.
-        await ingress.completions.wait(parsed, min(remaining, 1.0))
+        with ingress.completions.watch(parsed) as announced:
+            try:
+                record = await ingress.results.get(parsed)
+            except RedisError as exc:
+                raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
+                               {"Retry-After": "1"}) from exc
+            if record is None:
+                raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
+            remaining = until - loop.time()
+            if record.status is not JobStatus.PENDING or remaining <= 0:
+                return job_response(record)
+            # Woken by the store's announcement; re-read at least every second regardless.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0))

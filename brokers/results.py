@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from enum import StrEnum
 
@@ -143,15 +144,18 @@ class CompletionListener:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=0.05)
 
-    async def wait(self, job_id: uuid.UUID, timeout_s: float) -> None:
-        """Return when ``job_id`` is announced or ``timeout_s`` passes, whichever is first."""
+    @contextlib.contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Future[None]]:
+        """A future that resolves when ``job_id`` is announced.
+
+        Watch *before* reading the record: an announcement between the read and the
+        wait would otherwise be missed, and the caller would wait out its fallback.
+        """
         key = str(job_id)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(future)
         try:
-            await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            pass
+            yield future
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None:

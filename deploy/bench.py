@@ -10,6 +10,11 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +26,7 @@ from consumers.preprocessing import rows_to_features
 from consumers.registry import ModelRegistry
 from deploy.components import input_limits, models_dir
 from deploy.launcher import Say, running_profile
-from deploy.local_services import free_port
+from deploy.local_services import free_port, port_answers
 from deploy.profile import Profile
 from producers.loadgen import LatencySummary, run_closed_loop, run_in_process_baseline
 
@@ -59,9 +64,31 @@ def in_process_baseline(settings: Settings, model: str, duration_s: float) -> La
     return run_in_process_baseline(once, duration_s)
 
 
+@contextmanager
+def plain_server(say: Say, workers: int | None = None) -> Iterator[str]:
+    """The baseline server in a subprocess, one worker per core like a typical deployment."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "deploy.baseline_server", "--port", str(port),
+                                "--workers", str(workers or os.cpu_count() or 1)])
+    try:
+        deadline = time.monotonic() + 30
+        while not port_answers("127.0.0.1", port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the baseline server did not start")
+            time.sleep(0.1)
+        time.sleep(1.0)  # every worker has imported the app
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def run_bench(
     profile: Profile, profile_arg: str, settings: Settings, *, model: str, concurrencies: list[int],
-    duration_s: float, url: str | None, out: Path | None, say: Say,
+    duration_s: float, url: str | None, out: Path | None, say: Say, baseline_server: bool = True,
 ) -> BenchReport:
     payload = {"instances": [IRIS_ROW]}
     path = f"/v1/models/{model}/predict"
@@ -79,6 +106,14 @@ def run_bench(
     else:
         with running_profile(profile, profile_arg, settings, "127.0.0.1", free_port(), say) as (base_url, _):
             load(base_url)
+    if baseline_server and profile.ingress.mode == "sync":
+        with plain_server(say) as base_url:
+            for concurrency in concurrencies:
+                say(f"plain FastAPI + ONNX Runtime server: concurrency {concurrency} for {duration_s:.0f}s ...")
+                summary, errors = asyncio.run(run_closed_loop(base_url, path, payload, mode="sync",
+                                                              concurrency=concurrency, duration_s=duration_s))
+                runs.append(BenchRun(target="plain_fastapi_ort", concurrency=concurrency, summary=summary,
+                                     error_samples=errors))
     say(f"in-process baseline ({model} called directly) for {duration_s:.0f}s ...")
     runs.append(BenchRun(target="in_process", concurrency=1,
                          summary=in_process_baseline(settings, model, duration_s)))

@@ -49,6 +49,8 @@ class Gate:
         self.loop = asyncio.get_running_loop()
 
     def close(self) -> None:
+        self.batcher.inline_max_rows = 0  # block the worker thread, never the event loop
+
         def blocked(model, features):
             asyncio.run_coroutine_threadsafe(self.released.wait(), self.loop).result()
             return self.original(model, features)

@@ -46,6 +46,8 @@ async def make_batcher():
     made: list[MicroBatcher] = []
 
     def make(run, **knobs) -> MicroBatcher:
+        # Off the event loop unless a test asks otherwise: these tests time and thread the runs.
+        knobs.setdefault("inline_max_rows", 0)
         batcher = MicroBatcher(run, **knobs)
         made.append(batcher)
         return batcher
@@ -188,7 +190,7 @@ async def test_requests_pile_up_while_a_batch_runs(make_batcher) -> None:
 
 async def test_close_ends_the_loops_cleanly() -> None:
     model = FakeModel()
-    batcher = MicroBatcher(model, max_batch_delay_ms=0)
+    batcher = MicroBatcher(model, max_batch_delay_ms=0, inline_max_rows=0)
     await asyncio.wait_for(batcher.submit("iris", rows(1)), 5)
     await asyncio.wait_for(batcher.submit("digits_fast", rows(2)), 5)
     loops = list(batcher._loops.values())
@@ -217,3 +219,12 @@ async def test_a_cancelled_caller_does_not_break_the_batch(make_batcher) -> None
         await doomed
     labels, _ = await asyncio.wait_for(batcher.submit("iris", rows(3)), 5)
     assert labels.tolist() == [3]
+
+
+async def test_small_batches_run_inline_and_large_ones_on_the_worker_thread(make_batcher) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_delay_ms=0, inline_max_rows=2)
+    await asyncio.wait_for(batcher.submit("iris", rows(1, 2)), 5)
+    assert model.threads == {threading.current_thread().name}
+    await asyncio.wait_for(batcher.submit("iris", rows(1, 2, 3)), 5)
+    assert len(model.threads) == 2 and any(name.startswith("onnx") for name in model.threads)
