@@ -84,6 +84,9 @@ async def test_many_concurrent_sync_requests_share_one_connection(sync_stack: St
         assert response.status_code == 200, response.text
         return response.json()["predictions"][0]["label"]
 
+    # A batching window (the profile ships 0 ms: batches then form only under load):
+    # concurrent requests must be run together and each answered with its own rows.
+    sync_stack.runners["predict"].stage.batcher.max_batch_delay_s = 0.005
     labels = [list(rows)[i % 3] for i in range(300)]
     assert await asyncio.gather(*(one(label) for label in labels)) == labels
     assert sync_stack.runners["predict"].stage.batcher.stats.largest > 1  # requests were batched together
