@@ -95,9 +95,10 @@ class Ingress:
         topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
         self.publisher = Publisher(topology.exchange)
         self.completions.start()
-        if self.config.mode != "async":
-            self.replies = ReplyRouter(self.connection, self.settings.namespace)
-            await self.replies.start()
+        # Every mode can answer synchronously (sync profiles, and protocols that are
+        # sync by nature, like the Open Inference Protocol's infer).
+        self.replies = ReplyRouter(self.connection, self.settings.namespace)
+        await self.replies.start()
         self.monitor = StageMonitor(self.connection, [q.name for q in self.config.queues])
         await self.monitor.start()
 
