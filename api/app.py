@@ -8,7 +8,7 @@ from typing import Protocol
 
 from fastapi import FastAPI
 
-from api import book_routes, health, routes_v1
+from api import book_routes, edge_routes, health, oip_routes, routes_v1
 from api.errors import install_error_handlers
 from api.ingress import Ingress, IngressConfig
 from brokers.settings import Settings
@@ -46,5 +46,7 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
+    app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config.mode))
+    app.include_router(oip_routes.router)
     return app

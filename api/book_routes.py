@@ -19,11 +19,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.body import read_json
+from api.cached_predict import predict_sync_cached
 from api.errors import ApiError, error_response
 from api.health import readiness
 from api.ingress import FAILURE_STATUS, Ingress
 from brokers.messages import Failure, InferenceRequest, Prediction
-from brokers.results import JobStatus
+from brokers.results import JobRecord, JobStatus
 from consumers.registry import ImagePreprocessing, ModelManifest
 
 IRIS_SAMPLE = [[5.1, 3.5, 1.4, 0.2]]
@@ -45,15 +46,17 @@ def _is_image(manifest: ModelManifest) -> bool:
     return isinstance(manifest.preprocessing, ImagePreprocessing)
 
 
-def _book_body_to_native(data: object, manifest: ModelManifest) -> object:
-    """The book's field names (``data``, ``image_data``) -> our ``instances`` / ``image``."""
+def _book_body_to_native(data: object, manifest: ModelManifest, item_ids: bool = False) -> object:
+    """The book's field names (``data``, ``image_data``) -> our ``instances`` / ``image`` / ``item_id``."""
     if not isinstance(data, dict):
         return data  # parse_predict_body explains what is expected
     body = dict(data)
     if "image_data" in body:
         body["image"] = body.pop("image_data")
     if "data" in body:
-        body["image" if _is_image(manifest) else "instances"] = body.pop("data")
+        # The book's data-cache pattern sends an item id as `data`.
+        field = "item_id" if item_ids else "image" if _is_image(manifest) else "instances"
+        body[field] = body.pop("data")
     return body
 
 
@@ -67,23 +70,30 @@ def _sample_body(ingress: Ingress, manifest: ModelManifest) -> dict:
 
 async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
     data = await read_json(request, ingress.settings.max_body_bytes)
-    return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest))
+    return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest, ingress.config.item_ids))
 
 
-async def _sync_outcome(ingress: Ingress, inference: InferenceRequest) -> Prediction:
-    outcome = await ingress.predict_sync(inference, ingress.config.timeout_s)
+async def _sync_outcome(ingress: Ingress, inference: InferenceRequest) -> Prediction | JobRecord:
+    if ingress.prediction_cache is not None and inference.item_id is None:
+        outcome, _ = await predict_sync_cached(ingress, inference, ingress.config.timeout_s)
+    else:
+        outcome = await ingress.predict_sync(inference, ingress.config.timeout_s)
     if isinstance(outcome, Failure):
         raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
     return outcome
 
 
-def _probabilities(prediction: Prediction) -> dict:
-    rows = [row.probabilities for row in prediction.rows]
+def _rows(outcome: Prediction | JobRecord) -> list:
+    return outcome.rows if isinstance(outcome, Prediction) else outcome.predictions or []
+
+
+def _probabilities(prediction: Prediction | JobRecord) -> dict:
+    rows = [row.probabilities for row in _rows(prediction)]
     return {"prediction": rows[0], "predictions": rows}
 
 
-def _labels(prediction: Prediction) -> dict:
-    labels = [row.label for row in prediction.rows]
+def _labels(prediction: Prediction | JobRecord) -> dict:
+    labels = [row.label for row in _rows(prediction)]
     return {"prediction": labels[0], "predictions": labels}
 
 
@@ -181,7 +191,7 @@ def book_router(mode: str) -> APIRouter:
                 raise ApiError(422, "invalid_request", 'send {"inputs": {"image": ["<base64 image>", ...]}}')
             requests = [ingress.parse_predict_body(manifest.name, {"image": image}) for image in images]
             outcomes = await asyncio.gather(*(_sync_outcome(ingress, r) for r in requests))
-            return _json({"outputs": [outcome.rows[0].label for outcome in outcomes]})
+            return _json({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})
 
     else:
 
@@ -198,7 +208,7 @@ def book_router(mode: str) -> APIRouter:
             except ApiError as exc:
                 return _json({"job_id": str(job.id), fast_model: None,
                               "error": {"code": exc.code, "message": exc.message}}, status=202)
-            return _json({"job_id": str(job.id), fast_model: fast.rows[0].label})
+            return _json({"job_id": str(job.id), fast_model: _rows(fast)[0].label})
 
         @router.get("/predict/test")
         async def predict_test_job(request: Request) -> Response:

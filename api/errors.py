@@ -41,6 +41,11 @@ _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_lar
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
+        fallback = getattr(exc, "fallback", None)
+        if fallback is not None:
+            # The profile's degraded answer instead of an error (the circuit-break pattern).
+            body = orjson.dumps({**fallback, "fallback": True, "reason": exc.message})
+            return Response(body, status_code=200, media_type="application/json", headers={"X-Fallback": "true"})
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)

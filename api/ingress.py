@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,11 +22,13 @@ from redis.exceptions import RedisError
 from api.errors import ApiError, describe_validation_errors
 from api.replies import ReplyRouter
 from api.stage_monitor import StageMonitor
+from brokers.caches import PredictionCache
 from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
-from brokers.messages import Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
+from brokers.messages import Envelope, Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
 from brokers.results import CompletionListener, ResultStore
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
+from consumers.items import check_item_id
 from consumers.preprocessing import InputError, InputLimits, check_image_header, rows_to_features
 from consumers.registry import ModelManifest, load_manifests
 
@@ -44,6 +49,28 @@ class IngressConfig(BaseModel):
     sync_async_pairs: dict[str, str] = Field(default_factory=dict)
     # The image /predict/test sends for image models (the book's bundled cat.jpg).
     sample_image: Path | None = None
+    # prediction_cache profiles: seconds a cached answer lives (None: no prediction cache).
+    prediction_cache_ttl_s: int | None = None
+    # data_cache profiles: requests may name an item instead of sending data.
+    item_ids: bool = False
+    # Load shedding: predict requests in flight at once in this process (None: no bound),
+    # and what to answer instead of 503 when over a bound (None: 503 + Retry-After).
+    max_in_flight: int | None = None
+    overload_fallback: dict | None = None
+    # Model groups (scatter-gather): name -> member models; requested like a model.
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+
+
+@dataclass
+class IngressStats:
+    """Counters of this ingress process, served at GET /v1/stats."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_coalesced: int = 0
+    cache_errors: int = 0
+    in_flight: int = 0
+    shed: int = 0
 
 
 class PredictBody(BaseModel):
@@ -66,7 +93,19 @@ class PredictBody(BaseModel):
         return self
 
 
-_INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404}
+INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404, FailureCode.UNKNOWN_ITEM: 404}
+
+
+def group_manifest(group: str, members: list[ModelManifest]) -> ModelManifest:
+    """How a model group looks to callers: its members' input, one label per member (its species)."""
+    first = members[0]
+    return first.model_copy(update={
+        "name": group,
+        "version": "+".join(f"{m.name}:{m.version}" for m in members),
+        "labels": [m.labels[0] for m in members],  # class 0 of each binary member is its species
+        "description": f"model group of {', '.join(m.name for m in members)}, answered together",
+        "metrics": {},
+    })
 
 
 class Ingress:
@@ -75,6 +114,8 @@ class Ingress:
         self.config = config
         all_manifests = load_manifests(config.models_dir)
         self.manifests: dict[str, ModelManifest] = {name: all_manifests[name] for name in config.models}
+        for group, members in config.groups.items():
+            self.manifests[group] = group_manifest(group, [all_manifests[m] for m in members])
         self.limits = InputLimits(
             max_rows=settings.max_rows,
             max_image_bytes=settings.max_image_bytes,
@@ -86,6 +127,13 @@ class Ingress:
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.replies: ReplyRouter | None = None
         self.monitor: StageMonitor | None = None
+        self.stats = IngressStats()
+        self.prediction_cache: PredictionCache | None = None
+        self.cache_fills: CompletionListener | None = None
+        if config.prediction_cache_ttl_s:
+            self.prediction_cache = PredictionCache(self.results.client, settings.namespace,
+                                                    config.prediction_cache_ttl_s)
+            self.cache_fills = CompletionListener(self.results.client, self.prediction_cache.filled_channel)
 
     async def start(self) -> None:
         self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}")
@@ -95,6 +143,8 @@ class Ingress:
         topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
         self.publisher = Publisher(topology.exchange)
         self.completions.start()
+        if self.cache_fills is not None:
+            self.cache_fills.start()
         # Every mode can answer synchronously (sync profiles, and protocols that are
         # sync by nature, like the Open Inference Protocol's infer).
         self.replies = ReplyRouter(self.connection, self.settings.namespace)
@@ -106,6 +156,8 @@ class Ingress:
         if self.monitor is not None:
             await self.monitor.close()
         await self.completions.close()
+        if self.cache_fills is not None:
+            await self.cache_fills.close()
         if self.connection is not None:
             await self.connection.close()
         await self.results.client.aclose()
@@ -132,16 +184,26 @@ class Ingress:
                 rows_to_features(body.instances, manifest, self.limits)
             elif body.image is not None:
                 check_image_header(body.image, manifest, self.limits)
-            else:
+            elif not self.config.item_ids:
                 raise InputError(f"'item_id' needs a data-cache profile; profile {self.config.profile!r} "
                                  "takes 'instances' or 'image'")
+            else:
+                try:
+                    check_item_id(body.item_id or "")
+                except InputError as exc:
+                    # Refused before anything touches a file or a queue.
+                    raise ApiError(400, "invalid_item_id", exc.message) from exc
         except InputError as exc:
-            raise ApiError(_INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
+            raise ApiError(INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
         return InferenceRequest(id=uuid.uuid4(), model=model, created_at=utc_now(),
                                 instances=body.instances, image=body.image, item_id=body.item_id)
 
-    async def submit_async(self, request: InferenceRequest) -> None:
-        """Record the job as pending, then publish it; if the broker refuses, forget the job."""
+    async def submit_async(self, request: Envelope) -> None:
+        """Record the job as pending, then publish it; if the broker refuses, forget the job.
+
+        ``request`` is an ``InferenceRequest``, or ``Features`` when the ingress has
+        already preprocessed the input (prediction-cache profiles, to key the cache).
+        """
         assert self.publisher is not None
         try:
             await self.results.create_pending(request.id, request.model, request.created_at)
@@ -149,14 +211,36 @@ class Ingress:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc
         try:
-            await self.publisher.publish(request, routing_key("request", request.model))
+            await self.publisher.publish(request, routing_key(request.kind, request.model))
         except PublishRefused as exc:
             try:
                 await self.results.delete(request.id)
             except RedisError:
                 pass  # the pending record expires with its TTL
-            raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
-                           {"Retry-After": "1"}) from exc
+            self.refused(exc)
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Admit a predict request, or shed it at once when this process is at its bound."""
+        limit = self.config.max_in_flight
+        if limit is not None and self.stats.in_flight >= limit:
+            self.overloaded(f"{self.stats.in_flight} requests in flight, the bound is {limit}")
+        self.stats.in_flight += 1
+        try:
+            yield
+        finally:
+            self.stats.in_flight -= 1
+
+    def overloaded(self, why: str) -> NoReturn:
+        self.stats.shed += 1
+        raise Overloaded(why, self.config.overload_fallback)
+
+    def refused(self, exc: PublishRefused) -> NoReturn:
+        """Map a refused publish: a full queue is overload (shed), anything else unavailability."""
+        if exc.reason == "rejected":
+            self.overloaded(f"a queue is at its bound: {exc}")
+        raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
+                       {"Retry-After": "1"}) from exc
 
     def timeout_for(self, requested: float | None) -> float:
         """The caller's timeout (query or header), else the profile's; capped, never <= 0."""
@@ -178,7 +262,7 @@ class Ingress:
             raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
                            {"Retry-After": "1"})
 
-    async def predict_sync(self, request: InferenceRequest, timeout_s: float) -> Prediction | Failure:
+    async def predict_sync(self, request: Envelope, timeout_s: float) -> Prediction | Failure:
         """Publish with a reply address and wait for the terminal message, at most ``timeout_s``."""
         assert self.publisher is not None and self.replies is not None
         self.require_stages()
@@ -190,14 +274,13 @@ class Ingress:
             if remaining <= 0:
                 raise TimeoutError
             await self.publisher.publish(
-                request, routing_key("request", request.model), reply_to=self.replies.queue_name,
+                request, routing_key(request.kind, request.model), reply_to=self.replies.queue_name,
                 correlation_id=correlation_id, persistent=False, expiration_s=remaining,
             )
             remaining = (request.deadline - utc_now()).total_seconds()
             return await asyncio.wait_for(future, max(remaining, 0.0))
         except PublishRefused as exc:
-            raise ApiError(503, "broker_unavailable", f"the request could not be queued: {exc}",
-                           {"Retry-After": "1"}) from exc
+            self.refused(exc)
         except TimeoutError as exc:
             raise ApiError(504, "deadline_exceeded",
                            f"no prediction within the deadline of {timeout_s:g} s; the request was dropped") from exc
@@ -212,10 +295,19 @@ class Ingress:
         return request.model_copy(update={"id": uuid.uuid4(), "model": model, "deadline": None, "timings": {}})
 
 
+class Overloaded(ApiError):
+    """Shed: 503 + Retry-After, or the profile's fallback answer (rendered by the app's handler)."""
+
+    def __init__(self, why: str, fallback: dict | None) -> None:
+        super().__init__(503, "overloaded", f"overloaded, retry later: {why}", {"Retry-After": "1"})
+        self.fallback = fallback
+
+
 FAILURE_STATUS = {
     FailureCode.INVALID_INPUT: 422,
     FailureCode.INVALID_MESSAGE: 422,
     FailureCode.UNKNOWN_MODEL: 404,
+    FailureCode.UNKNOWN_ITEM: 404,
     FailureCode.TOO_LARGE: 413,
     FailureCode.DEADLINE_EXCEEDED: 504,
     FailureCode.INTERNAL: 500,

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from api.body import read_json
+from api.cached_predict import predict_sync_cached, submit_async_cached
 from api.errors import ApiError, error_response
 from api.ingress import FAILURE_STATUS, Ingress
 from brokers.messages import Failure, InferenceRequest, Prediction
@@ -74,12 +75,13 @@ def requested_timeout(request: Request, timeout: float | None) -> float | None:
         raise ApiError(422, "invalid_request", f"X-Request-Timeout must be seconds, got {header!r}") from None
 
 
-def outcome_response(outcome: Prediction | Failure) -> Response:
+def outcome_response(outcome: JobRecord | Prediction | Failure) -> Response:
     """A sync answer: 200 with the prediction, or the error shape with the failure's status."""
     if isinstance(outcome, Failure):
         status = FAILURE_STATUS.get(outcome.code, 500)
         return error_response(status, outcome.code.value, outcome.message)
-    return Response(JobRecord.from_terminal(outcome).model_dump_json(), media_type="application/json")
+    record = outcome if isinstance(outcome, JobRecord) else JobRecord.from_terminal(outcome)
+    return Response(record.model_dump_json(), media_type="application/json")
 
 
 async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
@@ -97,13 +99,30 @@ async def predict(
     """Async profiles answer 202 with a job; sync profiles wait for the prediction; sync_async do both."""
     ingress = ingress_of(request)
     ingress.manifest(model)  # 404 for an unknown model before reading the body
+    with ingress.admission():
+        return await _predict(ingress, model, request, timeout)
+
+
+async def _predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
     inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes))
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
+    cached = ingress.prediction_cache is not None and inference.item_id is None
     if mode == "async":
+        if cached:
+            record, how = await submit_async_cached(ingress, inference)
+            location = f"/v1/jobs/{record.id}"
+            body = {"id": str(record.id), "status": record.status.value, "model": model, "location": location,
+                    "cached": record.cached}
+            return json_response(body, status=202, headers={"Location": location, "X-Cache": how})
         job = await accept_job(ingress, inference)
         return json_response(job, status=202, headers={"Location": job["location"]})
     timeout_s = ingress.timeout_for(requested_timeout(request, timeout))
+    if cached and accurate is None:
+        outcome, how = await predict_sync_cached(ingress, inference, timeout_s)
+        response = outcome_response(outcome)
+        response.headers["X-Cache"] = how
+        return response
     if accurate is None:
         return outcome_response(await ingress.predict_sync(inference, timeout_s))
 
@@ -124,6 +143,22 @@ async def predict(
     status = 200 if fast["status"] == "succeeded" else 202
     body = {"fast": fast, "job": job}
     return json_response(body, status=status, headers={"Location": job["location"]})
+
+
+@router.get("/stats")
+async def stats(request: Request) -> Response:
+    """Counters of this ingress process (cache hits and misses, sync replies)."""
+    ingress = ingress_of(request)
+    replies = ingress.replies
+    return json_response({
+        "prediction_cache": {"enabled": ingress.prediction_cache is not None, "hits": ingress.stats.cache_hits,
+                             "misses": ingress.stats.cache_misses, "coalesced": ingress.stats.cache_coalesced,
+                             "errors": ingress.stats.cache_errors},
+        "replies": {"in_flight": replies.in_flight if replies else 0,
+                    "late": replies.late_replies if replies else 0},
+        "load": {"in_flight": ingress.stats.in_flight, "max_in_flight": ingress.config.max_in_flight,
+                 "shed": ingress.stats.shed},
+    })
 
 
 @router.get("/jobs/{job_id}")

@@ -11,6 +11,8 @@ import aio_pika
 import redis.asyncio as redis
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from brokers.messages import Envelope
 
@@ -18,7 +20,12 @@ JSON = "application/json"
 
 
 class PublishRefused(RuntimeError):
-    """The broker did not accept a message (no route, queue full, nack, or no connection)."""
+    """The broker did not accept a message: ``reason`` is ``no_route``, ``rejected`` (a queue
+    at its bound, or a nack) or ``unavailable`` (no connection, timeout)."""
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 async def connect_amqp(url: str, name: str) -> AbstractRobustConnection:
@@ -39,9 +46,11 @@ def connect_redis(url: str, max_connections: int = 64) -> redis.Redis:
     # Short timeouts: a Redis outage must become a clear error, never a hang.
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=5,
-        socket_timeout=5, socket_connect_timeout=3, health_check_interval=15,
+        socket_timeout=5, socket_connect_timeout=1, health_check_interval=15,
     )
-    return redis.Redis(connection_pool=pool)
+    # Few, short retries: with Redis down a request must learn it in about a second,
+    # not after the client's default back-off.
+    return redis.Redis(connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2))
 
 
 def amqp_message(
@@ -96,8 +105,9 @@ class Publisher:
         try:
             await self.exchange.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
         except PublishError as exc:
-            raise PublishRefused(f"no queue is bound to routing key {routing_key!r}") from exc
+            raise PublishRefused(f"no queue is bound to routing key {routing_key!r}", "no_route") from exc
         except DeliveryError as exc:
-            raise PublishRefused(f"the broker refused the message for {routing_key!r} (queue full?)") from exc
+            raise PublishRefused(f"the broker refused the message for {routing_key!r} (queue full?)",
+                                 "rejected") from exc
         except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishRefused(f"publishing to {routing_key!r} failed: {type(exc).__name__}: {exc}") from exc

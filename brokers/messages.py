@@ -75,9 +75,15 @@ class Envelope(BaseModel):
     deadline: UtcDatetime | None = Field(default=None, description="Absolute time after which the work is dropped")
     batch_id: str | None = Field(default=None, max_length=128)
     timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds spent per stage")
+    cache_key: str | None = Field(default=None, max_length=200,
+                                  description="Prediction-cache key of the input; the store fills the cache under it")
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.deadline is not None and (now or utc_now()) >= self.deadline
+
+    def carried(self) -> dict[str, object]:
+        """The envelope fields a stage copies onto the message it derives from this one."""
+        return {name: getattr(self, name) for name in Envelope.model_fields}
 
 
 class InferenceRequest(Envelope):
@@ -118,6 +124,15 @@ class RowPrediction(BaseModel):
     label: str
     class_index: int
     probabilities: list[float] = Field(description="One per class, in the order of the model's labels")
+    scores: dict[str, float] | None = Field(default=None, description="Model groups: each member's score")
+
+
+class PartResult(BaseModel):
+    """One member model's share of a model group's answer."""
+
+    status: Literal["succeeded", "failed", "missing"]
+    model_version: str | None = None
+    error: str | None = None
 
 
 class Prediction(Envelope):
@@ -126,12 +141,16 @@ class Prediction(Envelope):
     kind: Literal["prediction"] = "prediction"
     model_version: str
     rows: list[RowPrediction]
+    part: str | None = Field(default=None, description="Model groups: the member model of this partial answer")
+    parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
+    answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
 
 
 class FailureCode(StrEnum):
     INVALID_MESSAGE = "invalid_message"
     INVALID_INPUT = "invalid_input"
     UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_ITEM = "unknown_item"
     TOO_LARGE = "too_large"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
@@ -145,6 +164,13 @@ class Failure(Envelope):
     code: FailureCode
     message: str
     retryable: bool = False
+    part: str | None = Field(default=None, description="Model groups: the member model that failed")
+
+
+class JoinTick(Envelope):
+    """``join.<group>``: a model group's join timeout has passed (delivered via a delay queue)."""
+
+    kind: Literal["join"] = "join"
 
 
 TerminalMessage = Prediction | Failure
@@ -157,5 +183,10 @@ def decode_terminal(body: bytes) -> Prediction | Failure:
     return _TERMINAL.validate_json(body)
 
 
-def routing_key(kind: Literal["request", "features", "prediction", "failure", "telemetry"], model: str) -> str:
-    return f"{kind}.{model}"
+def routing_key(kind: str, model: str, part: str | None = None) -> str:
+    return f"{kind}.{model}" if part is None else f"{kind}.{model}.{part}"
+
+
+def is_terminal(message: Envelope) -> bool:
+    """A job's final answer: a prediction or failure that is not one part of a group's."""
+    return isinstance(message, Prediction | Failure) and message.part is None

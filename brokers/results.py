@@ -18,7 +18,7 @@ from enum import StrEnum
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
-from brokers.messages import Failure, Prediction, RowPrediction, utc_now
+from brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class JobRecord(BaseModel):
     predictions: list[RowPrediction] | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     error: JobError | None = None
+    cached: bool = Field(default=False, description="Answered from the prediction cache")
+    parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
+    answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
 
     @classmethod
     def from_terminal(cls, message: Prediction | Failure) -> JobRecord:
@@ -59,6 +62,8 @@ class JobRecord(BaseModel):
                 model_version=message.model_version,
                 predictions=message.rows,
                 timings=timings,
+                parts=message.parts,
+                answered_by=message.answered_by,
             )
         return cls(
             id=message.id,
@@ -145,7 +150,7 @@ class CompletionListener:
             await asyncio.wait({self._task}, timeout=0.05)
 
     @contextlib.contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Future[None]]:
+    def watch(self, job_id: uuid.UUID | str) -> Iterator[asyncio.Future[None]]:
         """A future that resolves when ``job_id`` is announced.
 
         Watch *before* reading the record: an announcement between the read and the

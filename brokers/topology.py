@@ -39,13 +39,22 @@ class QueueSpec(BaseModel):
     queue_type: Literal["classic", "quorum"] = "classic"
     max_length: int | None = Field(default=None, ge=1, description="Bound; publishes past it are rejected")
     delivery_limit: int | None = Field(default=None, ge=1, description="Quorum queues: deliveries before dead-lettering")
+    # Delay queues: messages wait ``message_ttl_ms``, then are dead-lettered to this
+    # exchange and routing key (how a join timeout comes back to its aggregate stage).
+    message_ttl_ms: int | None = Field(default=None, ge=1)
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
 
     def arguments(self, namespace: str) -> dict[str, object]:
         args: dict[str, object] = {
             "x-queue-type": self.queue_type,
             # Rejected (requeue=False) and over-limit deliveries go to the dead-letter exchange.
-            "x-dead-letter-exchange": dead_exchange_name(namespace),
+            "x-dead-letter-exchange": self.dead_letter_exchange or dead_exchange_name(namespace),
         }
+        if self.dead_letter_routing_key is not None:
+            args["x-dead-letter-routing-key"] = self.dead_letter_routing_key
+        if self.message_ttl_ms is not None:
+            args["x-message-ttl"] = self.message_ttl_ms
         if self.max_length is not None:
             args["x-max-length"] = self.max_length
             args["x-overflow"] = "reject-publish"

@@ -55,10 +55,16 @@ class PredictStage(Stage):
         max_batch_size: int = 64,
         max_batch_delay_ms: float = 2.0,
         max_rows: int = 10_000,
+        groups: dict[str, str] | None = None,
+        cascade: tuple[float, str] | None = None,
     ) -> None:
         super().__init__(name)
         self.registry = registry
         self.model_names = models
+        # Scatter-gather: features for a group are answered by this stage's member model.
+        self.groups = groups or {}
+        # Cascade: (threshold, next model): less confident answers go on to the next model.
+        self.cascade = cascade
         self.max_rows = max_rows
         self.models: dict[str, LoadedModel] = {}
         self.batcher = MicroBatcher(self._run, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms)
@@ -73,9 +79,13 @@ class PredictStage(Stage):
     def _run(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.models[model].run(features)
 
+    def part_of(self, message: Envelope) -> str | None:
+        return self.groups.get(message.model)
+
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Features)
-        loaded = self.models.get(message.model)
+        part = self.part_of(message)
+        loaded = self.models.get(part or message.model)
         if loaded is None:
             raise InputError(f"model {message.model!r} is not served by stage {self.name!r}",
                              FailureCode.UNKNOWN_MODEL)
@@ -84,9 +94,14 @@ class PredictStage(Stage):
         except TensorError as exc:
             raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc
         features = check_features(array, loaded.manifest, self.max_rows)
-        class_indices, probabilities = await self.batcher.submit(message.model, features)
+        class_indices, probabilities = await self.batcher.submit(loaded.manifest.name, features)
+        if self.cascade is not None and part is None:
+            threshold, next_model = self.cascade
+            if float(probabilities.max(axis=1).min()) < threshold:
+                # Not sure enough about every row: the next model answers instead (same job).
+                return [outgoing(message.model_copy(update={"model": next_model}))]
         return [outgoing(Prediction(
-            id=message.id, model=message.model, created_at=message.created_at, deadline=message.deadline,
-            batch_id=message.batch_id, timings=message.timings, model_version=loaded.manifest.version,
+            **message.carried(), model_version=loaded.manifest.version, part=part,
+            answered_by=loaded.manifest.name,
             rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
         ))]

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
-from brokers.messages import Envelope, Failure, FailureCode, Prediction, is_model_name, routing_key
+from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_terminal, routing_key
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
 from consumers.preprocessing import InputError
@@ -53,8 +53,9 @@ class Outgoing:
     routing_key: str
 
 
-def outgoing(body: Prediction | Failure | Envelope) -> Outgoing:
-    return Outgoing(body=body, routing_key=routing_key(body.kind, body.model))  # type: ignore[attr-defined]
+def outgoing(body: Envelope) -> Outgoing:
+    part = getattr(body, "part", None)
+    return Outgoing(body=body, routing_key=routing_key(body.kind, body.model, part))  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -92,18 +93,18 @@ class Stage(ABC):
     async def handle(self, message: Envelope) -> list[Outgoing]:
         """Work on one message; raise ``InputError`` for bad input, ``TransientError`` for outages."""
 
+    def part_of(self, message: Envelope) -> str | None:
+        """Model groups: the member this stage answers for (a failure is then a part's)."""
+        return None
+
     def failure(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> Failure:
         return Failure(
-            id=message.id,
-            model=message.model,
-            created_at=message.created_at,
-            deadline=message.deadline,
-            batch_id=message.batch_id,
-            timings=message.timings,
+            **message.carried(),
             stage=self.name,
             code=code,
             message=text,
             retryable=retryable,
+            part=self.part_of(message),
         )
 
 
@@ -135,7 +136,8 @@ class StageRunner:
         await self.stage.start()
         self.connection = await connect_amqp(self.settings.amqp_url, self.connection_name)
         channel = await open_confirm_channel(self.connection, prefetch=self.prefetch)
-        topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec])
+        extra = list(getattr(self.stage, "extra_queues", []))  # e.g. an aggregate's delay queue
+        topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec, *extra])
         self._publisher = Publisher(topology.exchange)
         self._dead = Publisher(topology.dead_exchange)
         self._retry = Publisher(channel.default_exchange)
@@ -220,8 +222,8 @@ class StageRunner:
         persistent = delivery.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         publishes = []
         for out in outputs:
-            terminal = isinstance(out.body, Prediction | Failure)
-            if terminal and isinstance(out.body, Failure):
+            terminal = is_terminal(out.body)
+            if isinstance(out.body, Failure):
                 self.stats.failed += 1
             # A sync caller's answer goes to its reply queue; the copy on the exchange is
             # then best-effort (a profile without a store has no queue for it), and so is

@@ -1,14 +1,26 @@
-"""StoreStage: ``prediction.*`` and ``failure.*`` -> the job's terminal record in Redis."""
+"""StoreStage: ``prediction.*`` and ``failure.*`` -> the job's terminal record in Redis.
+
+In prediction-cache profiles it also fills the cache under the message's
+``cache_key`` and completes the jobs that waited for the same answer.
+"""
 
 from __future__ import annotations
 
+import uuid
 from typing import ClassVar
 
 from redis.exceptions import RedisError
 
-from brokers.messages import Envelope, Failure, Prediction, decode_terminal
-from brokers.results import JobRecord, ResultStore
+from brokers.caches import PredictionCache
+from brokers.messages import Envelope, Failure, Prediction, decode_terminal, utc_now
+from brokers.results import JobRecord, JobStatus, ResultStore
 from consumers.stage import Outgoing, Stage, TransientError
+
+
+def follower_record(job_id: str, leader: JobRecord) -> JobRecord:
+    """A waiting job ends as its leader did: same answer (or error), marked as from the cache."""
+    return leader.model_copy(update={"id": uuid.UUID(job_id), "updated_at": utc_now(),
+                                     "cached": leader.status is JobStatus.SUCCEEDED})
 
 
 class StoreStage(Stage):
@@ -16,9 +28,10 @@ class StoreStage(Stage):
     input_type: ClassVar[type[Envelope]] = Prediction
     honours_deadline: ClassVar[bool] = False
 
-    def __init__(self, name: str, results: ResultStore) -> None:
+    def __init__(self, name: str, results: ResultStore, prediction_cache: PredictionCache | None = None) -> None:
         super().__init__(name)
         self.results = results
+        self.prediction_cache = prediction_cache
 
     def decode(self, body: bytes) -> Envelope:
         return decode_terminal(body)
@@ -28,8 +41,16 @@ class StoreStage(Stage):
 
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Prediction | Failure)
+        record = JobRecord.from_terminal(message)
         try:
-            await self.results.finish(JobRecord.from_terminal(message))
+            await self.results.finish(record)
+            if self.prediction_cache is not None and message.cache_key:
+                if isinstance(message, Prediction):
+                    followers = await self.prediction_cache.fill(message.cache_key, message.rows)
+                else:
+                    followers = await self.prediction_cache.abandon(message.cache_key)
+                for job_id in followers:
+                    await self.results.finish(follower_record(job_id, record))
         except RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
         return []

@@ -10,10 +10,11 @@ import asyncio
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,12 +95,21 @@ def run_bench(
     path = f"/v1/models/{model}/predict"
     runs: list[BenchRun] = []
 
+    # With a prediction cache, measure both paths in the same run: one repeated input
+    # (every request after the first is a hit) and fresh random inputs (all misses).
+    variants: list[tuple[str, dict | Callable[[], dict]]] = [(profile.name, payload)]
+    if profile.ingress.prediction_cache_ttl_s:
+        rng = random.Random(0)
+        variants = [(f"{profile.name} (hits)", payload),
+                    (f"{profile.name} (misses)", lambda: {"instances": [[round(rng.uniform(4, 8), 6) for _ in IRIS_ROW]]})]
+
     def load(base_url: str) -> None:
-        for concurrency in concurrencies:
-            say(f"{profile.name}: concurrency {concurrency} for {duration_s:.0f}s ...")
-            summary, errors = asyncio.run(run_closed_loop(base_url, path, payload, mode=profile.ingress.mode,
-                                                          concurrency=concurrency, duration_s=duration_s))
-            runs.append(BenchRun(target=profile.name, concurrency=concurrency, summary=summary, error_samples=errors))
+        for target, body in variants:
+            for concurrency in concurrencies:
+                say(f"{target}: concurrency {concurrency} for {duration_s:.0f}s ...")
+                summary, errors = asyncio.run(run_closed_loop(base_url, path, body, mode=profile.ingress.mode,
+                                                              concurrency=concurrency, duration_s=duration_s))
+                runs.append(BenchRun(target=target, concurrency=concurrency, summary=summary, error_samples=errors))
 
     if url:
         load(url)

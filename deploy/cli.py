@@ -10,7 +10,9 @@ import click
 
 from brokers.settings import Settings
 from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
+from deploy.cli_render import render
 from deploy.components import load_checked_profile
+from deploy.edge_cli import edge
 from deploy.profile import Profile, ProfileError, available_profiles
 
 
@@ -98,6 +100,9 @@ def topology(profile_name: str) -> None:
     click.echo(f"  ingress: mode={profile.ingress.mode} http://{profile.ingress.host}:{profile.ingress.port} "
                f"publishes request.<model>; results live {profile.ingress.result_ttl_s}s")
     click.echo(f"  models: {', '.join(profile.models)}")
+    for group, spec in profile.groups.items():
+        click.echo(f"  group {group}: {', '.join(spec.models)} (one request to all; joined within "
+                   f"{spec.join_timeout_s:g}s by an aggregate stage)")
     click.echo("exchanges:")
     click.echo(f"  {exchange_name(ns)} (topic, durable)")
     click.echo(f"  {dead_exchange_name(ns)} (topic, durable, dead letters) -> queue {dead_queue_name(ns)} [#]")
@@ -159,6 +164,11 @@ def profiles() -> None:
     """List the profiles that ship with toposerve."""
     for name in available_profiles():
         click.echo(name)
+
+
+main.add_command(edge)
+
+main.add_command(render)
 
 
 if __name__ == "__main__":

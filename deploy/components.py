@@ -8,16 +8,33 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from api.ingress import IngressConfig
+from brokers.caches import FeatureCache, PredictionCache
 from brokers.connections import connect_redis
+from brokers.joins import JoinStore
 from brokers.results import ResultStore
 from brokers.settings import Settings
+from brokers.telemetry_store import TelemetryStore
+from consumers.aggregate import AggregateStage, delay_queue
+from consumers.items import DirectorySource, RedisSource
 from consumers.predict import PredictStage
 from consumers.preprocess import PreprocessStage
 from consumers.preprocessing import InputLimits
 from consumers.registry import ModelRegistry, load_manifests
 from consumers.stage import Stage, StageRunner
 from consumers.store import StoreStage
-from deploy.profile import MODELS_DIR, SAMPLE_IMAGE, PredictSpec, PreprocessSpec, Profile, StoreSpec, load_profile
+from consumers.telemetry import TelemetryStage
+from deploy.profile import (
+    MODELS_DIR,
+    SAMPLE_IMAGE,
+    AggregateSpec,
+    DirectorySourceSpec,
+    PredictSpec,
+    PreprocessSpec,
+    Profile,
+    StoreSpec,
+    TelemetrySpec,
+    load_profile,
+)
 
 
 def models_dir(settings: Settings) -> Path:
@@ -38,13 +55,40 @@ def build_stage(profile: Profile, stage_name: str, settings: Settings) -> Stage:
     registry = ModelRegistry(models_dir(settings), intra_op_threads=settings.ort_intra_op_threads)
     models = profile.stage_models(stage_name)
     if isinstance(spec, PreprocessSpec):
-        return PreprocessStage(stage_name, {m: registry.manifests[m] for m in models}, input_limits(settings))
+        redis_client = connect_redis(settings.redis_url) if (spec.data_sources or spec.feature_cache_ttl_s) else None
+        items = [DirectorySource(source.resolved(), name=f"directory {source.path}") if isinstance(source, DirectorySourceSpec)
+                 else RedisSource(redis_client, settings.namespace) for source in spec.data_sources]
+        manifests = {m: registry.manifests[m] for m in models}
+        # A group's request is preprocessed as its members' input (they share it).
+        manifests |= {g: registry.manifests[spec_.models[0]] for g, spec_ in profile.groups.items()}
+        return PreprocessStage(
+            stage_name, manifests, input_limits(settings),
+            namespace=settings.namespace, items=items,
+            feature_cache=FeatureCache(redis_client, spec.feature_cache_ttl_s) if spec.feature_cache_ttl_s else None,
+            key_predictions=profile.ingress.prediction_cache_ttl_s is not None,
+        )
     if isinstance(spec, PredictSpec):
         return PredictStage(stage_name, registry, models, max_batch_size=spec.max_batch_size,
-                            max_batch_delay_ms=spec.max_batch_delay_ms, max_rows=settings.max_rows)
+                            max_batch_delay_ms=spec.max_batch_delay_ms, max_rows=settings.max_rows,
+                            groups=profile.group_parts(stage_name),
+                            cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None)
     if isinstance(spec, StoreSpec):
         results = ResultStore(connect_redis(settings.redis_url), settings.namespace, profile.ingress.result_ttl_s)
-        return StoreStage(stage_name, results)
+        cache_ttl = profile.ingress.prediction_cache_ttl_s
+        cache = PredictionCache(results.client, settings.namespace, cache_ttl) if cache_ttl else None
+        return StoreStage(stage_name, results, prediction_cache=cache)
+    if isinstance(spec, AggregateSpec):
+        group = profile.groups[spec.group]
+        queue = profile.queue_spec(settings.namespace, stage_name)
+        joins = JoinStore(connect_redis(settings.redis_url), settings.namespace,
+                          ttl_s=max(60, int(group.join_timeout_s * 10), profile.ingress.result_ttl_s))
+        species = [registry.manifests[m].labels[0] for m in group.models]  # class 0 = the member's species
+        return AggregateStage(stage_name, spec.group, group.models, species, joins,
+                              extra_queues=[delay_queue(settings.namespace, queue.name, spec.group,
+                                                        group.join_timeout_s)])
+    if isinstance(spec, TelemetrySpec):
+        telemetry = TelemetryStore(connect_redis(settings.redis_url), settings.namespace, spec.ttl_s)
+        return TelemetryStage(stage_name, telemetry, {m: registry.manifests[m] for m in models})
     raise ValueError(f"stage {stage_name!r} has an unsupported kind")
 
 
@@ -74,6 +118,11 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         book_model=profile.ingress.book_model or profile.models[0],
         sync_async_pairs=profile.ingress.sync_async,
         sample_image=SAMPLE_IMAGE,
+        prediction_cache_ttl_s=profile.ingress.prediction_cache_ttl_s,
+        item_ids=profile.item_ids,
+        max_in_flight=profile.ingress.max_in_flight,
+        groups={name: group.models for name, group in profile.groups.items()},
+        overload_fallback=profile.ingress.overload_fallback,
     )
 
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from brokers.topology import QueueSpec, stage_queue_name
 
-PROFILES_DIR = Path(__file__).parent / "profiles"
+DEPLOY_DIR = Path(__file__).parent
+PROFILES_DIR = DEPLOY_DIR / "profiles"
 MODELS_DIR = Path(__file__).parent / "models"
 SAMPLE_IMAGE = Path(__file__).parent / "samples" / "digits" / "digit_3_64x64_rgb.png"
 
@@ -37,21 +38,57 @@ class IngressSpec(_Strict):
     sync_async: dict[str, str] = Field(default_factory=dict, description="fast model -> accurate model")
     # web_single: the ingress and every stage in one process (the book's single container).
     single_process: bool = False
+    # prediction_cache: seconds a cached answer lives (None: no prediction cache).
+    prediction_cache_ttl_s: int | None = Field(default=None, ge=1)
+    # Load shedding: predict requests in flight per ingress process (None: unbounded),
+    # and the answer given instead of 503 when shedding (None: 503 + Retry-After).
+    max_in_flight: int | None = Field(default=None, ge=1)
+    overload_fallback: dict | None = None
 
 
 class _StageBase(_Strict):
     consumes: list[str] = Field(min_length=1, description="Binding keys of the stage's queue")
     replicas: int = Field(default=1, ge=1, le=64)
+    max_replicas: int | None = Field(default=None, ge=1, le=256,
+                                     description="Autoscaling cap (k8s/KEDA); default max(4 x replicas, 4)")
     prefetch: int = Field(default=64, ge=1, le=10_000)
     max_queue_length: int | None = Field(default=None, ge=1)
 
 
+class DirectorySourceSpec(_Strict):
+    kind: Literal["directory"]
+    path: str = Field(description="Directory of item files; relative paths are relative to deploy/")
+
+    def resolved(self) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() else (DEPLOY_DIR / path)
+
+
+class RedisSourceSpec(_Strict):
+    kind: Literal["redis"]
+
+
+DataSourceSpec = Annotated[DirectorySourceSpec | RedisSourceSpec, Field(discriminator="kind")]
+
+
 class PreprocessSpec(_StageBase):
     kind: Literal["preprocess"]
+    # data_cache: where items are loaded from (in order), and how long their
+    # preprocessed tensors are cached in Redis (None: no feature cache).
+    data_sources: list[DataSourceSpec] = Field(default_factory=list)
+    feature_cache_ttl_s: int | None = Field(default=None, ge=1)
+
+
+class CascadeSpec(_Strict):
+    """Answer with this stage's model when it is confident enough, else pass the input on."""
+
+    threshold: float = Field(ge=0, le=1, description="Lowest top probability (of every row) to answer")
+    next_model: str = Field(description="The model that gets the input otherwise (features.<next_model>)")
 
 
 class PredictSpec(_StageBase):
     kind: Literal["predict"]
+    cascade: CascadeSpec | None = None
     models: list[str] | None = Field(default=None, description="Models this stage serves (default: all)")
     max_batch_size: int = Field(default=64, ge=1, le=100_000)
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
@@ -61,7 +98,27 @@ class StoreSpec(_StageBase):
     kind: Literal["store"]
 
 
-StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec, Field(discriminator="kind")]
+class TelemetrySpec(_StageBase):
+    """Edge AI: aggregates the reports edge clients publish on ``telemetry.<model>``."""
+
+    kind: Literal["telemetry"]
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds the aggregate lives after the last report")
+
+
+class AggregateSpec(_StageBase):
+    kind: Literal["aggregate"]
+    group: str = Field(description="The model group whose parts this stage joins")
+
+
+class GroupSpec(_Strict):
+    """A model group: one request, answered by every member, joined by an aggregate stage."""
+
+    models: list[str] = Field(min_length=2)
+    join_timeout_s: float = Field(default=2.0, gt=0, le=600)
+
+
+StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec,
+                      Field(discriminator="kind")]
 
 
 class Profile(_Strict):
@@ -70,12 +127,28 @@ class Profile(_Strict):
     queue_type: Literal["classic", "quorum"] = "classic"
     models: list[str] = Field(min_length=1)
     ingress: IngressSpec = IngressSpec()
+    groups: dict[str, GroupSpec] = Field(default_factory=dict, description="Model groups (scatter-gather)")
     stages: dict[StageName, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _groups_are_sound(self) -> Profile:
+        for name, group in self.groups.items():
+            if name in self.models:
+                raise ValueError(f"group {name!r} has the name of a model")
+            unknown = sorted(set(group.models) - set(self.models))
+            if unknown:
+                raise ValueError(f"group {name!r} has models not in the profile's 'models': {unknown}")
+        for name, stage in self.stages.items():
+            if isinstance(stage, PredictSpec) and stage.cascade and stage.cascade.next_model not in self.models:
+                raise ValueError(f"stage {name!r} cascades to {stage.cascade.next_model!r}, not in 'models'")
+            if isinstance(stage, AggregateSpec) and stage.group not in self.groups:
+                raise ValueError(f"stage {name!r} aggregates group {stage.group!r}, which is not in 'groups'")
+        return self
 
     @model_validator(mode="after")
     def _ingress_models_are_profile_models(self) -> Profile:
         named = [m for m in [self.ingress.book_model, *self.ingress.sync_async, *self.ingress.sync_async.values()] if m]
-        unknown = sorted(set(named) - set(self.models))
+        unknown = sorted(set(named) - set(self.models) - set(self.groups))
         if unknown:
             raise ValueError(f"ingress names models not in the profile's 'models': {unknown}")
         if self.ingress.sync_async and self.ingress.mode != "sync_async":
@@ -103,9 +176,27 @@ class Profile(_Strict):
     def queue_specs(self, namespace: str) -> list[QueueSpec]:
         return [self.queue_spec(namespace, name) for name in self.stages]
 
+    @property
+    def item_ids(self) -> bool:
+        """Requests may name items (a preprocess stage has data sources)."""
+        return any(isinstance(s, PreprocessSpec) and s.data_sources for s in self.stages.values())
+
     def stage_models(self, stage_name: str) -> list[str]:
         stage = self.stages[stage_name]
         return list(stage.models or self.models) if isinstance(stage, PredictSpec) else list(self.models)
+
+    def group_parts(self, stage_name: str) -> dict[str, str]:
+        """Predict stages: for each group, the member model this stage answers with."""
+        served = self.stage_models(stage_name)
+        parts = {}
+        for group, spec in self.groups.items():
+            members = [m for m in spec.models if m in served]
+            if len(members) > 1:
+                raise ProfileError(f"stage {stage_name!r} serves several members of group {group!r}: {members}; "
+                                   "give each member its own predict stage")
+            if members:
+                parts[group] = members[0]
+        return parts
 
 
 class ProfileError(ValueError):

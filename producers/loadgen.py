@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -70,15 +71,17 @@ async def _one_job(session: aiohttp.ClientSession, path: str, body: bytes, mode:
 
 
 async def run_closed_loop(
-    base_url: str, path: str, payload: dict, *, mode: str, concurrency: int, duration_s: float,
-    warmup_s: float = 1.0,
+    base_url: str, path: str, payload: dict | Callable[[], dict], *, mode: str, concurrency: int,
+    duration_s: float, warmup_s: float = 1.0,
 ) -> tuple[LatencySummary, list[str]]:
+    """``payload`` is one body for every request, or a function making each request's body
+    (e.g. unique inputs, so a prediction cache never hits)."""
     """Send requests from ``concurrency`` workers for ``duration_s`` (after a warm-up); summarize."""
     # aiohttp, not httpx: at 64 connections httpx's pool costs more CPU than the
     # server under test, and the generator shares the server's cores.
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=30)
-    body = orjson.dumps(payload)
+    fixed = None if callable(payload) else orjson.dumps(payload)
     async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
         tally = _Tally()
         loop = asyncio.get_running_loop()
@@ -88,6 +91,7 @@ async def run_closed_loop(
         async def worker() -> None:
             while (start := loop.time()) < stop_at:
                 try:
+                    body = fixed if fixed is not None else orjson.dumps(payload())
                     ok = await _one_job(session, path, body, mode)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     ok = False

@@ -1,0 +1,154 @@
+"""Edge AI routes: model artifacts for edge clients, and what those clients report back.
+
+- ``GET|HEAD /v1/models/{model}/artifact``: the ONNX file, with ``X-Model-Version``,
+  ``X-Model-Sha256``, a strong ``ETag`` (the sha256) and ``Repr-Digest``;
+  ``If-None-Match`` with the current ETag answers 304, so polling clients cost a
+  header exchange. The file is hashed before it is served (cached per file
+  identity): a file that does not match its manifest is never handed out.
+- ``GET /v1/models/{model}/manifest``: the model's manifest entry (input, outputs,
+  labels, preprocessing), which the client needs to run the file.
+- ``GET /v1/models/{model}/telemetry``: the aggregate of the clients' reports.
+
+They answer in profiles with a stage that consumes ``telemetry.<model>`` (edge_ai);
+elsewhere 404 ``edge_disabled`` says so. Read from the profile's queues, so there is
+no flag to keep in step with the topology.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+from redis.exceptions import RedisError
+
+from api.errors import ApiError
+from api.ingress import Ingress
+from brokers.messages import routing_key
+from brokers.telemetry_store import TelemetryStore
+from brokers.topic import any_binding_matches
+from consumers.registry import ModelManifest, file_sha256
+
+router = APIRouter(prefix="/v1")
+
+VERSION_HEADER = "X-Model-Version"
+SHA256_HEADER = "X-Model-Sha256"
+
+
+def strong_etag(sha256: str) -> str:
+    return f'"{sha256}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Pure: does an ``If-None-Match`` header match ``etag``? (RFC 9110: weak comparison, ``*`` matches.)"""
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def _ingress(request: Request) -> Ingress:
+    return request.app.state.ingress
+
+
+def serves_edge(ingress: Ingress, model: str) -> bool:
+    keys = [key for queue in ingress.config.queues for key in queue.binding_keys]
+    return any_binding_matches(keys, routing_key("telemetry", model))
+
+
+def edge_manifest(request: Request, model: str) -> tuple[Ingress, ModelManifest]:
+    ingress = _ingress(request)
+    manifest = ingress.manifest(model)  # 404 unknown_model
+    if not serves_edge(ingress, model):
+        raise ApiError(404, "edge_disabled",
+                       f"profile {ingress.config.profile!r} does not distribute models to edge clients "
+                       f"(no stage consumes telemetry.{model}); start the edge_ai profile")
+    return ingress, manifest
+
+
+@dataclass(frozen=True)
+class _FileIdentity:
+    path: Path
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class ArtifactHashes:
+    """sha256 of model files, recomputed only when a file's identity (inode, size, mtime) changes."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[_FileIdentity, str]] = {}
+
+    async def sha256(self, path: Path) -> str:
+        stat = await asyncio.to_thread(os.stat, path)
+        identity = _FileIdentity(path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = self._known.get(path)
+        if known is not None and known[0] == identity:
+            return known[1]
+        digest = await asyncio.to_thread(file_sha256, path)
+        self._known[path] = (identity, digest)
+        return digest
+
+
+def _hashes(request: Request) -> ArtifactHashes:
+    hashes = getattr(request.app.state, "artifact_hashes", None)
+    if hashes is None:
+        hashes = request.app.state.artifact_hashes = ArtifactHashes()
+    return hashes
+
+
+def _model_headers(manifest: ModelManifest) -> dict[str, str]:
+    return {
+        "ETag": strong_etag(manifest.sha256),
+        VERSION_HEADER: manifest.version,
+        SHA256_HEADER: manifest.sha256,
+        # Clients may keep the file but must ask again (cheaply, with If-None-Match) before trusting it.
+        "Cache-Control": "no-cache",
+    }
+
+
+@router.api_route("/models/{model}/artifact", methods=["GET", "HEAD"])
+async def artifact(model: str, request: Request) -> Response:
+    ingress, manifest = edge_manifest(request, model)
+    path = ingress.config.models_dir / manifest.file  # names from the manifest only, never from the request
+    headers = _model_headers(manifest)
+    if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    try:
+        actual = await _hashes(request).sha256(path)
+    except OSError as exc:
+        raise ApiError(500, "artifact_unavailable", f"the file of model {model!r} cannot be read") from exc
+    if actual != manifest.sha256:
+        raise ApiError(500, "artifact_mismatch",
+                       f"the file of model {model!r} does not match its manifest's sha256; it is not served")
+    headers["Repr-Digest"] = f"sha-256=:{base64.b64encode(bytes.fromhex(actual)).decode()}:"
+    return FileResponse(path, media_type="application/octet-stream", headers=headers,
+                        filename=f"{manifest.name}-{manifest.version}.onnx")
+
+
+@router.get("/models/{model}/manifest")
+async def manifest(model: str, request: Request) -> Response:
+    _, found = edge_manifest(request, model)
+    return Response(orjson.dumps(found.model_dump(mode="json")), media_type="application/json",
+                    headers=_model_headers(found))
+
+
+@router.get("/models/{model}/telemetry")
+async def telemetry(model: str, request: Request) -> Response:
+    ingress, _ = edge_manifest(request, model)
+    store = TelemetryStore(ingress.results.client, ingress.settings.namespace)
+    try:
+        summary = await store.summary(model)
+    except RedisError as exc:
+        raise ApiError(503, "store_unavailable", "the telemetry store is unavailable; retry later",
+                       {"Retry-After": "1"}) from exc
+    return Response(summary.model_dump_json(), media_type="application/json")
