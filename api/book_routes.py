@@ -68,6 +68,12 @@ def _sample_body(ingress: Ingress, manifest: ModelManifest) -> dict:
     return {"image": base64.b64encode(ingress.config.sample_image.read_bytes()).decode()}
 
 
+def _sample_request(ingress: Ingress) -> InferenceRequest:
+    """The built-in sample (the book's /predict/test input) as a request for the book model."""
+    manifest = _book_manifest(ingress)
+    return ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
+
+
 async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
     data = await read_json(request, ingress.settings.max_body_bytes)
     return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest, ingress.config.item_ids))
@@ -156,16 +162,12 @@ def book_router(mode: str) -> APIRouter:
         @router.get("/predict/test")
         async def predict_test(request: Request) -> Response:
             ingress = _ingress(request)
-            manifest = _book_manifest(ingress)
-            inference = ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
-            return _json(_probabilities(await _sync_outcome(ingress, inference)))
+            return _json(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
 
         @router.get("/predict/test/label")
         async def predict_test_label(request: Request) -> Response:
             ingress = _ingress(request)
-            manifest = _book_manifest(ingress)
-            inference = ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
-            return _json(_labels(await _sync_outcome(ingress, inference)))
+            return _json(_labels(await _sync_outcome(ingress, _sample_request(ingress))))
 
         @router.post("/predict")
         async def predict(request: Request) -> Response:
@@ -213,8 +215,7 @@ def book_router(mode: str) -> APIRouter:
         @router.get("/predict/test")
         async def predict_test_job(request: Request) -> Response:
             ingress = _ingress(request)
-            manifest = _book_manifest(ingress)
-            return await _submit(ingress, ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest)))
+            return await _submit(ingress, _sample_request(ingress))
 
         @router.post("/predict")
         async def predict_job(request: Request) -> Response:

@@ -19,11 +19,10 @@ from typing import Protocol
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from api.body import read_json
-from api.errors import ApiError, describe_validation_errors, install_error_handlers
-from api.ingress import FAILURE_STATUS, PredictBody
+from api.errors import ApiError, install_error_handlers
+from api.ingress import FAILURE_STATUS, validate_predict_body
 from api.routes_v1 import model_description
 from brokers.messages import Prediction
 from brokers.results import JobRecord
@@ -81,14 +80,7 @@ def create_edge_app(
     @app.post("/v1/models/{model}/predict")
     async def predict(model: str, request: Request) -> Response:
         manifest_of(model)  # 404 before reading the body, as the ingress does
-        data = await read_json(request, max_body_bytes)
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_request", "the body must be a JSON object such as "
-                                                   '{"image": "<base64 PNG or JPEG>"}')
-        try:
-            body = PredictBody.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from exc
+        body = validate_predict_body(await read_json(request, max_body_bytes), '{"image": "<base64 PNG or JPEG>"}')
         if body.item_id is not None:
             raise ApiError(422, "invalid_input", "'item_id' needs a data-cache profile on a server; "
                                                  "the edge endpoint takes 'instances' or 'image'")

@@ -28,6 +28,7 @@ from brokers.messages import Envelope, Failure, FailureCode, InferenceRequest, P
 from brokers.results import CompletionListener, ResultStore
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
+from brokers.tracing import trace_headers
 from consumers.items import check_item_id
 from consumers.preprocessing import InputError, InputLimits, check_image_header, rows_to_features
 from consumers.registry import ModelManifest, load_manifests
@@ -59,6 +60,8 @@ class IngressConfig(BaseModel):
     overload_fallback: dict | None = None
     # Model groups (scatter-gather): name -> member models; requested like a model.
     groups: dict[str, list[str]] = Field(default_factory=dict)
+    # The queues of the stages a sync answer goes through (preprocess, predict, aggregate).
+    answer_queues: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +97,16 @@ class PredictBody(BaseModel):
 
 
 INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404, FailureCode.UNKNOWN_ITEM: 404}
+
+
+def validate_predict_body(data: object, example: str) -> PredictBody:
+    """A parsed JSON body -> ``PredictBody``, or a 422 naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_request", f"the body must be a JSON object such as {example}")
+    try:
+        return PredictBody.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from exc
 
 
 def group_manifest(group: str, members: list[ModelManifest]) -> ModelManifest:
@@ -172,13 +185,7 @@ class Ingress:
     def parse_predict_body(self, model: str, data: object) -> InferenceRequest:
         """Validate a predict body for ``model`` the way the stages will, so bad input is a 4xx now."""
         manifest = self.manifest(model)
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_request", "the body must be a JSON object such as "
-                                                   '{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
-        try:
-            body = PredictBody.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from exc
+        body = validate_predict_body(data, '{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
         try:
             if body.instances is not None:
                 rows_to_features(body.instances, manifest, self.limits)
@@ -211,7 +218,7 @@ class Ingress:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc
         try:
-            await self.publisher.publish(request, routing_key(request.kind, request.model))
+            await self.publisher.publish(request, routing_key(request.kind, request.model), headers=trace_headers())
         except PublishRefused as exc:
             try:
                 await self.results.delete(request.id)
@@ -257,7 +264,8 @@ class Ingress:
         if self.monitor.error is not None:
             raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {self.monitor.error}",
                            {"Retry-After": "1"})
-        idle = self.monitor.without_consumers()
+        # Only the stages a sync answer passes through matter (not a store or telemetry).
+        idle = self.monitor.without_consumers(self.config.answer_queues or None)
         if idle:
             raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
                            {"Retry-After": "1"})
@@ -275,7 +283,7 @@ class Ingress:
                 raise TimeoutError
             await self.publisher.publish(
                 request, routing_key(request.kind, request.model), reply_to=self.replies.queue_name,
-                correlation_id=correlation_id, persistent=False, expiration_s=remaining,
+                correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
             )
             remaining = (request.deadline - utc_now()).total_seconds()
             return await asyncio.wait_for(future, max(remaining, 0.0))

@@ -34,8 +34,9 @@ class StageMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def without_consumers(self) -> list[str]:
-        return [name for name in self.queue_names if self.consumers.get(name, 0) == 0]
+    def without_consumers(self, among: list[str] | None = None) -> list[str]:
+        names = self.queue_names if among is None else [n for n in self.queue_names if n in among]
+        return [name for name in names if self.consumers.get(name, 0) == 0]
 
     async def refresh(self) -> None:
         counts: dict[str, int] = {}

@@ -56,7 +56,8 @@ async def start_stack(
         await runner.start()
     app = build_app(profile, settings, with_stages=single)
     try:
-        async with LifespanManager(app) as manager:
+        # Generous timeouts: under a loaded CI machine a clean shutdown can take seconds.
+        async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ingress", timeout=30) as client:
                 results = ResultStore(connect_redis(settings.redis_url), settings.namespace,
