@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from api import book_routes, edge_routes, health, oip_routes, routes_v1
+from api.batch_routes import router as batch_router
 from api.errors import install_error_handlers
 from api.ingress import Ingress, IngressConfig
+from api.metrics import IngressMetrics, ObservabilityMiddleware
+from api.observability_routes import router as observability_router
 from brokers.settings import Settings
 
 
@@ -22,17 +26,26 @@ class Companion(Protocol):
     async def drain_and_close(self) -> None: ...
 
 
-def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = ()) -> FastAPI:
+def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = (),
+               registry: CollectorRegistry | None = None, asyncapi: Callable[[], bytes] | None = None) -> FastAPI:
+    """``registry``: where the process's metrics live (web_single shares it with its stages);
+    ``asyncapi``: renders the profile's AsyncAPI document (JSON), served at /asyncapi.json."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = IngressMetrics(registry if registry is not None else CollectorRegistry())
+        app.state.metrics = metrics
+        app.state.asyncapi = asyncapi() if asyncapi is not None else None
         for companion in companions:
             await companion.start()
         ingress = Ingress(settings, config)
         await ingress.start()
         app.state.ingress = ingress
+        metrics.watch(ingress)
         try:
             yield
         finally:
+            metrics.unwatch()
             await ingress.close()
             for companion in companions:
                 await companion.drain_and_close()
@@ -44,9 +57,12 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(ObservabilityMiddleware)
+    app.include_router(observability_router)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
     app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config.mode))
     app.include_router(oip_routes.router)
+    app.include_router(batch_router)
     return app

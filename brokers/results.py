@@ -48,6 +48,7 @@ class JobRecord(BaseModel):
     cached: bool = Field(default=False, description="Answered from the prediction cache")
     parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
+    trace_id: str | None = Field(default=None, description="W3C trace id of the request (traceparent header)")
 
     @classmethod
     def from_terminal(cls, message: Prediction | Failure) -> JobRecord:

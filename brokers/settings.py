@@ -6,6 +6,8 @@ down; nothing reads ``os.environ`` anywhere else.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,3 +35,5 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=10.0, ge=0)
     # ONNX Runtime threads per predict process (the stages are processes, so keep it small).
     ort_intra_op_threads: int = Field(default=1, ge=0)
+    # Log lines: "plain" (human) or "json" (one object per line, with job_id and trace_id).
+    log_format: Literal["plain", "json"] = "plain"

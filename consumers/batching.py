@@ -48,6 +48,8 @@ class MicroBatcher:
         self.inline_max_rows = inline_max_rows
         self.max_batch_delay_s = max_batch_delay_ms / 1000
         self.stats = BatchStats()
+        # Called with the rows of each ONNX run (a Prometheus histogram's ``observe``).
+        self.observe_batch: Callable[[int], None] | None = None
         self._queues: dict[str, asyncio.Queue[_Pending]] = {}
         # A request that did not fit the last batch opens the next one.
         self._carry: dict[str, _Pending] = {}
@@ -135,6 +137,8 @@ class MicroBatcher:
             self.stats.batches += 1
             self.stats.rows += len(features)
             self.stats.largest = max(self.stats.largest, len(features))
+            if self.observe_batch is not None:
+                self.observe_batch(len(features))
             start = 0
             for pending in batch:
                 end = start + len(pending.features)

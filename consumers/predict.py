@@ -9,6 +9,7 @@ import numpy as np
 from brokers.messages import Envelope, FailureCode, Features, Prediction, RowPrediction
 from brokers.tensors import TensorError, decode_tensor
 from consumers.batching import MicroBatcher
+from consumers.metrics import StageMetrics
 from consumers.preprocessing import InputError
 from consumers.registry import LoadedModel, ModelManifest, ModelRegistry
 from consumers.stage import Outgoing, Stage, outgoing
@@ -75,6 +76,9 @@ class PredictStage(Stage):
 
     async def stop(self) -> None:
         await self.batcher.close()
+
+    def instrument(self, metrics: StageMetrics) -> None:
+        self.batcher.observe_batch = metrics.batch_size.observe
 
     def _run(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.models[model].run(features)

@@ -32,9 +32,12 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
+from brokers.logs import current_job
 from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_terminal, routing_key
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
+from brokers.tracing import TRACEPARENT, continue_trace, current_span
+from consumers.metrics import StageMetrics, stage_metrics
 from consumers.preprocessing import InputError
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,9 @@ class Stage(ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Release what ``start`` acquired."""
 
+    def instrument(self, metrics: StageMetrics) -> None:  # noqa: B027 - optional hook
+        """Hand the stage its metrics (e.g. the predict stage's batch sizes)."""
+
     @abstractmethod
     async def handle(self, message: Envelope) -> list[Outgoing]:
         """Work on one message; raise ``InputError`` for bad input, ``TransientError`` for outages."""
@@ -116,8 +122,12 @@ class StageRunner:
         queue: QueueSpec,
         prefetch: int = 64,
         connection_name: str | None = None,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self.stage = stage
+        # Prometheus metrics of this stage; its own registry unless the process shares one.
+        self.metrics = metrics if metrics is not None else stage_metrics(stage.name)
+        stage.instrument(self.metrics)
         self.settings = settings
         self.queue_spec = queue
         self.prefetch = prefetch
@@ -184,6 +194,9 @@ class StageRunner:
             self.stats.in_flight.discard(task)
 
     async def _process(self, delivery: AbstractIncomingMessage) -> None:
+        # This hop's span (same trace id, new span id): on its outputs and its log lines.
+        headers = delivery.headers
+        current_span.set(continue_trace(headers.get(TRACEPARENT) if headers else None))
         try:
             message = self.stage.decode(delivery.body)
         except ValidationError as exc:
@@ -191,6 +204,8 @@ class StageRunner:
             return
 
         started = time.perf_counter()
+        current_job.set((str(message.id), message.model, self.stage.name))
+        self.metrics.queue_seconds.observe(max(time.time() - message.created_at.timestamp(), 0.0))
         try:
             if self.stage.honours_deadline and message.expired():
                 outputs = [outgoing(self.stage.failure(message, FailureCode.DEADLINE_EXCEEDED,
@@ -214,17 +229,25 @@ class StageRunner:
             await self._retry_or_dead_letter(delivery, message, exc)
             return
         self.stats.handled += 1
+        self.metrics.handled.inc()
+        self.metrics.processing_seconds.observe(time.perf_counter() - started)
         await self._settle(delivery.ack())
 
     async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage) -> None:
         assert self._publisher is not None and self._retry is not None
         headers = {k: v for k, v in (delivery.headers or {}).items() if k != ATTEMPTS_HEADER}
+        span = current_span.get()
+        if span is not None:
+            headers[TRACEPARENT] = span.header
         persistent = delivery.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         publishes = []
         for out in outputs:
             terminal = is_terminal(out.body)
             if isinstance(out.body, Failure):
                 self.stats.failed += 1
+                self.metrics.failed.inc()
+                log.info("job failed at stage %s: %s: %s", self.stage.name, out.body.code.value,
+                         out.body.message[:500])
             # A sync caller's answer goes to its reply queue; the copy on the exchange is
             # then best-effort (a profile without a store has no queue for it), and so is
             # the reply itself (the caller may have given up and gone).
@@ -252,6 +275,7 @@ class StageRunner:
                 retry = self._copy(delivery, {ATTEMPTS_HEADER: attempts})
                 await self._retry.publish_raw(retry, self.queue_spec.name)
                 self.stats.retried += 1
+                self.metrics.retried.inc()
             else:
                 failure = self.stage.failure(
                     message, FailureCode.INTERNAL,
@@ -292,6 +316,7 @@ class StageRunner:
                                      "x-toposerve-queue": self.queue_spec.name})
         await self._dead.publish_raw(dead, delivery.routing_key or "unknown")
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered.inc()
 
     @staticmethod
     def _copy(delivery: AbstractIncomingMessage, extra_headers: dict[str, object]) -> aio_pika.Message:

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from brokers.caches import PredictionCache
 from brokers.messages import Envelope, Failure, Prediction, decode_terminal, utc_now
 from brokers.results import JobRecord, JobStatus, ResultStore
+from brokers.tracing import current_span
 from consumers.stage import Outgoing, Stage, TransientError
 
 
@@ -42,6 +43,9 @@ class StoreStage(Stage):
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Prediction | Failure)
         record = JobRecord.from_terminal(message)
+        span = current_span.get()
+        if span is not None:
+            record.trace_id = span.trace_id
         try:
             await self.results.finish(record)
             if self.prediction_cache is not None and message.cache_key:

@@ -10,6 +10,7 @@ import click
 
 from brokers.settings import Settings
 from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
+from deploy.batch_cli import batch
 from deploy.cli_render import render
 from deploy.components import load_checked_profile
 from deploy.edge_cli import edge
@@ -61,7 +62,10 @@ def up(profile_name: str, host: str | None, port: int | None) -> None:
 @click.option("--profile", "profile_name", required=True)
 @click.option("--stage", required=True, help="Stage name in the profile")
 @click.option("--replica", type=int, default=0, help="Replica number (names the connection)")
-def worker(profile_name: str, stage: str, replica: int) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics of this stage on this port (default: off)")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port")
+def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None, metrics_host: str) -> None:
     """Run one stage replica (what a container runs)."""
     from deploy.processes import configure_logging, install_uvloop, run_stage
 
@@ -71,7 +75,7 @@ def worker(profile_name: str, stage: str, replica: int) -> None:
     if stage not in profile.stages:
         raise click.ClickException(f"profile {profile.name!r} has no stage {stage!r}; stages: {', '.join(profile.stages)}")
     install_uvloop()
-    asyncio.run(run_stage(profile, stage, settings, replica))
+    asyncio.run(run_stage(profile, stage, settings, replica, metrics_port=metrics_port, metrics_host=metrics_host))
 
 
 @main.command()
@@ -160,6 +164,25 @@ def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, mo
 
 
 @main.command()
+@click.option("--profile", "profile_name", default="asynchronous", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True)
+def asyncapi(profile_name: str, fmt: str) -> None:
+    """Print the AsyncAPI 3.0 document of a profile's message contracts (routing keys, schemas)."""
+    import json
+
+    import yaml
+
+    from deploy.asyncapi import asyncapi_document
+
+    settings = _settings()
+    document = asyncapi_document(_profile(profile_name, settings), settings)
+    if fmt == "yaml":
+        click.echo(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), nl=False)
+    else:
+        click.echo(json.dumps(document, indent=2))
+
+
+@main.command()
 def profiles() -> None:
     """List the profiles that ship with toposerve."""
     for name in available_profiles():
@@ -169,6 +192,8 @@ def profiles() -> None:
 main.add_command(edge)
 
 main.add_command(render)
+
+main.add_command(batch)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from api.app import create_app
 from api.ingress import IngressConfig
@@ -16,6 +18,7 @@ from brokers.settings import Settings
 from brokers.telemetry_store import TelemetryStore
 from consumers.aggregate import AggregateStage, delay_queue
 from consumers.items import DirectorySource, RedisSource
+from consumers.metrics import StageMetrics, StageMetricSet
 from consumers.predict import PredictStage
 from consumers.preprocess import PreprocessStage
 from consumers.preprocessing import InputLimits
@@ -23,10 +26,12 @@ from consumers.registry import ModelRegistry, load_manifests
 from consumers.stage import Stage, StageRunner
 from consumers.store import StoreStage
 from consumers.telemetry import TelemetryStage
+from deploy.asyncapi import asyncapi_document
 from deploy.profile import (
     MODELS_DIR,
     SAMPLE_IMAGE,
     AggregateSpec,
+    BatchStoreSpec,
     DirectorySourceSpec,
     PredictSpec,
     PreprocessSpec,
@@ -86,13 +91,21 @@ def build_stage(profile: Profile, stage_name: str, settings: Settings) -> Stage:
         return AggregateStage(stage_name, spec.group, group.models, species, joins,
                               extra_queues=[delay_queue(settings.namespace, queue.name, spec.group,
                                                         group.join_timeout_s)])
+    if isinstance(spec, BatchStoreSpec):
+        from brokers.batches import BatchStore
+        from consumers.batch_store import BatchStoreStage
+        client = connect_redis(settings.redis_url)
+        ttl_s = profile.ingress.result_ttl_s
+        return BatchStoreStage(stage_name, BatchStore(client, settings.namespace, ttl_s),
+                               ResultStore(client, settings.namespace, ttl_s))
     if isinstance(spec, TelemetrySpec):
         telemetry = TelemetryStore(connect_redis(settings.redis_url), settings.namespace, spec.ttl_s)
         return TelemetryStage(stage_name, telemetry, {m: registry.manifests[m] for m in models})
     raise ValueError(f"stage {stage_name!r} has an unsupported kind")
 
 
-def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, replica: int = 0) -> StageRunner:
+def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, replica: int = 0,
+                       metrics: StageMetrics | None = None) -> StageRunner:
     if stage_name not in profile.stages:
         raise KeyError(f"profile {profile.name!r} has no stage {stage_name!r}; stages: {', '.join(profile.stages)}")
     spec = profile.stages[stage_name]
@@ -102,6 +115,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         profile.queue_spec(settings.namespace, stage_name),
         prefetch=spec.prefetch,
         connection_name=f"toposerve-{profile.name}-{stage_name}-{replica}",
+        metrics=metrics,
     )
 
 
@@ -122,6 +136,8 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         item_ids=profile.item_ids,
         max_in_flight=profile.ingress.max_in_flight,
         groups={name: group.models for name, group in profile.groups.items()},
+        answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()
+                       if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         overload_fallback=profile.ingress.overload_fallback,
     )
 
@@ -129,7 +145,10 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
 def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -> FastAPI:
     """The ingress app; ``with_stages`` runs every stage replica inside it (web_single)."""
     companions = []
+    registry = CollectorRegistry()  # this process's metrics: the ingress's, and its stages' (web_single)
     if with_stages:
-        companions = [build_stage_runner(profile, name, settings, replica)
+        stage_metrics = StageMetricSet(registry)
+        companions = [build_stage_runner(profile, name, settings, replica, metrics=stage_metrics.for_stage(name))
                       for name, spec in profile.stages.items() for replica in range(spec.replicas)]
-    return create_app(settings, ingress_config(profile, settings), companions=companions)
+    return create_app(settings, ingress_config(profile, settings), companions=companions, registry=registry,
+                      asyncapi=lambda: orjson.dumps(asyncapi_document(profile, settings)))

@@ -9,15 +9,18 @@ import signal
 
 import uvicorn
 
+from brokers import logs
 from brokers.settings import Settings
+from consumers.metrics import serve_metrics
 from deploy.components import build_app, build_stage_runner
 from deploy.profile import Profile
 
 log = logging.getLogger("toposerve")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
+    """Plain lines, or JSON lines (``TOPOSERVE_LOG_FORMAT=json``) with job_id/trace_id for stage work."""
+    logs.configure(level, log_format if log_format is not None else Settings().log_format)
     # aio-pika logs every reconnect attempt at length; its warnings are enough.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
@@ -31,8 +34,13 @@ def install_uvloop() -> None:
         uvloop.install()
 
 
-async def run_stage(profile: Profile, stage: str, settings: Settings, replica: int = 0) -> None:
+async def run_stage(profile: Profile, stage: str, settings: Settings, replica: int = 0,
+                    metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
     runner = build_stage_runner(profile, stage, settings, replica)
+    if metrics_port is not None:
+        # A daemon thread serving this process's registry in the Prometheus text format.
+        server = serve_metrics(runner.metrics.registry, metrics_port, metrics_host)
+        log.info("stage %s.%s metrics on http://%s:%d/metrics", profile.name, stage, metrics_host, server.server_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -98,6 +98,12 @@ class StoreSpec(_StageBase):
     kind: Literal["store"]
 
 
+class BatchStoreSpec(_StageBase):
+    """Batch pattern: stores batch chunks' results and progress (and ordinary jobs like ``store``)."""
+
+    kind: Literal["batch_store"]  # batch keys live ingress.result_ttl_s, like job records
+
+
 class TelemetrySpec(_StageBase):
     """Edge AI: aggregates the reports edge clients publish on ``telemetry.<model>``."""
 
@@ -117,7 +123,7 @@ class GroupSpec(_Strict):
     join_timeout_s: float = Field(default=2.0, gt=0, le=600)
 
 
-StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec,
+StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec | BatchStoreSpec,
                       Field(discriminator="kind")]
 
 

@@ -1,0 +1,178 @@
+"""The batch pattern over HTTP: ``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/batches/{id}/results``.
+
+A POSTed file (raw CSV/JSONL body with ``?model=``, or multipart with a ``file``
+part) goes through the same submitter as ``toposerve batch submit``: it is spooled to
+a temporary file, scanned (an empty or unreadable file, or an unknown model, is a
+4xx with nothing published), recorded, and published in chunks with confirms before
+the 202 answer. Batch keys live the profile's ``ingress.result_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.parser
+import email.policy
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from redis.exceptions import RedisError
+
+from api.errors import ApiError
+from api.ingress import Ingress
+from brokers.batches import BatchStore, iter_results
+from brokers.connections import PublishRefused
+from consumers.registry import load_manifests
+from producers.batch import DEFAULT_CHUNK_ROWS, BatchSubmitter
+from producers.batch_sources import BatchInputError, bytes_source
+
+router = APIRouter(prefix="/v1")
+
+MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB spooled to a temporary file
+MAX_MULTIPART_BYTES = 256 << 20
+_KINDS = {"text/csv": "csv", "application/csv": "csv", "application/x-ndjson": "jsonl",
+          "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl", "application/jsonlines": "jsonl"}
+
+
+def _ingress(request: Request) -> Ingress:
+    return request.app.state.ingress
+
+
+def _store(ingress: Ingress) -> BatchStore:
+    return BatchStore(ingress.results.client, ingress.settings.namespace, ingress.config.result_ttl_s)
+
+
+def _batch_id(batch_id: str) -> str:
+    try:
+        return str(uuid.UUID(batch_id))
+    except ValueError:
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id!r}: batch ids are UUIDs") from None
+
+
+def _unavailable(exc: Exception) -> ApiError:
+    return ApiError(503, "store_unavailable", f"the result store is unavailable; retry later ({exc})",
+                    {"Retry-After": "1"})
+
+
+async def _spool(request: Request, handle, limit: int) -> int:
+    size = 0
+    async for block in request.stream():
+        size += len(block)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the upload is more than the limit of {limit} bytes")
+        await asyncio.to_thread(handle.write, block)
+    return size
+
+
+def _multipart_file(raw: bytes, content_type: str) -> tuple[bytes, str, dict[str, str]]:
+    """The ``file`` part (or the first part with a file name) and the form's text fields."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    if not message.is_multipart():
+        raise ApiError(422, "invalid_request", "the multipart body could not be parsed")
+    found: tuple[bytes, str] | None = None
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        if filename is not None or name == "file":
+            if found is None or name == "file":
+                found = (payload, Path(filename or "").suffix.lower())
+        elif name:
+            fields[str(name)] = payload.decode(errors="replace").strip()
+    if found is None:
+        raise ApiError(422, "invalid_request", "the multipart body has no file part (send it as 'file')")
+    return found[0], found[1], fields
+
+
+@router.post("/batches")
+async def create_batch(
+    request: Request,
+    model: str | None = Query(None, description="Model to run every row through"),
+    chunk_rows: int = Query(DEFAULT_CHUNK_ROWS, ge=1, le=1_000_000),
+) -> Response:
+    """Accept a CSV/JSONL file for bulk inference: 202 with the batch id once every chunk is published."""
+    ingress = _ingress(request)
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    descriptor, path = tempfile.mkstemp(prefix="toposerve-batch-", suffix=".upload")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            if media_type == "multipart/form-data":
+                buffer = bytearray()
+
+                class _Sink:
+                    @staticmethod
+                    def write(block: bytes) -> None:
+                        buffer.extend(block)
+
+                await _spool(request, _Sink, MAX_MULTIPART_BYTES)
+                data, suffix, fields = _multipart_file(bytes(buffer), content_type)
+                model = model or fields.get("model")
+                handle.write(data)
+                kind = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
+            else:
+                await _spool(request, handle, MAX_UPLOAD_BYTES)
+                kind = _KINDS.get(media_type)
+        if not model:
+            raise ApiError(422, "invalid_request", "name the model: ?model=iris")
+        manifest = ingress.manifest(model)  # 404 for an unknown model
+        try:
+            source = await asyncio.to_thread(bytes_source, "upload", lambda: open(path, "rb"), manifest,
+                                             ingress.limits, "", kind)
+        except BatchInputError as exc:
+            raise ApiError(422, "invalid_input", str(exc)) from exc
+        submitter = BatchSubmitter(ingress.settings, ingress.manifests, ingress.config.queues,
+                                   ingress.config.result_ttl_s, publisher=ingress.publisher,
+                                   redis_client=ingress.results.client)
+        try:
+            result = await submitter.submit(source, chunk_rows=chunk_rows)
+        except PublishRefused as exc:
+            raise ApiError(503, "broker_unavailable", f"could not publish the batch: {exc}",
+                           {"Retry-After": "1"}) from exc
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    location = f"/v1/batches/{result.batch_id}"
+    body = {"id": result.batch_id, "model": model, "total": result.total, "chunks": result.chunks,
+            "bad_rows": result.bad_rows, "state": "running", "location": location,
+            "results": f"{location}/results"}
+    return Response(orjson.dumps(body), status_code=202, media_type="application/json",
+                    headers={"Location": location})
+
+
+@router.get("/batches/{batch_id}")
+async def get_batch(batch_id: str, request: Request) -> Response:
+    """Progress: total, done, failed, rate (rows/s), state running/succeeded/failed/partial."""
+    ingress = _ingress(request)
+    try:
+        status = await _store(ingress).status(_batch_id(batch_id))
+    except RedisError as exc:
+        raise _unavailable(exc) from exc
+    if status is None:
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
+    return Response(status.model_dump_json(), media_type="application/json")
+
+
+@router.get("/batches/{batch_id}/results")
+async def get_batch_results(batch_id: str, request: Request) -> StreamingResponse:
+    """JSONL, streamed: one line per input row in input order (prediction, error, or pending)."""
+    ingress = _ingress(request)
+    store = _store(ingress)
+    try:
+        manifest = await store.manifest(_batch_id(batch_id))
+    except RedisError as exc:
+        raise _unavailable(exc) from exc
+    if manifest is None:
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
+    known = ingress.manifests.get(manifest.model) or load_manifests(ingress.config.models_dir).get(manifest.model)
+    labels = known.labels if known is not None else []
+    return StreamingResponse(iter_results(store, manifest, labels), media_type="application/x-ndjson")

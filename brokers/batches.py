@@ -1,0 +1,274 @@
+"""Batch jobs in Redis: the manifest, per-chunk row errors, per-chunk results, progress.
+
+A batch is an input file cut into chunks of ``chunk_rows`` rows. Chunk ``i`` covers
+input rows ``[i * chunk_rows, (i + 1) * chunk_rows)`` and travels as ONE ``Features``
+message whose id is ``chunk_id(batch_id, i)`` (uuid5: a re-sent chunk has the same
+id). Rows the submitter could not parse never travel: they are recorded with their
+reason in the chunk's ``meta`` before the chunk is published.
+
+Keys (all with the batch TTL, refreshed on every write):
+
+- ``{ns}:batch:{id}``          hash: manifest fields + counters ``done``/``failed``/``chunks_done``
+- ``{ns}:batch:{id}:meta``     hash: chunk index -> JSON {"sent": n, "errors": {offset: reason}, "names": [...]}
+- ``{ns}:batch:{id}:published`` set: chunk indices the broker confirmed
+- ``{ns}:batch:{id}:results``  hash: chunk index -> compact JSON of the chunk's outcome
+
+Progress is exact under redelivery: a chunk's result and the counters are written by
+one Lua script that does nothing when the chunk's field already exists.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as redis
+from pydantic import BaseModel, Field
+
+BATCH_NAMESPACE = uuid.UUID("6f1c2b1e-6a2d-5d1e-9a8f-2b7e4c0d9a11")
+
+
+def new_batch_id() -> str:
+    return str(uuid.uuid4())
+
+
+def chunk_id(batch_id: str, index: int) -> uuid.UUID:
+    """Deterministic message id of chunk ``index``: the same on every (re)send."""
+    return uuid.uuid5(BATCH_NAMESPACE, f"{batch_id}:{index}")
+
+
+class BatchManifest(BaseModel):
+    id: str
+    model: str
+    total: int = Field(ge=1, description="Input rows")
+    chunks: int = Field(ge=1)
+    chunk_rows: int = Field(ge=1)
+    created: float = Field(description="Unix time the batch was recorded")
+    source: str = ""
+    fingerprint: str = ""
+    kind: str = "csv"
+
+    def chunk_range(self, index: int) -> range:
+        start = index * self.chunk_rows
+        return range(start, min(start + self.chunk_rows, self.total))
+
+
+class BatchStatus(BaseModel):
+    id: str
+    model: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    chunks: int
+    chunks_done: int
+    created: float
+    updated: float | None = None
+    elapsed_s: float
+    rate: float = Field(description="Finished rows per second since the batch was created")
+
+
+# KEYS: results hash, manifest hash, meta hash, published set.
+# ARGV: field, payload, ok rows, failed rows, ttl, now. Every key of the batch lives ttl past this write.
+_COMPLETE_CHUNK = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('HINCRBY', KEYS[2], 'done', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'failed', ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'chunks_done', 1)
+redis.call('HSET', KEYS[2], 'updated', ARGV[6])
+for i = 1, 4 do
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: meta hash, manifest hash. ARGV: field, payload, bad rows, ttl, now.
+_RECORD_META = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
+  redis.call('HSET', KEYS[2], 'updated', ARGV[5])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+@dataclass
+class ChunkMeta:
+    sent: int
+    errors: dict[int, str]
+    names: list[str] | None = None
+
+    def dumps(self) -> bytes:
+        body: dict[str, object] = {"sent": self.sent, "errors": {str(k): v for k, v in self.errors.items()}}
+        if self.names is not None:
+            body["names"] = self.names
+        return orjson.dumps(body)
+
+    @classmethod
+    def loads(cls, raw: bytes) -> ChunkMeta:
+        data = orjson.loads(raw)
+        return cls(sent=int(data["sent"]), errors={int(k): v for k, v in data.get("errors", {}).items()},
+                   names=data.get("names"))
+
+
+def batch_state(total: int, done: int, failed: int) -> str:
+    if done + failed < total:
+        return "running"
+    if failed == 0:
+        return "succeeded"
+    return "failed" if done == 0 else "partial"
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, namespace: str, ttl_s: int) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self._complete = client.register_script(_COMPLETE_CHUNK)
+        self._meta = client.register_script(_RECORD_META)
+        self._manifests: dict[str, BatchManifest] = {}
+        self._chunk_index: dict[str, dict[uuid.UUID, int]] = {}
+
+    def key(self, batch_id: str, suffix: str = "") -> str:
+        return f"{self.namespace}:batch:{batch_id}" + (f":{suffix}" if suffix else "")
+
+    # -- the submitter ------------------------------------------------------------
+
+    async def create(self, manifest: BatchManifest) -> None:
+        fields = {k: str(v) for k, v in manifest.model_dump().items()}
+        fields |= {"done": "0", "failed": "0", "chunks_done": "0"}
+        key = self.key(manifest.id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def record_meta(self, batch_id: str, index: int, meta: ChunkMeta) -> bool:
+        """The chunk's row errors (counted as failed once), written before the chunk is published."""
+        written = await self._meta(keys=[self.key(batch_id, "meta"), self.key(batch_id)],
+                                   args=[index, meta.dumps(), len(meta.errors), self.ttl_s, time.time()])
+        return bool(written)
+
+    async def mark_published(self, batch_id: str, indices: list[int]) -> None:
+        if not indices:
+            return
+        key = self.key(batch_id, "published")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.sadd(key, *indices)
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def published(self, batch_id: str) -> set[int]:
+        return {int(i) for i in await self.client.smembers(self.key(batch_id, "published"))}
+
+    async def completed(self, batch_id: str) -> set[int]:
+        return {int(i) for i in await self.client.hkeys(self.key(batch_id, "results"))}
+
+    # -- the store stage ------------------------------------------------------------
+
+    async def manifest(self, batch_id: str, cached: bool = False) -> BatchManifest | None:
+        if cached and batch_id in self._manifests:
+            return self._manifests[batch_id]
+        raw = await self.client.hgetall(self.key(batch_id))
+        if not raw or b"model" not in raw:
+            return None
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        manifest = BatchManifest.model_validate({k: data[k] for k in BatchManifest.model_fields if k in data})
+        if cached:
+            if len(self._manifests) > 1000:
+                self._manifests.clear()
+                self._chunk_index.clear()
+            self._manifests[batch_id] = manifest
+        return manifest
+
+    def chunk_index(self, manifest: BatchManifest, message_id: uuid.UUID) -> int | None:
+        table = self._chunk_index.get(manifest.id)
+        if table is None:
+            table = self._chunk_index[manifest.id] = {chunk_id(manifest.id, i): i for i in range(manifest.chunks)}
+        return table.get(message_id)
+
+    async def chunk_meta(self, batch_id: str, index: int) -> ChunkMeta | None:
+        raw = await self.client.hget(self.key(batch_id, "meta"), str(index))
+        return None if raw is None else ChunkMeta.loads(raw)
+
+    async def complete_chunk(self, batch_id: str, index: int, payload: bytes, ok_rows: int, failed_rows: int) -> bool:
+        """Store a chunk's outcome and count its rows, once; False for a redelivered chunk."""
+        written = await self._complete(keys=[self.key(batch_id, "results"), self.key(batch_id),
+                                             self.key(batch_id, "meta"), self.key(batch_id, "published")],
+                                       args=[index, payload, ok_rows, failed_rows, self.ttl_s, time.time()])
+        return bool(written)
+
+    # -- readers --------------------------------------------------------------------
+
+    async def status(self, batch_id: str) -> BatchStatus | None:
+        raw = await self.client.hgetall(self.key(batch_id))
+        if not raw or b"model" not in raw:
+            return None
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        total, done, failed = int(data["total"]), int(data.get("done", 0)), int(data.get("failed", 0))
+        created = float(data["created"])
+        updated = float(data["updated"]) if "updated" in data else None
+        state = batch_state(total, done, failed)
+        end = updated if (state != "running" and updated is not None) else time.time()
+        elapsed = max(end - created, 1e-6)
+        return BatchStatus(id=batch_id, model=data["model"], state=state, total=total, done=done, failed=failed,
+                           chunks=int(data["chunks"]), chunks_done=int(data.get("chunks_done", 0)),
+                           created=created, updated=updated, elapsed_s=round(elapsed, 3),
+                           rate=round((done + failed) / elapsed, 1))
+
+
+async def iter_results(store: BatchStore, manifest: BatchManifest, labels: list[str]) -> AsyncIterator[bytes]:
+    """JSON lines (bytes) of one chunk at a time: one line per input row, in input order."""
+    for index in range(manifest.chunks):
+        rows = manifest.chunk_range(index)
+        meta_raw = await store.client.hget(store.key(manifest.id, "meta"), str(index))
+        result_raw = await store.client.hget(store.key(manifest.id, "results"), str(index))
+        yield b"".join(chunk_lines(rows, None if meta_raw is None else ChunkMeta.loads(meta_raw),
+                                   None if result_raw is None else orjson.loads(result_raw), labels))
+
+
+def encode_chunk_result(version: str, class_indices: list[int], probabilities: list[list[float]]) -> bytes:
+    return orjson.dumps({"v": version, "c": class_indices, "p": probabilities})
+
+
+def encode_chunk_error(code: str, message: str, stage: str | None) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "stage": stage}})
+
+
+def chunk_lines(rows: range, meta: ChunkMeta | None, result: dict | None, labels: list[str]) -> Iterator[bytes]:
+    """Merge a chunk's row errors (from the submitter) and its predictions (from the store)."""
+    errors = meta.errors if meta is not None else {}
+    names = meta.names if meta is not None else None
+    sent = 0
+    for offset, row in enumerate(rows):
+        line: dict[str, object] = {"row": row}
+        if names is not None and offset < len(names):
+            line["name"] = names[offset]
+        if offset in errors:
+            line["status"] = "failed"
+            line["error"] = {"code": "invalid_input", "message": errors[offset], "stage": "submit"}
+        elif meta is None or result is None:
+            line["status"] = "pending"
+        elif "error" in result:
+            line["status"] = "failed"
+            line["error"] = result["error"]
+            sent += 1
+        else:
+            index = result["c"][sent]
+            line["status"] = "succeeded"
+            line["model_version"] = result["v"]
+            line["label"] = labels[index] if 0 <= index < len(labels) else str(index)
+            line["class_index"] = index
+            line["probabilities"] = result["p"][sent]
+            sent += 1
+        yield orjson.dumps(line) + b"\n"

@@ -1,0 +1,235 @@
+"""Trace context parsing, JSON log lines of stage work, stage metrics and the AsyncAPI document (no services)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from typing import ClassVar
+
+import aio_pika
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from brokers.logs import JobContextFilter, JsonFormatter
+from brokers.messages import Envelope, InferenceRequest, routing_key
+from brokers.settings import Settings
+from brokers.topology import QueueSpec
+from brokers.tracing import TRACEPARENT, continue_trace, new_trace, parse_traceparent
+from consumers.preprocessing import InputError
+from consumers.stage import Outgoing, Stage, StageRunner
+from deploy.asyncapi import asyncapi_document, profile_routing_keys, topic_matches
+from deploy.cli import main
+from deploy.components import load_checked_profile
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+VALID = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+# -- trace context -----------------------------------------------------------------
+
+
+def test_a_valid_traceparent_is_parsed() -> None:
+    span = parse_traceparent(VALID)
+    assert span is not None
+    assert (span.trace_id, span.span_id, span.flags) == (TRACE_ID, "00f067aa0ba902b7", "01")
+    assert span.header == VALID
+    assert parse_traceparent(VALID.encode()) == span
+
+
+@pytest.mark.parametrize("value", [
+    "", "garbage", VALID.upper(), VALID + "-", VALID[:-1], " " + VALID,
+    f"00-{'0' * 32}-00f067aa0ba902b7-01",  # all-zero trace id
+    f"00-{TRACE_ID}-{'0' * 16}-01",        # all-zero parent id
+    f"ff-{TRACE_ID}-00f067aa0ba902b7-01",  # version ff is invalid
+    f"0-{TRACE_ID}-00f067aa0ba902b7-01", f"00-{TRACE_ID}-00f067aa0ba902b7-1x", b"\xff" * 60, 42, None,
+])
+def test_a_bad_traceparent_is_refused(value: object) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_a_later_version_with_more_fields_keeps_its_ids() -> None:
+    span = parse_traceparent(f"01-{TRACE_ID}-00f067aa0ba902b7-01-what-comes-next")
+    assert span is not None and span.trace_id == TRACE_ID
+
+
+def test_each_hop_keeps_the_trace_and_gets_a_new_span() -> None:
+    hop = continue_trace(VALID)
+    assert hop.trace_id == TRACE_ID and hop.span_id != "00f067aa0ba902b7"
+    assert parse_traceparent(hop.header) == hop
+    started = continue_trace("00-bad")
+    assert started.trace_id != TRACE_ID and started.flags == "01"
+    assert parse_traceparent(new_trace().header) is not None
+
+
+# -- a stage runner on fakes: logs, headers, metrics --------------------------------
+
+
+class Refusing(Stage):
+    kind: ClassVar[str] = "preprocess"
+    input_type: ClassVar[type[Envelope]] = InferenceRequest
+
+    async def handle(self, message: Envelope) -> list[Outgoing]:
+        raise InputError("row 0 has 2 values, the model expects 4")
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[Envelope, str, dict]] = []
+
+    async def publish(self, body, routing_key, *, headers=None, **_) -> None:
+        self.published.append((body, routing_key, dict(headers or {})))
+
+    async def publish_raw(self, message, routing_key, mandatory=True) -> None:
+        self.published.append((message, routing_key, dict(message.headers or {})))
+
+
+class FakeDelivery:
+    def __init__(self, body: bytes, headers: dict) -> None:
+        self.body = body
+        self.headers = headers
+        self.reply_to = None
+        self.correlation_id = None
+        self.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+        self.routing_key = "request.iris"
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+    async def nack(self, requeue: bool = True) -> None:
+        raise AssertionError("not expected")
+
+
+def runner_on_fakes(stage: Stage) -> tuple[StageRunner, FakePublisher]:
+    runner = StageRunner(stage, Settings(), QueueSpec(name="t.stage", binding_keys=["request.*"]))
+    publisher = FakePublisher()
+    runner._publisher = runner._retry = runner._dead = publisher  # type: ignore[assignment]
+    return runner, publisher
+
+
+async def test_a_failed_jobs_log_line_carries_job_id_and_trace_id_in_json() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(JobContextFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("consumers.stage")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        runner, publisher = runner_on_fakes(Refusing("preprocess"))
+        job_id = uuid.uuid4()
+        request = InferenceRequest(id=job_id, model="iris", instances=[[1.0, 2.0]])
+        delivery = FakeDelivery(request.model_dump_json().encode(), {TRACEPARENT: VALID, "x-other": "kept"})
+        await runner._process(delivery)  # type: ignore[arg-type]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+    assert delivery.acked
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = [line for line in lines if "failed" in line["message"]]
+    assert failed, lines
+    line = failed[0]
+    assert line["job_id"] == str(job_id) and line["trace_id"] == TRACE_ID
+    assert line["model"] == "iris" and line["stage"] == "preprocess" and line["level"] == "INFO"
+    assert {"time", "logger", "message"} <= set(line)
+
+    # The failure goes on with the same trace id under a new span id, other headers kept.
+    [(body, key, headers)] = publisher.published
+    assert key == routing_key("failure", "iris")
+    out = parse_traceparent(headers[TRACEPARENT])
+    assert out is not None and out.trace_id == TRACE_ID and out.span_id != "00f067aa0ba902b7"
+    assert headers["x-other"] == "kept"
+
+    registry = runner.metrics.registry
+    for outcome, expected in (("handled", 1), ("failed", 1), ("retried", 0), ("dead_lettered", 0)):
+        assert registry.get_sample_value("toposerve_stage_messages_total",
+                                         {"stage": "preprocess", "outcome": outcome}) == expected
+
+
+def test_plain_logs_stay_the_default() -> None:
+    assert Settings().log_format == "plain"
+    assert Settings(log_format="json").log_format == "json"
+
+
+# -- AsyncAPI --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "key", "matches"), [
+    ("request.*", "request.iris", True), ("request.*", "request.iris.x", False),
+    ("prediction.#", "prediction.g.m", True), ("#", "a.b", True), ("features.iris", "features.digits", False),
+])
+def test_topic_matching(pattern: str, key: str, matches: bool) -> None:
+    assert topic_matches(pattern, key) is matches
+
+
+def _resolve(document: dict, ref: str) -> object:
+    node: object = document
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]  # type: ignore[index]
+    return node
+
+
+def test_the_asyncapi_document_of_the_asynchronous_profile() -> None:
+    settings = Settings()
+    profile = load_checked_profile("asynchronous", settings)
+    result = CliRunner().invoke(main, ["asyncapi", "--profile", "asynchronous", "--format", "yaml"])
+    assert result.exit_code == 0, result.output
+    document = yaml.safe_load(result.output)
+    assert document == json.loads(json.dumps(asyncapi_document(profile, settings)))
+    assert document["asyncapi"] == "3.0.0"
+
+    keys = {f"{kind}.{model}" for kind in ("request", "features", "prediction", "failure") for model in profile.models}
+    assert set(profile_routing_keys(profile)) == keys
+    assert set(document["channels"]) == keys
+    for key in keys:
+        assert document["channels"][key]["address"] == key
+    schema = document["components"]["schemas"]["InferenceRequest"]
+    assert {"id", "model", "instances", "image", "item_id"} <= set(schema["properties"])
+    assert document["components"]["messages"]["InferenceRequest"]["payload"] == {
+        "$ref": "#/components/schemas/InferenceRequest"}
+
+    # Every stage consumes what it is bound to; every $ref resolves.
+    operations = document["operations"]
+    assert "ingress.send.request.iris" in operations
+    assert "preprocess.receive.request.iris" in operations
+    assert "predict.send.prediction.iris" in operations
+    assert "store.receive.failure.digits_fast" in operations
+    refs = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(document)
+    assert refs
+    for ref in refs:
+        assert _resolve(document, ref) is not None, ref
+
+
+def test_a_stage_metrics_port_serves_the_runners_registry() -> None:
+    import httpx
+
+    from consumers.metrics import serve_metrics
+
+    runner, _ = runner_on_fakes(Refusing("preprocess"))
+    runner.metrics.handled.inc(2)
+    server = serve_metrics(runner.metrics.registry, 0)
+    try:
+        response = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 200
+    assert 'toposerve_stage_messages_total{outcome="handled",stage="preprocess"} 2.0' in response.text
+    assert "toposerve_predict_batch_size_bucket" in response.text
