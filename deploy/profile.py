@@ -131,6 +131,9 @@ class Profile(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     description: str = ""
     queue_type: Literal["classic", "quorum"] = "classic"
+    # Quorum queues count deliveries: past this many, a message is dead-lettered even
+    # when it crashes its consumer every time (a classic queue cannot tell).
+    delivery_limit: int | None = Field(default=None, ge=1, le=1000)
     models: list[str] = Field(min_length=1)
     ingress: IngressSpec = IngressSpec()
     groups: dict[str, GroupSpec] = Field(default_factory=dict, description="Model groups (scatter-gather)")
@@ -177,6 +180,7 @@ class Profile(_Strict):
             binding_keys=stage.consumes,
             queue_type=self.queue_type,
             max_length=stage.max_queue_length,
+            delivery_limit=self.delivery_limit if self.queue_type == "quorum" else None,
         )
 
     def queue_specs(self, namespace: str) -> list[QueueSpec]:

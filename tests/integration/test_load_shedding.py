@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from brokers.settings import Settings
@@ -102,3 +103,23 @@ async def test_a_profile_with_a_fallback_answers_it_instead_of_503(settings: Set
         assert shed.json()["fallback"] is True and shed.json()["predictions"][0]["label"] == "unknown"
         gate.open()
         assert (await first).status_code == 200
+
+
+async def test_a_quorum_profile_declares_quorum_queues_and_serves(settings: Settings, tmp_path: Path) -> None:
+    data = yaml.safe_load((PROFILES_DIR / "asynchronous.yaml").read_text())
+    data.update(name="quorum_async", queue_type="quorum", delivery_limit=5)
+    path = tmp_path / "quorum_async.yaml"
+    path.write_text(yaml.safe_dump(data))
+    async for stack in start_stack(settings, str(path)):
+        response = await stack.client.post("/v1/models/iris/predict", json=ROW)
+        job = (await stack.client.get(response.headers["location"], params={"wait": 10})).json()
+        assert job["status"] == "succeeded"
+        # Declaring one of its queues as classic is refused: the broker made it a quorum queue.
+        import aio_pika
+        from aio_pika.exceptions import ChannelPreconditionFailed
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            name = stack.profile.queue_spec(settings.namespace, "predict").name
+            with pytest.raises(ChannelPreconditionFailed):
+                await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "classic"})
