@@ -13,7 +13,9 @@ from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
 from deploy.batch_cli import batch
 from deploy.cli_render import render
 from deploy.components import load_checked_profile
+from deploy.dead_cli import dead
 from deploy.edge_cli import edge
+from deploy.keys_cli import keys
 from deploy.profile import Profile, ProfileError, available_profiles
 
 
@@ -133,8 +135,12 @@ def topology(profile_name: str) -> None:
 @click.option("--model", default="iris", show_default=True)
 @click.option("--url", default=None, help="Load a running ingress instead of starting the profile")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here")
+@click.option("--soak", is_flag=True, help="Instead: hold a fraction of capacity for --soak-minutes, watch for growth")
+@click.option("--soak-minutes", type=float, default=10.0, show_default=True)
+@click.option("--soak-fraction", type=float, default=0.5, show_default=True, help="Fraction of measured capacity")
+@click.option("--soak-interval", type=float, default=30.0, show_default=True, help="Seconds per reported interval")
 def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, model: str, url: str | None,
-          out: Path | None) -> None:
+          out: Path | None, soak: bool, soak_minutes: float, soak_fraction: float, soak_interval: float) -> None:
     """Measure throughput and latency percentiles of a profile next to an in-process baseline."""
     from rich.console import Console
     from rich.table import Table
@@ -146,6 +152,14 @@ def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, mo
     configure_logging("WARNING")
     settings = _settings()
     profile = _profile(profile_name, settings)
+    if soak:
+        from deploy.soak import run_soak
+
+        soak_report = run_soak(profile, profile_name, settings, model=model, minutes=soak_minutes,
+                               fraction=soak_fraction, interval_s=soak_interval, out=out, say=_say)
+        for flag in soak_report.flags or ["no growth flagged"]:
+            _say(f"soak: {flag}")
+        return
     try:
         report = run_bench(profile, profile_name, settings, model=model, concurrencies=list(concurrencies),
                            duration_s=duration, url=url, out=out, say=_say)
@@ -194,6 +208,10 @@ main.add_command(edge)
 main.add_command(render)
 
 main.add_command(batch)
+
+main.add_command(dead)
+
+main.add_command(keys)
 
 
 if __name__ == "__main__":
