@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api import book_routes, edge_routes, health, oip_routes, routes_v1
+from api.auth import SecurityMiddleware, security_options
 from api.batch_routes import router as batch_router
 from api.errors import install_error_handlers
 from api.ingress import Ingress, IngressConfig
@@ -57,6 +58,9 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # API keys and the rate limit (both optional), inside the observability middleware so
+    # refused requests are traced and counted too.
+    app.add_middleware(SecurityMiddleware, **security_options(settings))
     app.add_middleware(ObservabilityMiddleware)
     app.include_router(observability_router)
     app.include_router(health.router)

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 
+from api.auth import current_owner, may_read
 from api.errors import ApiError
 from api.ingress import Ingress
 from brokers.batches import BatchStore, iter_results
@@ -57,6 +58,17 @@ def _batch_id(batch_id: str) -> str:
 def _unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "store_unavailable", f"the result store is unavailable; retry later ({exc})",
                     {"Retry-After": "1"})
+
+
+def _owner_key(ingress: Ingress, batch_id: str) -> str:
+    return f"{ingress.settings.namespace}:batch-owner:{batch_id}"
+
+
+async def _check_owner(ingress: Ingress, batch_id: str) -> None:
+    """404, as for an unknown batch, when another API key created it."""
+    owner = await ingress.results.client.get(_owner_key(ingress, batch_id))
+    if owner is not None and not may_read(owner.decode() if isinstance(owner, bytes) else str(owner)):
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
 
 
 async def _spool(request: Request, handle, limit: int) -> int:
@@ -133,6 +145,10 @@ async def create_batch(
                                    redis_client=ingress.results.client)
         try:
             result = await submitter.submit(source, chunk_rows=chunk_rows)
+            if current_owner() is not None:
+                # Set before the id is handed out, so no one else can read the batch meanwhile.
+                await ingress.results.client.set(_owner_key(ingress, result.batch_id), current_owner(),
+                                                 ex=ingress.config.result_ttl_s)
         except PublishRefused as exc:
             raise ApiError(503, "broker_unavailable", f"could not publish the batch: {exc}",
                            {"Retry-After": "1"}) from exc
@@ -154,6 +170,7 @@ async def get_batch(batch_id: str, request: Request) -> Response:
     """Progress: total, done, failed, rate (rows/s), state running/succeeded/failed/partial."""
     ingress = _ingress(request)
     try:
+        await _check_owner(ingress, _batch_id(batch_id))
         status = await _store(ingress).status(_batch_id(batch_id))
     except RedisError as exc:
         raise _unavailable(exc) from exc
@@ -168,6 +185,7 @@ async def get_batch_results(batch_id: str, request: Request) -> StreamingRespons
     ingress = _ingress(request)
     store = _store(ingress)
     try:
+        await _check_owner(ingress, _batch_id(batch_id))
         manifest = await store.manifest(_batch_id(batch_id))
     except RedisError as exc:
         raise _unavailable(exc) from exc

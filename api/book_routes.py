@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from api.auth import may_read
 from api.body import read_json
 from api.cached_predict import predict_sync_cached
 from api.errors import ApiError, error_response
@@ -124,7 +125,7 @@ async def _job_entry(ingress: Ingress, job_id: str) -> Response:
         record = await ingress.results.get(uuid.UUID(job_id))
     except ValueError:
         record = None
-    if record is None:
+    if record is None or not may_read(record.owner):
         return error_response(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
     if record.status is JobStatus.PENDING:
         return _json({job_id: {"prediction": ""}}, status=202)
@@ -191,6 +192,9 @@ def book_router(mode: str) -> APIRouter:
             images = inputs.get("image") if isinstance(inputs, dict) else None
             if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
                 raise ApiError(422, "invalid_request", 'send {"inputs": {"image": ["<base64 image>", ...]}}')
+            if len(images) > ingress.settings.max_rows:
+                raise ApiError(413, "too_large", f"{len(images)} images, more than the limit of "
+                                                 f"{ingress.settings.max_rows} per request")
             requests = [ingress.parse_predict_body(manifest.name, {"image": image}) for image in images]
             outcomes = await asyncio.gather(*(_sync_outcome(ingress, r) for r in requests))
             return _json({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})

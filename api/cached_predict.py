@@ -17,6 +17,7 @@ import logging
 import numpy as np
 from redis.exceptions import RedisError
 
+from api.auth import current_owner
 from api.errors import ApiError
 from api.ingress import INPUT_STATUS, Ingress
 from brokers.cache_keys import prediction_key
@@ -103,6 +104,7 @@ async def submit_async_cached(ingress: Ingress, request: InferenceRequest) -> tu
     if rows is not None:
         ingress.stats.cache_hits += 1
         record = _hit_record(request, manifest.version, rows)
+        record.owner = current_owner()
         try:
             await ingress.results.finish(record)
         except RedisError as exc:
@@ -123,7 +125,7 @@ async def submit_async_cached(ingress: Ingress, request: InferenceRequest) -> tu
     # Another job computes the same answer: the store completes this one with it.
     ingress.stats.cache_coalesced += 1
     try:
-        await ingress.results.create_pending(request.id, request.model, request.created_at)
+        await ingress.results.create_pending(request.id, request.model, request.created_at, owner=current_owner())
         await cache.follow(key, str(request.id), ingress.config.result_ttl_s)
         rows = await cache.get(key)  # filled between our miss and our follow: complete now
     except RedisError as exc:
@@ -131,6 +133,7 @@ async def submit_async_cached(ingress: Ingress, request: InferenceRequest) -> tu
                        {"Retry-After": "1"}) from exc
     if rows is not None:
         record = _hit_record(request, manifest.version, rows)
+        record.owner = current_owner()
         await ingress.results.finish(record)
         return record, "coalesced"
     return pending, "coalesced"

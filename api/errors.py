@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from brokers.redaction import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    # No connection URL's password in an answer, whatever exception text a message quotes.
+    body = orjson.dumps({"error": {"code": code, "message": redact(message)}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

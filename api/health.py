@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.ingress import Ingress
+from brokers.redaction import redact
 
 router = APIRouter()
 
@@ -22,7 +23,7 @@ async def _check_redis(ingress: Ingress) -> tuple[bool, str]:
     try:
         await asyncio.wait_for(ingress.results.client.ping(), timeout=1.0)
     except Exception as exc:  # any failure means "not ready", with the reason shown
-        return False, f"{type(exc).__name__}: {exc}"
+        return False, redact(f"{type(exc).__name__}: {exc}")
     return True, "ok"
 
 
@@ -35,7 +36,7 @@ def _check_broker(ingress: Ingress) -> tuple[bool, str, dict[str, int]]:
         return False, "not started", {}
     # The monitor's last passive declare of every stage queue (refreshed each second).
     if monitor.error is not None:
-        return False, monitor.error, monitor.consumers
+        return False, redact(monitor.error), monitor.consumers
     return True, "ok", monitor.consumers
 
 

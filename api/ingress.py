@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from redis.exceptions import RedisError
 
+from api.auth import current_owner
 from api.errors import ApiError, describe_validation_errors
 from api.replies import ReplyRouter
 from api.stage_monitor import StageMonitor
@@ -213,7 +214,7 @@ class Ingress:
         """
         assert self.publisher is not None
         try:
-            await self.results.create_pending(request.id, request.model, request.created_at)
+            await self.results.create_pending(request.id, request.model, request.created_at, owner=current_owner())
         except RedisError as exc:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc

@@ -44,6 +44,7 @@ from api.errors import ApiError, describe_validation_errors
 from api.health import readiness
 from api.ingress import FAILURE_STATUS, Ingress
 from brokers.messages import Failure, InferenceRequest, Prediction, RowPrediction
+from brokers.redaction import redact
 from consumers.registry import ImagePreprocessing, ModelManifest
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def oip_json(payload: object, status: int = 200, headers: dict[str, str] | None 
 
 
 def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return oip_json({"error": message}, status=status, headers=headers or None)
+    return oip_json({"error": redact(message)}, status=status, headers=headers or None)
 
 
 def _oip_status(status: int) -> int:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
+from api.auth import may_read
 from api.body import read_json
 from api.cached_predict import predict_sync_cached, submit_async_cached
 from api.errors import ApiError, error_response
@@ -181,7 +182,7 @@ async def get_job(
             except RedisError as exc:
                 raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                                {"Retry-After": "1"}) from exc
-            if record is None:
+            if record is None or not may_read(record.owner):
                 raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
             remaining = until - loop.time()
             if record.status is not JobStatus.PENDING or remaining <= 0:

@@ -49,6 +49,9 @@ class JobRecord(BaseModel):
     parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
     trace_id: str | None = Field(default=None, description="W3C trace id of the request (traceparent header)")
+    # The API key id that created the job (authentication on), never serialized: it lives
+    # under its own key (``ResultStore.owner_key``), so terminal rewrites keep it.
+    owner: str | None = Field(default=None, exclude=True)
 
     @classmethod
     def from_terminal(cls, message: Prediction | Failure) -> JobRecord:
@@ -84,6 +87,11 @@ if current and not string.find(current, '"status":"pending"', 1, true) then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2])
+else
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -99,28 +107,43 @@ class ResultStore:
     def key(self, job_id: uuid.UUID) -> str:
         return f"{self.namespace}:job:{job_id}"
 
+    def owner_key(self, job_id: uuid.UUID) -> str:
+        return f"{self.namespace}:job-owner:{job_id}"
+
     @property
     def done_channel(self) -> str:
         return f"{self.namespace}:job-done"
 
-    async def create_pending(self, job_id: uuid.UUID, model: str, created_at: datetime) -> None:
+    async def create_pending(self, job_id: uuid.UUID, model: str, created_at: datetime,
+                             owner: str | None = None) -> None:
         record = JobRecord(id=job_id, model=model, status=JobStatus.PENDING, created_at=created_at)
-        await self.client.set(self.key(job_id), record.model_dump_json(), ex=self.ttl_s, nx=True)
+        if owner is None:
+            await self.client.set(self.key(job_id), record.model_dump_json(), ex=self.ttl_s, nx=True)
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.owner_key(job_id), owner, ex=self.ttl_s)
+            pipe.set(self.key(job_id), record.model_dump_json(), ex=self.ttl_s, nx=True)
+            await pipe.execute()
 
     async def finish(self, record: JobRecord) -> bool:
         """Store a terminal record; False when the job had already ended (a redelivery)."""
         written = await self._finish(
-            keys=[self.key(record.id)],
-            args=[record.model_dump_json(), self.ttl_s, self.done_channel, str(record.id)],
+            keys=[self.key(record.id), self.owner_key(record.id)],
+            args=[record.model_dump_json(), self.ttl_s, self.done_channel, str(record.id), record.owner or ""],
         )
         return bool(written)
 
     async def delete(self, job_id: uuid.UUID) -> None:
-        await self.client.delete(self.key(job_id))
+        await self.client.delete(self.key(job_id), self.owner_key(job_id))
 
     async def get(self, job_id: uuid.UUID) -> JobRecord | None:
-        raw = await self.client.get(self.key(job_id))
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        raw, owner = await self.client.mget(self.key(job_id), self.owner_key(job_id))
+        if raw is None:
+            return None
+        record = JobRecord.model_validate_json(raw)
+        if owner is not None:
+            record.owner = owner.decode() if isinstance(owner, bytes) else str(owner)
+        return record
 
 
 class CompletionListener:

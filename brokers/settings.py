@@ -15,8 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOPOSERVE_", extra="ignore")
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # amqps:// and rediss:// connect with TLS (README, "Security"). Kept out of repr():
+    # the URLs carry the passwords.
+    amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     namespace: str = Field(default="toposerve", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     models_dir: str | None = None  # None: the models shipped in deploy/models
 
@@ -37,3 +39,13 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(default=1, ge=0)
     # Log lines: "plain" (human) or "json" (one object per line, with job_id and trace_id).
     log_format: Literal["plain", "json"] = "plain"
+
+    # API keys of the ingress (api/auth.py); none configured: authentication is off.
+    # Comma-separated plain keys (development), and/or a file of `<key-id>:<sha256 hex>` lines.
+    api_keys: str | None = Field(default=None, repr=False)
+    api_keys_file: str | None = None
+    # Requests per second per API key (per client address without keys); None: no limit.
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    # Clients (edge agent): the key sent to an ingress that requires one.
+    api_key: str | None = Field(default=None, repr=False)

@@ -20,6 +20,7 @@ from deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, dump_yaml, render_k8s_yaml, st
 from deploy.profile import Profile, ProfileError, available_profiles
 
 COMPOSE_FILE = Path(__file__).parent / "compose.yaml"
+API_KEYS_SECRET = "toposerve_api_keys"
 DEFAULT_IMAGE = f"toposerve:{version('toposerve')}"
 
 # Compose interpolates these from the shell or deploy/.env. The guest account of the
@@ -79,6 +80,9 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
         ingress = _toposerve_service(profile, ["ingress", "--profile", profile.name, "--host", "0.0.0.0",
                                                "--port", str(HTTP_PORT)])
         ingress["ports"] = [f"{HTTP_PORT}:{HTTP_PORT}"]
+        # API keys on: the hashed keys file (`toposerve keys hash`) as a compose secret.
+        ingress["environment"]["TOPOSERVE_API_KEYS_FILE"] = f"/run/secrets/{API_KEYS_SECRET}"
+        ingress["secrets"] = [API_KEYS_SECRET]
         probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/healthz', timeout=2)"
         ingress["healthcheck"] = {"test": ["CMD", "python", "-c", probe], "interval": "10s", "timeout": "5s",
                                   "retries": 3, "start_period": "30s"}
@@ -87,7 +91,9 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
             service = _toposerve_service(profile, ["worker", "--profile", profile.name, "--stage", stage])
             service["deploy"] = {"replicas": profile.stages[stage].replicas}
             services[f"{profile.name}-{stage}"] = service
-    return {"name": "toposerve", "services": services, "volumes": {"rabbitmq-data": {}, "redis-data": {}}}
+    return {"name": "toposerve", "services": services, "volumes": {"rabbitmq-data": {}, "redis-data": {}},
+            # deploy/api-keys.txt by default (relative to compose.yaml): create it before `up`.
+            "secrets": {API_KEYS_SECRET: {"file": "${TOPOSERVE_API_KEYS_PATH:-./api-keys.txt}"}}}
 
 
 def render_compose_yaml(profiles: Sequence[Profile]) -> str:
@@ -119,13 +125,16 @@ def render() -> None:
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="Image built from deploy/Dockerfile")
 @click.option("--amqp-secret", default="toposerve-amqp", show_default=True, help="Secret with key 'url' (AMQP URL)")
 @click.option("--redis-secret", default="toposerve-redis", show_default=True, help="Secret with key 'url' (Redis URL)")
+@click.option("--api-keys-secret", default="toposerve-api-keys", show_default=True,
+              help="Secret with key 'keys.txt' (hashed API keys of the ingress, from `toposerve keys hash`)")
 @click.option("-o", "--output", type=click.File("w"), default="-", help="Write here (default: stdout)")
-def k8s(profile_name: str, namespace: str, image: str, amqp_secret: str, redis_secret: str, output: IO[str]) -> None:
+def k8s(profile_name: str, namespace: str, image: str, amqp_secret: str, redis_secret: str, api_keys_secret: str,
+        output: IO[str]) -> None:
     """Kubernetes manifests for one profile (Deployments, Service, KEDA ScaledObjects)."""
     profile = _load(profile_name)
     try:
         text = render_k8s_yaml(profile, namespace=namespace, image=image, amqp_secret=amqp_secret,
-                               redis_secret=redis_secret)
+                               redis_secret=redis_secret, api_keys_secret=api_keys_secret)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     output.write(text)

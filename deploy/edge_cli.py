@@ -67,6 +67,11 @@ def _report_telemetry(results: dict[str, ForwardResult]) -> None:
                  f"reachable ({result.error})")
 
 
+def _auth_headers(settings: Settings) -> dict[str, str]:
+    """TOPOSERVE_API_KEY, for an ingress that requires API keys (README, "Security")."""
+    return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+
+
 @click.group()
 def edge() -> None:
     """Edge AI client: models pulled from a server, inference on this machine, telemetry reported back."""
@@ -84,7 +89,7 @@ def pull(server: str, models: tuple[str, ...], cache_dir: Path | None, force: bo
 
     async def run() -> int:
         failed = 0
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=timeout, headers=_auth_headers(Settings())) as http:
             for model in models:
                 try:
                     result = await ModelCache(root, model).pull(http, server, force=force)
@@ -178,7 +183,7 @@ def run(server: str, models: tuple[str, ...], cache_dir: Path | None, amqp_url: 
     runtime = _runtime(root, client_id)
 
     async def serve() -> None:
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, headers=_auth_headers(settings)) as http:
             agent = EdgeAgent(runtime, list(models), server, http, amqp_url or settings.amqp_url,
                               settings.namespace, max_spooled, say=_say)
             await agent.refresh_once()

@@ -98,10 +98,10 @@ async def test_sigkill_while_holding_unacked_messages_loses_nothing(
     expected = await submit_jobs(stack, N_JOBS)
     ids = list(expected)
 
-    await wait_until(lambda: _queue_full(stack, victim), timeout=60, interval=0.05)
+    await wait_until(lambda: _queue_full(stack, victim), timeout=120, interval=0.05)
     workers[victim].start()
     # Kill it as soon as it has taken deliveries: it holds unacked messages then.
-    await wait_until(lambda: _queue_taken(stack, victim), timeout=60, interval=0.002)
+    await wait_until(lambda: _queue_taken(stack, victim), timeout=120, interval=0.002)
     workers[victim].kill()
     done_at_kill = await count_done(stack, ids)
     assert done_at_kill < N_JOBS, "the victim finished everything before it was killed; nothing was tested"
@@ -143,9 +143,9 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
     for stage in ("preprocess", "store"):
         workers[stage].wait_consuming()
     expected = await submit_jobs(stack, N_JOBS)
-    await wait_until(lambda: _queue_full(stack, "predict"), timeout=60, interval=0.05)
+    await wait_until(lambda: _queue_full(stack, "predict"), timeout=120, interval=0.05)
     workers["predict"].start()
-    await wait_until(lambda: _queue_taken(stack, "predict"), timeout=60, interval=0.002)
+    await wait_until(lambda: _queue_taken(stack, "predict"), timeout=120, interval=0.002)
     code = await asyncio.to_thread(workers["predict"].terminate)
     assert code == 0, workers["predict"].log()
     assert "stopped" in workers["predict"].log()

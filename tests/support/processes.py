@@ -48,7 +48,7 @@ class WorkerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
-    def terminate(self, timeout: float = 30) -> int:
+    def terminate(self, timeout: float = 60) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)

@@ -173,7 +173,9 @@ def test_k8s_credentials_come_only_from_secrets(profile: Profile) -> None:
         assert env["TOPOSERVE_NAMESPACE"] == {"name": "TOPOSERVE_NAMESPACE", "value": NS}
         assert env["TOPOSERVE_AMQP_URL"]["valueFrom"] == {"secretKeyRef": {"name": AMQP_SECRET, "key": "url"}}
         assert env["TOPOSERVE_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": REDIS_SECRET, "key": "url"}}
-        assert all("value" not in item for name, item in env.items() if name != "TOPOSERVE_NAMESPACE")
+        # Literal values: the namespace, and the path of the mounted API keys Secret (no key in it).
+        assert all("value" not in item for name, item in env.items()
+                   if name not in ("TOPOSERVE_NAMESPACE", "TOPOSERVE_API_KEYS_FILE"))
 
 
 def test_k8s_pods_run_the_profile_from_the_config_map(profile: Profile, tmp_path: Path) -> None:

@@ -1,0 +1,76 @@
+"""``toposerve dead``: list and replay the dead letters of a namespace (``{ns}.dead``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+import orjson
+
+from brokers.settings import Settings
+
+
+def _say(text: str) -> None:
+    click.echo(f"toposerve: {text}", err=True)
+
+
+@click.group()
+def dead() -> None:
+    """Dead letters (messages a stage could not process): list, replay."""
+
+
+@dead.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line")
+def list_dead(limit: int, as_json: bool) -> None:
+    """Show each dead letter's routing key, job id, reason, stage, queue and attempts (nothing is removed)."""
+    from producers.dead_letters import DeadLetters
+
+    settings = Settings()
+
+    async def run():
+        async with DeadLetters(settings) as letters:
+            return await letters.count(), await letters.list(limit)
+
+    try:
+        total, found = asyncio.run(run())
+    except (OSError, ConnectionError) as exc:
+        raise click.ClickException(f"cannot reach the broker: {exc}") from exc
+    for letter in found:
+        if as_json:
+            click.echo(orjson.dumps(letter.as_dict()).decode())
+        else:
+            click.echo(f"{letter.job_id or '-'}  key={letter.routing_key or '-'}  stage={letter.stage or '-'}  "
+                       f"queue={letter.queue or '-'}  attempts={letter.attempts if letter.attempts is not None else '-'}"
+                       f"  reason={letter.reason}")
+    _say(f"{len(found)} of {total} dead letters in {settings.namespace}.dead shown")
+
+
+@dead.command()
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter")
+@click.option("--id", "ids", multiple=True, help="Job id (message id) to replay; repeat for several")
+def replay(replay_all: bool, ids: tuple[str, ...]) -> None:
+    """Re-publish dead letters to the inference exchange with their routing key; ack each after its confirm."""
+    from producers.dead_letters import DeadLetters
+
+    if replay_all == bool(ids):
+        raise click.UsageError("give either --all or at least one --id")
+    settings = Settings()
+
+    async def run():
+        async with DeadLetters(settings) as letters:
+            return await letters.replay(None if replay_all else ids)
+
+    try:
+        report = asyncio.run(run())
+    except (OSError, ConnectionError) as exc:
+        raise click.ClickException(f"cannot reach the broker: {exc}") from exc
+    for job_id in report.replayed:
+        click.echo(f"replayed {job_id}")
+    for job_id, why in report.refused:
+        click.echo(f"refused {job_id}: {why}")
+    for job_id in report.not_found:
+        click.echo(f"not found {job_id}")
+    _say(f"{len(report.replayed)} replayed, {len(report.refused)} refused, {len(report.not_found)} not found")
+    if report.refused or report.not_found:
+        raise SystemExit(1)

@@ -1,0 +1,217 @@
+"""Dead letters: list what landed in ``{ns}.dead`` and re-publish it to the inference exchange.
+
+A stage dead-letters a message it cannot decode, or one that kept failing
+(``consumers/stage.py``), with ``x-toposerve-reason``, ``-stage``, ``-queue`` and
+``-attempts`` headers; the broker dead-letters rejected or over-limit deliveries
+with an ``x-death`` header. Both kinds are listed and replayed the same way.
+
+Listing never removes anything: messages are fetched unacked and go back to the
+queue when the channel closes. Replaying publishes a copy with publisher confirms
+(``mandatory``, so a routing key no queue takes is refused) and acks the dead letter
+only after the confirm: a crash in between leaves the dead letter where it was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
+from brokers.messages import is_model_name, routing_key
+from brokers.settings import Settings
+from brokers.topology import dead_queue_name, declare_topology
+
+ATTEMPTS_HEADER = "x-toposerve-attempts"
+REASON_HEADER = "x-toposerve-reason"
+STAGE_HEADER = "x-toposerve-stage"
+QUEUE_HEADER = "x-toposerve-queue"
+# Dead-letter bookkeeping that a replayed message must not carry into its new life.
+DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, REASON_HEADER, STAGE_HEADER, QUEUE_HEADER, "x-death",
+                     "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    routing_key: str
+    job_id: str | None
+    reason: str
+    stage: str | None
+    queue: str | None
+    attempts: int | None
+    size: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"routing_key": self.routing_key, "job_id": self.job_id, "reason": self.reason,
+                "stage": self.stage, "queue": self.queue, "attempts": self.attempts, "bytes": self.size}
+
+
+@dataclass
+class ReplayReport:
+    replayed: list[str]  # job ids (or "-" for messages without one) re-published and acked
+    refused: list[tuple[str, str]]  # (job id, why): left in the dead-letter queue
+    not_found: list[str]  # requested ids that are not in the dead-letter queue
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def job_id_of(message: AbstractIncomingMessage) -> str | None:
+    """The message id, else the ``id`` field of a JSON body (a direct publish has no message id)."""
+    if message.message_id:
+        return message.message_id
+    try:
+        data = json.loads(message.body)
+        return str(data["id"]) if isinstance(data, dict) and "id" in data else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str | None:
+    """The routing key the message had on the inference exchange.
+
+    A stage retries a failing message by publishing it straight to its own queue
+    (default exchange), so after a retry the delivery's routing key is the queue's
+    name; the original key is then rebuilt from the message type (its kind) and the
+    body's model (and part). ``None`` when it cannot be known.
+    """
+    key = message.routing_key or ""
+    queue = (message.headers or {}).get(QUEUE_HEADER)
+    if key and (queue is None or key != _text(queue)):
+        return key
+    try:
+        data = json.loads(message.body)
+        model, part = str(data["model"]), data.get("part")
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return None
+    if not message.type or not is_model_name(model):
+        return None
+    return routing_key(message.type, model, None if part is None else str(part))
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers or {}
+    reason = headers.get(REASON_HEADER)
+    queue = headers.get(QUEUE_HEADER)
+    if reason is None:
+        # Dead-lettered by the broker itself (rejected, over a delivery limit, expired).
+        deaths = headers.get("x-death") or []
+        first = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+        reason = f"broker: {_text(first.get('reason', 'unknown'))}" if first else "unknown"
+        queue = queue or (_text(first["queue"]) if "queue" in first else None)
+    attempts = headers.get(ATTEMPTS_HEADER)
+    stage = headers.get(STAGE_HEADER)
+    return DeadLetter(
+        routing_key=original_routing_key(message) or message.routing_key or "",
+        job_id=job_id_of(message),
+        reason=_text(reason),
+        stage=None if stage is None else _text(stage),
+        queue=None if queue is None else _text(queue),
+        attempts=None if attempts is None else int(attempts),
+        size=len(message.body),
+    )
+
+
+class DeadLetters:
+    """A connection to the broker for listing and replaying one namespace's dead letters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+
+    async def __aenter__(self) -> DeadLetters:
+        self._connection = await connect_amqp(self.settings.amqp_url, "toposerve-dead-letters")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _channel(self):
+        assert self._connection is not None
+        channel = await open_confirm_channel(self._connection)
+        topology = await declare_topology(channel, self.settings.namespace)
+        queue = await channel.declare_queue(dead_queue_name(self.settings.namespace), durable=True)
+        return channel, topology, queue
+
+    async def count(self) -> int:
+        channel, _, queue = await self._channel()
+        try:
+            return queue.declaration_result.message_count or 0
+        finally:
+            await channel.close()
+
+    async def list(self, limit: int | None = None) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first; all stay in the queue."""
+        channel, _, queue = await self._channel()
+        try:
+            total = queue.declaration_result.message_count or 0
+            wanted = total if limit is None else min(limit, total)
+            found: list[DeadLetter] = []
+            while len(found) < wanted:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                found.append(describe(message))
+            return found
+        finally:
+            await channel.close()  # every unacked get goes back to the queue
+
+    async def replay(self, ids: Iterable[str] | None = None) -> ReplayReport:
+        """Re-publish the dead letters with these job ids (``None``: all of them)."""
+        wanted = None if ids is None else set(ids)
+        channel, topology, queue = await self._channel()
+        publisher = Publisher(topology.exchange)
+        report = ReplayReport(replayed=[], refused=[], not_found=[])
+        seen: set[str] = set()
+        try:
+            # Only what is there now: a replayed message that dies again is not replayed twice.
+            total = queue.declaration_result.message_count or 0
+            for _ in range(total):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                job_id = job_id_of(message)
+                if wanted is not None and job_id not in wanted:
+                    continue  # left unacked: back to the queue when the channel closes
+                seen.add(job_id or "-")
+                key = original_routing_key(message)
+                if key is None:
+                    report.refused.append((job_id or "-", "its original routing key cannot be known"))
+                    continue
+                try:
+                    await publisher.publish_raw(replay_copy(message), key)
+                except PublishRefused as exc:
+                    report.refused.append((job_id or "-", str(exc)))
+                    continue
+                await message.ack()  # only after the broker confirmed the copy
+                report.replayed.append(job_id or "-")
+        finally:
+            await channel.close()
+        if wanted is not None:
+            report.not_found = sorted(wanted - seen)
+        return report
+
+
+def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """The dead letter as it was first published, without the dead-letter bookkeeping.
+
+    ``reply_to`` is dropped: a synchronous caller gave up long ago.
+    """
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in DROPPED_ON_REPLAY}
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        type=message.type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
