@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "x-toposerve-attempts"
 REASON_HEADER = "x-toposerve-reason"
+# A retry goes straight to the stage's queue, which changes its routing key; the
+# original key travels here so a dead letter can be replayed where it came from.
+ROUTING_KEY_HEADER = "x-toposerve-routing-key"
+
+
+def original_routing_key(delivery: AbstractIncomingMessage) -> str:
+    return str((delivery.headers or {}).get(ROUTING_KEY_HEADER) or delivery.routing_key or "unknown")
 
 
 class TransientError(RuntimeError):
@@ -235,7 +242,7 @@ class StageRunner:
 
     async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage) -> None:
         assert self._publisher is not None and self._retry is not None
-        headers = {k: v for k, v in (delivery.headers or {}).items() if k != ATTEMPTS_HEADER}
+        headers = {k: v for k, v in (delivery.headers or {}).items() if k not in (ATTEMPTS_HEADER, ROUTING_KEY_HEADER)}
         span = current_span.get()
         if span is not None:
             headers[TRACEPARENT] = span.header
@@ -272,7 +279,8 @@ class StageRunner:
         log.exception("stage %s failed on %s (attempt %d)", self.stage.name, message.id, attempts)
         try:
             if attempts < self.settings.max_attempts:
-                retry = self._copy(delivery, {ATTEMPTS_HEADER: attempts})
+                retry = self._copy(delivery, {ATTEMPTS_HEADER: attempts,
+                                              ROUTING_KEY_HEADER: original_routing_key(delivery)})
                 await self._retry.publish_raw(retry, self.queue_spec.name)
                 self.stats.retried += 1
                 self.metrics.retried.inc()
@@ -314,7 +322,7 @@ class StageRunner:
         assert self._dead is not None
         dead = self._copy(delivery, {REASON_HEADER: reason[:1000], "x-toposerve-stage": self.stage.name,
                                      "x-toposerve-queue": self.queue_spec.name})
-        await self._dead.publish_raw(dead, delivery.routing_key or "unknown")
+        await self._dead.publish_raw(dead, original_routing_key(delivery))
         self.stats.dead_lettered += 1
         self.metrics.dead_lettered.inc()
 

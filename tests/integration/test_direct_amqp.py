@@ -145,3 +145,5 @@ async def test_a_poison_message_is_retried_a_bounded_number_of_times_then_dead_l
     assert len(dead) == 1
     assert "simulated crash" in dead[0].headers["x-toposerve-reason"]
     assert dead[0].headers["x-toposerve-attempts"] == async_stack.settings.max_attempts - 1
+    # Dead-lettered under its original routing key (retries went straight to the queue).
+    assert dead[0].routing_key == "features.iris"
