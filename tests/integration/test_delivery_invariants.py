@@ -12,6 +12,7 @@ import pytest
 
 from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
+from tests.support.images import b64, sample_images
 from tests.support.processes import WorkerProcess
 
 ROWS = {"setosa": [5.1, 3.5, 1.4, 0.2], "versicolor": [5.9, 3.0, 4.2, 1.5], "virginica": [6.7, 3.0, 5.2, 2.3]}
@@ -83,7 +84,7 @@ async def _all_done(stack: Stack, ids: list[str]) -> bool:
     return await count_done(stack, ids) == len(ids)
 
 
-@pytest.mark.parametrize("victim", ["predict", "store"])
+@pytest.mark.parametrize("victim", ["preprocess", "predict", "store"])
 async def test_sigkill_while_holding_unacked_messages_loses_nothing(
     ingress_only: Stack, workers: dict[str, WorkerProcess], victim: str
 ) -> None:
@@ -153,3 +154,48 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
     # second predict process finishes the rest and every job ends exactly once.
     workers["predict"].start()
     await assert_all_succeeded_correctly(stack, expected)
+
+
+@pytest.mark.parametrize("profile_name", ["synchronous", "prep_pred"])
+async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_killed(
+    settings: Settings, tmp_path: Path, profile_name: str
+) -> None:
+    """Sync messages are transient: a killed predict stage costs in-flight callers a 504
+    at their deadline (never a hang), and the restarted stage serves the next ones."""
+    path, body = ("/v1/models/iris/predict", {"instances": [ROWS["setosa"]]}) if profile_name == "synchronous" \
+        else ("/v1/models/digits_fast/predict", None)
+    if body is None:
+        body = {"image": b64(sample_images()[0][0].read_bytes())}
+    async for stack in start_stack(settings, profile_name, stages=[]):
+        procs = {stage: WorkerProcess(settings, profile_name, stage, tmp_path) for stage in stack.profile.stages}
+        try:
+            for proc in procs.values():
+                proc.start()
+            for proc in procs.values():
+                proc.wait_consuming()
+            await stack.ingress.monitor.refresh()
+
+            async def caller(stack: Stack = stack) -> list[int]:
+                statuses = []
+                for _ in range(40):
+                    response = await stack.client.post(path, json=body, params={"timeout": "2"})
+                    statuses.append(response.status_code)
+                return statuses
+
+            callers = [asyncio.create_task(caller()) for _ in range(8)]
+            await asyncio.sleep(0.3)
+            procs["predict"].kill()
+            await asyncio.sleep(0.5)
+            procs["predict"].start()
+            procs["predict"].wait_consuming()
+            statuses = [status for task in await asyncio.wait_for(asyncio.gather(*callers), 120) for status in task]
+            assert set(statuses) <= {200, 503, 504}, statuses
+            assert statuses.count(200) > 0
+            await stack.ingress.monitor.refresh()
+            response = await stack.client.post(path, json=body)
+            assert response.status_code == 200
+            print(f"\n{profile_name}: {len(statuses)} sync calls around a predict SIGKILL: "
+                  f"{statuses.count(200)} answered, {statuses.count(504)} timed out, {statuses.count(503)} refused")
+        finally:
+            for proc in procs.values():
+                proc.stop()
