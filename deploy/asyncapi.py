@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from brokers.messages import Failure, Features, InferenceRequest, JoinTick, Prediction
 from brokers.settings import Settings
 from brokers.telemetry_messages import Telemetry
+from brokers.topic import topic_matches
 from brokers.topology import dead_exchange_name, exchange_name
 from deploy.profile import AggregateSpec, PredictSpec, PreprocessSpec, Profile
 
@@ -28,22 +29,6 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     "telemetry": Telemetry,
     "join": JoinTick,
 }
-
-
-def topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: ``*`` is one word, ``#`` zero or more."""
-    return _match(pattern.split("."), key.split("."))
-
-
-def _match(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    return (head == "*" or head == words[0]) and _match(rest, words[1:])
 
 
 def _produced(profile: Profile) -> dict[str, set[str]]:
