@@ -21,7 +21,6 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
-from brokers.messages import is_model_name, routing_key
 from brokers.settings import Settings
 from brokers.topology import dead_queue_name, declare_topology
 
@@ -77,23 +76,15 @@ def job_id_of(message: AbstractIncomingMessage) -> str | None:
 def original_routing_key(message: AbstractIncomingMessage) -> str | None:
     """The routing key the message had on the inference exchange.
 
-    A stage retries a failing message by publishing it straight to its own queue
-    (default exchange), so after a retry the delivery's routing key is the queue's
-    name; the original key is then rebuilt from the message type (its kind) and the
-    body's model (and part). ``None`` when it cannot be known.
+    The stage runner dead-letters under the original key (it carries it across
+    retries in a header), and the broker keeps it when it dead-letters itself; a key
+    equal to a stage queue's name would mean neither held, so it is not replayable.
     """
     key = message.routing_key or ""
     queue = (message.headers or {}).get(QUEUE_HEADER)
-    if key and (queue is None or key != _text(queue)):
-        return key
-    try:
-        data = json.loads(message.body)
-        model, part = str(data["model"]), data.get("part")
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+    if not key or (queue is not None and key == _text(queue)):
         return None
-    if not message.type or not is_model_name(model):
-        return None
-    return routing_key(message.type, model, None if part is None else str(part))
+    return key
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:

@@ -15,6 +15,7 @@ import pytest
 
 from deploy.local_services import free_port
 from tests.support.images import b64, sample_images
+from tests.support.processes import RunningProfile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,19 +55,11 @@ def test_up_refuses_an_explicit_url_where_nothing_answers() -> None:
 def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
     amqp_url: str, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = {**os.environ, "TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
-           "TOPOSERVE_NAMESPACE": namespace}
-    log = (tmp_path / "up.log").open("w+")
-    process = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--profile", "asynchronous",
-                                "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    up = RunningProfile("asynchronous", {"TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
+                                         "TOPOSERVE_NAMESPACE": namespace}, tmp_path / "up.log")
     try:
-        deadline = time.monotonic() + 60
-        while "ready:" not in Path(log.name).read_text():
-            assert process.poll() is None, Path(log.name).read_text()
-            assert time.monotonic() < deadline, Path(log.name).read_text()
-            time.sleep(0.1)
-        base = f"http://127.0.0.1:{port}"
+        up.wait_ready()
+        base = up.base_url
         # The README's curl: no content type given, so curl sends a form type.
         response = httpx.post(f"{base}/v1/models/iris/predict",
                               content='{"instances": [[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}',
@@ -80,50 +73,36 @@ def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
         assert job["predictions"][0]["label"] == label
         assert httpx.get(f"{base}/readyz").status_code == 200
 
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-        output = Path(log.name).read_text()
+        assert up.stop() == 0
+        output = up.log()
         assert "stopped" in output
         for stage in ("preprocess", "predict", "store"):
             assert f"stage asynchronous.{stage} replica 0 stopped" in output, output
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        up.stop()
 
 
 @pytest.mark.parametrize("stage", ["predict"])
 def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace: str, tmp_path: Path,
                                        stage: str) -> None:
-    port = free_port()
-    env = {**os.environ, "TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
-           "TOPOSERVE_NAMESPACE": namespace}
-    log_path = tmp_path / "up.log"
-    process = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--profile", "asynchronous",
-                                "--port", str(port)], cwd=REPO, env=env, stdout=log_path.open("w"),
-                               stderr=subprocess.STDOUT)
+    up = RunningProfile("asynchronous", {"TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
+                                         "TOPOSERVE_NAMESPACE": namespace}, tmp_path / "up.log")
+    log_path = up.log_path
     try:
-        deadline = time.monotonic() + 60
-        while "ready:" not in log_path.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        victim = re.search(rf"{stage}\[0\] started \(pid (\d+)\)", log_path.read_text())
-        assert victim, log_path.read_text()
+        up.wait_ready()
+        victim = re.search(rf"{stage}\[0\] started \(pid (\d+)\)", up.log())
+        assert victim, up.log()
         os.kill(int(victim.group(1)), signal.SIGKILL)
         deadline = time.monotonic() + 30
         while "restarting" not in log_path.read_text():
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        base = f"http://127.0.0.1:{port}"
+        base = up.base_url
         response = httpx.post(f"{base}/v1/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
         job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 20}).json()
         assert job["status"] == "succeeded"
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        up.stop()
 
 
 def test_up_starts_throwaway_servers_when_nothing_answers_at_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

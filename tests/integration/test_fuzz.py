@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from brokers.topology import exchange_name, stage_queue_name
-from deploy.local_services import free_port
+from tests.support.processes import RunningProfile
 
 REPO = Path(__file__).resolve().parents[2]
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -61,30 +57,19 @@ class Service:
 @pytest.fixture(scope="module")
 def service(amqp_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     namespace = f"t-fuzz-{uuid.uuid4().hex[:6]}"
-    port = free_port()
     log = tmp_path_factory.mktemp("fuzz") / "up.log"
-    env = {**os.environ, "TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
-           "TOPOSERVE_NAMESPACE": namespace, "TOPOSERVE_MAX_BODY_BYTES": "65536"}
-    process = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--profile", "synchronous",
-                                "--port", str(port)], cwd=REPO, env=env, stdout=log.open("w"),
-                               stderr=subprocess.STDOUT)
+    up = RunningProfile("synchronous", {"TOPOSERVE_AMQP_URL": amqp_url, "TOPOSERVE_REDIS_URL": redis_url,
+                                        "TOPOSERVE_NAMESPACE": namespace, "TOPOSERVE_MAX_BODY_BYTES": "65536"}, log)
     try:
-        deadline = time.monotonic() + 60
-        while "ready:" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        service = Service(f"http://127.0.0.1:{port}", amqp_url, namespace, log)
+        up.wait_ready()
+        service = Service(up.base_url, amqp_url, namespace, log)
         yield service
         print(f"\nfuzz: {service.cases} HTTP cases against the synchronous profile")
         assert service.cases >= 900
         # No stage died and none was restarted while being fuzzed.
         assert "restarting" not in log.read_text(), log.read_text()
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        up.stop()
 
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

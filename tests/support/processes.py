@@ -60,3 +60,37 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class RunningProfile:
+    """A real `toposerve up --profile P` on a free port, its output in a log file."""
+
+    def __init__(self, profile: str, env: dict[str, str], log_path: Path) -> None:
+        from deploy.local_services import free_port
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "up", "--profile", profile, "--port", str(self.port)],
+            cwd=REPO, env={**os.environ, **env}, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while "ready:" not in self.log():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """Ctrl-C, as a user would; killed if it does not stop in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
