@@ -7,10 +7,11 @@ with this the ingress answers 503 at once instead, and /readyz reports it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aio_pika.abc import AbstractRobustConnection
+
+from brokers.background import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,7 @@ class StageMonitor:
         self._task = asyncio.create_task(self._loop(), name="stage-monitor")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def without_consumers(self, among: list[str] | None = None) -> list[str]:
         names = self.queue_names if among is None else [n for n in self.queue_names if n in among]

@@ -18,6 +18,7 @@ from enum import StrEnum
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
+from brokers.background import stop_task
 from brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,7 @@ class CompletionListener:
         self._task = asyncio.create_task(self._listen(), name="completion-listener")
 
     async def close(self) -> None:
-        if self._task is None:
-            return
-        # redis-py can swallow a cancellation that lands while it connects: repeat it.
-        for _ in range(50):
-            if self._task.done():
-                break
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=0.05)
+        await stop_task(self._task)
 
     @contextlib.contextmanager
     def watch(self, job_id: uuid.UUID | str) -> Iterator[asyncio.Future[None]]:

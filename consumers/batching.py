@@ -10,13 +10,14 @@ themselves even with a delay of 0 (as Triton's dynamic batcher does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from brokers.background import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,7 @@ class MicroBatcher:
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._loops.values():
-            task.cancel()
-        for task in self._loops.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in self._loops.values()))
         # Nobody will run what is still waiting: tell its callers instead of leaving them hanging.
         closed = RuntimeError("the batcher closed before this request ran")
         for pending in self._carry.values():
