@@ -33,9 +33,13 @@ class LaunchError(RuntimeError):
     pass
 
 
-def _answers(url: str, default_port: int) -> bool:
+# What the clients (aiormq, redis-py) connect to when a URL names no port.
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}
+
+
+def _answers(url: str) -> bool:
     parsed = urlparse(url)
-    return port_answers(parsed.hostname or "127.0.0.1", parsed.port or default_port)
+    return port_answers(parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS.get(parsed.scheme, 5672))
 
 
 def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalService]]:
@@ -43,7 +47,7 @@ def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalS
     started: list[LocalService] = []
     amqp_url, redis_url = settings.amqp_url, settings.redis_url
     try:
-        if not _answers(amqp_url, 5672):
+        if not _answers(amqp_url):
             if amqp_url != DEFAULT_AMQP_URL:
                 raise LaunchError(f"nothing answers at TOPOSERVE_AMQP_URL={_redact(amqp_url)}; start RabbitMQ there "
                                   "or unset the variable to let toposerve start a local one")
@@ -52,7 +56,7 @@ def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalS
             started.append(service)
             amqp_url = service.url
             say(f"  RabbitMQ is up at {amqp_url} (data in {service.workdir}, removed on exit)")
-        if not _answers(redis_url, 6379):
+        if not _answers(redis_url):
             if redis_url != DEFAULT_REDIS_URL:
                 raise LaunchError(f"nothing answers at TOPOSERVE_REDIS_URL={_redact(redis_url)}; start Redis there "
                                   "or unset the variable to let toposerve start a local one")

@@ -26,6 +26,9 @@ Typical use::
     with start_rabbitmq() as mq, start_redis(appendonly=True) as rd:
         connect(mq.url, rd.url)
         mq.kill(); mq.restart()      # fault injection: same ports, same data
+
+``tls=TlsFiles(ca, cert, key)`` makes either server listen with TLS only; its ``url``
+is then ``amqps://...?cafile=CA`` / ``rediss://...?ssl_ca_certs=CA&ssl_cert_reqs=required``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
+from urllib.parse import urlencode
 
 __all__ = [
     "INSTALL_HINT",
@@ -52,6 +57,7 @@ __all__ = [
     "RabbitMQService",
     "RedisService",
     "ServiceUnavailable",
+    "TlsFiles",
     "find_binary",
     "free_port",
     "port_answers",
@@ -264,6 +270,27 @@ class _RunAs:
                 )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener: the CA that clients verify the server with, and the
+    server's certificate and private key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def install(self, workdir: Path) -> TlsFiles:
+        """Copies in the work dir: the server may run as another user (``rabbitmq``),
+        who must read them, and the caller's files may go away before a ``restart()``."""
+        target = workdir / "tls"
+        target.mkdir(mode=0o700, exist_ok=True)
+        copies = TlsFiles(ca=target / "ca.pem", cert=target / "cert.pem", key=target / "key.pem")
+        for src, dst in ((self.ca, copies.ca), (self.cert, copies.cert), (self.key, copies.key)):
+            shutil.copyfile(src, dst)
+            dst.chmod(0o600)
+        return copies
+
+
 def _rabbitmq_run_as() -> _RunAs:
     if os.geteuid() != 0:
         return _RunAs()
@@ -429,6 +456,7 @@ class RabbitMQService(LocalService):
     server_bin: Path = Path("rabbitmq-server")
     ctl_bin: Path = Path("rabbitmqctl")
     run_as: _RunAs = field(default_factory=_RunAs)
+    tls: TlsFiles | None = None  # set: the AMQP port speaks TLS only (amqps://)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -456,8 +484,6 @@ class RabbitMQService(LocalService):
             {
                 MARKER_ENV: self._marker,
                 "RABBITMQ_NODENAME": self.node,
-                "RABBITMQ_NODE_IP_ADDRESS": self.host,
-                "RABBITMQ_NODE_PORT": str(self.port),
                 "RABBITMQ_DIST_PORT": str(self.dist_port),
                 "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
                 "RABBITMQ_LOG_BASE": str(d / "log"),
@@ -472,7 +498,27 @@ class RabbitMQService(LocalService):
                 "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             }
         )
+        if self.tls is None:
+            # The plain listener; with TLS the config file sets the listeners, because
+            # RABBITMQ_NODE_PORT would override ``listeners.tcp = none``.
+            env["RABBITMQ_NODE_IP_ADDRESS"] = self.host
+            env["RABBITMQ_NODE_PORT"] = str(self.port)
         return env
+
+    def _tls_config(self) -> str:
+        if self.tls is None:
+            return ""
+        files = self.tls.install(self.workdir)
+        # verify_none: the server asks for no client certificate; clients still verify the server.
+        return (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {self.host}:{self.port}\n"
+            f"ssl_options.cacertfile = {files.ca}\n"
+            f"ssl_options.certfile = {files.cert}\n"
+            f"ssl_options.keyfile = {files.key}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
 
     def _write_config(self) -> None:
         d = self.workdir
@@ -483,7 +529,7 @@ class RabbitMQService(LocalService):
             "# never block publishers because the disk is fullish\n"
             "disk_free_limit.absolute = 1MB\n"
             "log.console = false\n"
-            "log.file.level = info\n"
+            "log.file.level = info\n" + self._tls_config()
         )
         (d / "rabbitmq-env.conf").write_text("# intentionally empty: ignore /etc/rabbitmq/rabbitmq-env.conf\n")
         (d / "enabled_plugins").write_text("[].\n")
@@ -572,10 +618,24 @@ class RedisService(LocalService):
     server_bin: Path = Path("redis-server")
     appendonly: bool = False
     appendfsync: Literal["always", "everysec", "no"] = "always"
+    tls: TlsFiles | None = None  # set: the port speaks TLS only (rediss://)
 
     @property
     def _pidfile(self) -> Path:
         return self.workdir / "redis.pid"
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        files = self.tls.install(self.workdir)
+        return [
+            "--port", "0",  # no plain listener
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(files.cert),
+            "--tls-key-file", str(files.key),
+            "--tls-ca-cert-file", str(files.ca),
+            "--tls-auth-clients", "no",  # no client certificates; clients still verify the server
+        ]  # fmt: skip
 
     def _log_files(self) -> list[Path]:
         return [self.workdir / "startup.log", self.workdir / "redis.log"]
@@ -587,7 +647,7 @@ class RedisService(LocalService):
         env = {**os.environ, MARKER_ENV: self._marker}
         args = [
             str(self.server_bin),
-            "--port", str(self.port),
+            *self._listen_args(),
             "--bind", self.host,
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -605,12 +665,23 @@ class RedisService(LocalService):
         if proc.returncode != 0:
             raise self._fail(f"redis-server exited with {proc.returncode}")
 
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=0.5)
+        if self.tls is None:
+            return sock
+        try:  # the probe verifies the server like a client would
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            return context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
     def _ping(self) -> bytes:
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+            with self._connect() as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64)
-        except OSError:
+        except OSError:  # ssl.SSLError included
             return b""
 
     def _wait_ready(self, deadline: float) -> None:
@@ -664,11 +735,13 @@ def start_rabbitmq(
     *,
     dist_port: int | None = None,
     timeout: float = 90.0,
+    tls: TlsFiles | None = None,
 ) -> LocalService:
     """Start a throwaway RabbitMQ node on loopback; returns once AMQP answers.
 
     ``url`` is ``amqp://guest:guest@127.0.0.1:PORT/``. Without ``workdir`` a temp dir
-    is created and removed by ``stop()``; a given ``workdir`` is kept.
+    is created and removed by ``stop()``; a given ``workdir`` is kept. With ``tls`` the
+    port speaks TLS only and ``url`` is ``amqps://guest:guest@127.0.0.1:PORT/?cafile=CA``.
     """
     server, ctl = find_binary("rabbitmq-server"), find_binary("rabbitmqctl")
     if server is None or ctl is None:
@@ -689,9 +762,12 @@ def start_rabbitmq(
     dport = dist_port if dist_port is not None else free_port()
     while dport == amqp_port:
         dport = free_port()
+    url = f"amqp://guest:guest@{LOOPBACK}:{amqp_port}/"
+    if tls is not None:
+        url = f"amqps://guest:guest@{LOOPBACK}:{amqp_port}/?" + urlencode({"cafile": str(tls.ca)}, safe="/")
     service = RabbitMQService(
         name="rabbitmq",
-        url=f"amqp://guest:guest@{LOOPBACK}:{amqp_port}/",
+        url=url,
         host=LOOPBACK,
         port=amqp_port,
         workdir=path,
@@ -702,6 +778,7 @@ def start_rabbitmq(
         server_bin=_unwrap_rabbitmq_script(server),
         ctl_bin=_unwrap_rabbitmq_script(ctl),
         run_as=run_as,
+        tls=tls,
     )
     return _start_or_cleanup(service)
 
@@ -713,12 +790,14 @@ def start_redis(
     *,
     appendfsync: Literal["always", "everysec", "no"] = "always",
     timeout: float = 30.0,
+    tls: TlsFiles | None = None,
 ) -> LocalService:
     """Start a throwaway redis-server on loopback; returns once PING answers.
 
     ``url`` is ``redis://127.0.0.1:PORT/0``. ``appendonly=True`` keeps data across
     ``kill()`` + ``restart()`` (fsync on every write by default, so a SIGKILL
-    loses nothing that was acknowledged).
+    loses nothing that was acknowledged). With ``tls`` the port speaks TLS only and ``url``
+    is ``rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA&ssl_cert_reqs=required``.
     """
     server = find_binary("redis-server")
     if server is None:
@@ -728,9 +807,13 @@ def start_redis(
         )
     path, owned = _prepare_workdir(workdir, "toposerve-redis-")
     redis_port = port if port is not None else free_port()
+    url = f"redis://{LOOPBACK}:{redis_port}/0"
+    if tls is not None:
+        query = urlencode({"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required"}, safe="/")
+        url = f"rediss://{LOOPBACK}:{redis_port}/0?{query}"
     service = RedisService(
         name="redis",
-        url=f"redis://{LOOPBACK}:{redis_port}/0",
+        url=url,
         host=LOOPBACK,
         port=redis_port,
         workdir=path,
@@ -739,6 +822,7 @@ def start_redis(
         server_bin=server,
         appendonly=appendonly,
         appendfsync=appendfsync,
+        tls=tls,
     )
     return _start_or_cleanup(service)
 

@@ -51,6 +51,7 @@ HOW_TO_PROVIDE = (
 )
 
 _SOURCES_KEY = pytest.StashKey[list[str]]()
+FAULT_LINE_PREFIX = "[fault "  # what tests.support.faults.summary prints, one line per scenario
 
 
 # --------------------------------------------------------------------------- reporting
@@ -66,10 +67,24 @@ def _announce(config: pytest.Config, line: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = terminalreporter.config.stash.get(_SOURCES_KEY, [])
-    if lines:
+    """Where the services came from, and every fault-injection scenario's summary line
+    (found in the captured output of each test, so they show without ``-s`` too)."""
+    sources = terminalreporter.config.stash.get(_SOURCES_KEY, [])
+    if sources:
         terminalreporter.section("toposerve test services")
-        for line in lines:
+        for line in sources:
+            terminalreporter.write_line(line)
+    faults = [
+        f"{line} ({report.outcome})"
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        if getattr(report, "when", None) == "call"
+        for line in report.capstdout.splitlines()
+        if line.startswith(FAULT_LINE_PREFIX)
+    ]
+    if faults:
+        terminalreporter.section("toposerve fault injection")
+        for line in faults:
             terminalreporter.write_line(line)
 
 

@@ -15,6 +15,7 @@ from brokers.settings import Settings
 from consumers.stage import StageRunner
 from deploy.components import build_app, build_stage_runner, load_checked_profile
 from deploy.profile import Profile
+from tests.conftest import FreshServices
 
 
 @dataclass
@@ -34,6 +35,13 @@ class Stack:
 @pytest.fixture
 def settings(amqp_url: str, redis_url: str, namespace: str) -> Settings:
     return Settings(amqp_url=amqp_url, redis_url=redis_url, namespace=namespace,
+                    max_rows=100, max_body_bytes=256 * 1024, max_image_pixels=1_000_000, drain_timeout_s=5)
+
+
+@pytest.fixture
+def fault_settings(fresh_services: FreshServices, namespace: str) -> Settings:
+    """Settings for a test's own RabbitMQ and Redis, which it may kill."""
+    return Settings(amqp_url=fresh_services.amqp_url, redis_url=fresh_services.redis_url, namespace=namespace,
                     max_rows=100, max_body_bytes=256 * 1024, max_image_pixels=1_000_000, drain_timeout_s=5)
 
 

@@ -11,63 +11,31 @@ import numpy as np
 import orjson
 import pytest
 
-from brokers.batches import BatchStore, chunk_id, iter_results
+from brokers.batches import chunk_id
 from brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
 from brokers.messages import Prediction, RowPrediction
 from brokers.settings import Settings
 from brokers.topology import declare_topology
-from consumers.registry import ModelRegistry
-from deploy.batch_cli import batch_ttl, make_submitter
-from deploy.components import models_dir
 from producers.batch import wait_for_batch
 from producers.batch_sources import BatchInputError
 from tests.integration.conftest import Stack, start_stack
+from tests.support.batches import (
+    IRIS_HEADER,
+    iris_rows,
+    onnx_labels,
+    read_results,
+    submit_and_wait,
+    submitter_for,
+    write_csv,
+)
+from tests.support.faults import summary
 from tests.support.images import png_bytes, sample_images, truncated
-
-IRIS_HEADER = "sepal_length,sepal_width,petal_length,petal_width"
 
 
 @pytest.fixture
 async def batch_stack(settings: Settings):
     async for stack in start_stack(settings, "batch"):
         yield stack
-
-
-def iris_rows(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.round(rng.uniform([4.3, 2.0, 1.0, 0.1], [7.9, 4.4, 6.9, 2.5], size=(n, 4)), 1)
-
-
-def write_csv(path: Path, rows: np.ndarray, header: bool) -> Path:
-    lines = ([IRIS_HEADER] if header else []) + [",".join(f"{v:g}" for v in row) for row in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def onnx_labels(settings: Settings, model: str, rows: np.ndarray) -> list[str]:
-    loaded = ModelRegistry(models_dir(settings)).load(model)
-    indices, _ = loaded.run(rows.astype(np.float32))
-    return [loaded.manifest.labels[i] for i in indices]
-
-
-def submitter_for(stack: Stack, window: int = 64):
-    return make_submitter(stack.settings, stack.profile, batch_ttl(stack.profile), window)
-
-
-async def submit_and_wait(stack: Stack, path: Path, model: str = "iris", chunk_rows: int = 10, **kw):
-    async with submitter_for(stack) as submitter:
-        result = await submitter.submit_path(path, model, chunk_rows=chunk_rows, **kw)
-        status = await wait_for_batch(submitter.store, result.batch_id, timeout_s=30)
-    return result, status
-
-
-async def read_results(stack: Stack, batch_id: str) -> list[dict]:
-    store = BatchStore(stack.results.client, stack.settings.namespace, stack.profile.ingress.result_ttl_s)
-    manifest = await store.manifest(batch_id)
-    assert manifest is not None
-    labels = ModelRegistry(models_dir(stack.settings)).manifests[manifest.model].labels
-    lines = b"".join([block async for block in iter_results(store, manifest, labels)])
-    return [orjson.loads(line) for line in lines.splitlines()]
 
 
 async def queued_features(settings: Settings) -> int:
@@ -364,6 +332,7 @@ def test_cli_submit_wait_status_results_with_stages_killed_mid_batch(
             time.sleep(0.005)
         for worker in workers:  # mid-batch
             worker.kill()
+        restarted_at = time.monotonic()
         progress.close()
         status = orjson.loads(cli("status", batch_id, settings=settings).stdout)
         assert status["state"] == "running" and status["total"] == 6000 and status["chunks_done"] < 600
@@ -377,6 +346,9 @@ def test_cli_submit_wait_status_results_with_stages_killed_mid_batch(
     finally:
         for worker in workers:
             worker.stop()
+    summary("sigkill predict+store batch", sent=1, accepted=1, completed=int(status["state"] == "succeeded"),
+            lost=status["total"] - status["done"] - status["failed"], duplicated=max(0, status["chunks_done"] - 600),
+            recover_s=time.monotonic() - restarted_at, rows=status["total"], rows_done=status["done"])
     assert (status["state"], status["done"], status["failed"], status["chunks_done"]) == ("succeeded", 6000, 0, 600)
     out = tmp_path / "out.jsonl"
     assert cli("results", batch_id, "-o", str(out), settings=settings).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
+from tests.support.faults import DoneCounter, summary
 from tests.support.images import b64, sample_images
 from tests.support.processes import WorkerProcess
 
@@ -88,7 +90,16 @@ async def _all_done(stack: Stack, ids: list[str]) -> bool:
 async def test_sigkill_while_holding_unacked_messages_loses_nothing(
     ingress_only: Stack, workers: dict[str, WorkerProcess], victim: str
 ) -> None:
+    """Every accepted job ends once (counted on the store's job-done announcements), correctly."""
     stack = ingress_only
+    done = DoneCounter(stack.settings.redis_url, stack.results.done_channel).start()
+    try:
+        await _sigkill_victim(stack, workers, victim, done)
+    finally:
+        await done.close()
+
+
+async def _sigkill_victim(stack: Stack, workers: dict[str, WorkerProcess], victim: str, done: DoneCounter) -> None:
     # Everything upstream of the victim runs first, so its queue fills with work.
     for stage in ("preprocess", "predict", "store"):
         if stage != victim:
@@ -107,8 +118,17 @@ async def test_sigkill_while_holding_unacked_messages_loses_nothing(
     done_at_kill = await count_done(stack, ids)
     assert done_at_kill < N_JOBS, "the victim finished everything before it was killed; nothing was tested"
 
+    restarted_at = time.monotonic()
     workers[victim].start()
     await assert_all_succeeded_correctly(stack, expected)
+    recovered_s = time.monotonic() - restarted_at
+    await asyncio.sleep(0.5)  # announcements can lag the records a little
+    records = await statuses(stack, ids)
+    summary(f"sigkill {victim} asynchronous", sent=N_JOBS, accepted=len(expected),
+            completed=sum(1 for r in records.values() if r["status"] == "succeeded"),
+            lost=len(ids) - sum(1 for r in records.values() if r["status"] != "pending"),
+            duplicated=done.duplicated(ids), recover_s=recovered_s, done_at_kill=done_at_kill)
+    assert done.duplicated(ids) == 0
 
 
 async def _queue_taken(stack: Stack, stage: str) -> bool:
@@ -156,16 +176,18 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
     await assert_all_succeeded_correctly(stack, expected)
 
 
+@pytest.mark.parametrize("victim", ["preprocess", "predict"])
 @pytest.mark.parametrize("profile_name", ["synchronous", "prep_pred"])
 async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_killed(
-    settings: Settings, tmp_path: Path, profile_name: str
+    settings: Settings, tmp_path: Path, profile_name: str, victim: str
 ) -> None:
-    """Sync messages are transient: a killed predict stage costs in-flight callers a 504
-    at their deadline (never a hang), and the restarted stage serves the next ones."""
-    path, body = ("/v1/models/iris/predict", {"instances": [ROWS["setosa"]]}) if profile_name == "synchronous" \
-        else ("/v1/models/digits_fast/predict", None)
-    if body is None:
-        body = {"image": b64(sample_images()[0][0].read_bytes())}
+    """Sync messages are transient: a killed stage costs in-flight callers a 504 at
+    their deadline (never a hang), and the restarted stage serves the next ones."""
+    if profile_name == "synchronous":
+        path, body, expected_label = "/v1/models/iris/predict", {"instances": [ROWS["setosa"]]}, "setosa"
+    else:
+        image, expected_label = sample_images()[0]
+        path, body = "/v1/models/digits_fast/predict", {"image": b64(image.read_bytes())}
     async for stack in start_stack(settings, profile_name, stages=[]):
         procs = {stage: WorkerProcess(settings, profile_name, stage, tmp_path) for stage in stack.profile.stages}
         try:
@@ -175,27 +197,39 @@ async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_kille
                 proc.wait_consuming()
             await stack.ingress.monitor.refresh()
 
-            async def caller(stack: Stack = stack) -> list[int]:
-                statuses = []
+            async def caller(stack: Stack = stack) -> list[tuple[int, float, str | None]]:
+                calls = []
                 for _ in range(40):
+                    started = time.monotonic()
                     response = await stack.client.post(path, json=body, params={"timeout": "2"})
-                    statuses.append(response.status_code)
-                return statuses
+                    answer = response.json()["predictions"][0]["label"] if response.status_code == 200 else None
+                    calls.append((response.status_code, time.monotonic() - started, answer))
+                return calls
 
             callers = [asyncio.create_task(caller()) for _ in range(8)]
             await asyncio.sleep(0.3)
-            procs["predict"].kill()
+            procs[victim].kill()
             await asyncio.sleep(0.5)
-            procs["predict"].start()
-            procs["predict"].wait_consuming()
-            statuses = [status for task in await asyncio.wait_for(asyncio.gather(*callers), 120) for status in task]
+            restarted_at = time.monotonic()
+            procs[victim].start()
+            procs[victim].wait_consuming()
+            calls = [call for task in await asyncio.wait_for(asyncio.gather(*callers), 120) for call in task]
+            statuses = [status for status, _, _ in calls]
+            # Lost: a call answered neither by its deadline (2 s) nor soon after it.
+            hung = [seconds for _, seconds, _ in calls if seconds > 3.0]
+            wrong = [answer for status, _, answer in calls if status == 200 and answer != expected_label]
             assert set(statuses) <= {200, 503, 504}, statuses
             assert statuses.count(200) > 0
             await stack.ingress.monitor.refresh()
             response = await stack.client.post(path, json=body)
             assert response.status_code == 200
-            print(f"\n{profile_name}: {len(statuses)} sync calls around a predict SIGKILL: "
-                  f"{statuses.count(200)} answered, {statuses.count(504)} timed out, {statuses.count(503)} refused")
+            # A sync call is lost if it got no answer at all; each caller waits for its
+            # answer before the next call, so a hang would have failed the wait_for above.
+            summary(f"sigkill {victim} {profile_name}", sent=len(calls),
+                    accepted=statuses.count(200) + statuses.count(504), completed=statuses.count(200),
+                    lost=len(hung), duplicated=0, recover_s=time.monotonic() - restarted_at,
+                    refused_503=statuses.count(503), timed_out_504=statuses.count(504), wrong=len(wrong))
+            assert not hung and not wrong, (hung, wrong)
         finally:
             for proc in procs.values():
                 proc.stop()

@@ -174,3 +174,12 @@ def test_throwaway_servers_replace_the_default_urls(monkeypatch, silent_defaults
     assert resolved.amqp_url == rabbit.url and resolved.redis_url == redis_service.url
     assert rabbit.stopped == redis_service.stopped == 0  # the caller stops them later
     assert rabbit.url in say.text and redis_service.url in say.text
+
+
+@pytest.mark.parametrize(("url", "port"), [("amqp://h/", 5672), ("amqps://h/vhost", 5671), ("amqps://h:5999/", 5999),
+                                           ("redis://h/0", 6379), ("rediss://h/0", 6379)])
+def test_a_url_without_a_port_is_probed_where_its_client_would_connect(monkeypatch, url: str, port: int) -> None:
+    probed: list[tuple[str, int]] = []
+    monkeypatch.setattr(launcher, "port_answers", lambda host, p: probed.append((host, p)) or True)
+    assert launcher._answers(url)
+    assert probed == [("h", port)]
