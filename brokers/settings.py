@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # Deliveries of one message that ended in an unexpected error before it is
     # dead-lettered (bad input is never retried: it fails at once).
     max_attempts: int = Field(default=3, ge=1)
+    # Redeliveries of one message that never settled (its stage process died while
+    # handling it) before it is dead-lettered, on classic queues; 0 turns the guard off.
+    max_crash_redeliveries: int = Field(default=3, ge=0)
 
     # Seconds a stage waits for in-flight work after SIGTERM before it exits anyway.
     drain_timeout_s: float = Field(default=10.0, ge=0)

@@ -11,6 +11,8 @@ A ``Stage`` only turns one input message into output messages (or raises). The
   dead letter;
 - broker or Redis trouble (``TransientError``) -> requeued after a pause, not
   counted as an attempt, since the message itself is fine;
+- a message that kills the process each time it is handled -> dead-lettered after
+  a few redeliveries (``RedeliveryGuard``, for classic queues);
 - the stage drops work whose deadline passed (``deadline_exceeded``);
 - SIGTERM drains: stop consuming, finish and ack what is in flight, exit.
 """
@@ -37,6 +39,7 @@ from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_t
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
 from brokers.tracing import TRACEPARENT, continue_trace, current_span
+from consumers.crash_guard import RedeliveryGuard
 from consumers.metrics import StageMetrics, stage_metrics
 from consumers.preprocessing import InputError
 
@@ -130,8 +133,10 @@ class StageRunner:
         prefetch: int = 64,
         connection_name: str | None = None,
         metrics: StageMetrics | None = None,
+        guard: RedeliveryGuard | None = None,
     ) -> None:
         self.stage = stage
+        self.guard = guard
         # Prometheus metrics of this stage; its own registry unless the process shares one.
         self.metrics = metrics if metrics is not None else stage_metrics(stage.name)
         stage.instrument(self.metrics)
@@ -180,6 +185,8 @@ class StageRunner:
             await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
         if self.connection is not None:
             await self.connection.close()
+        if self.guard is not None:
+            await self.guard.close()
         await self.stage.stop()
 
     async def run_until(self, stop: asyncio.Event) -> None:
@@ -196,7 +203,14 @@ class StageRunner:
         assert task is not None
         self.stats.in_flight.add(task)
         try:
-            await self._process(delivery)
+            tracked = await self.guard.enter(delivery) if self.guard is not None else None
+            if tracked is not None and self.guard.exceeded(tracked[1]):
+                await self._dead_letter_crash_loop(delivery, tracked[1])
+            else:
+                await self._process(delivery)
+            # Settled (a process that dies never gets here): this delivery did not kill it.
+            if tracked is not None:
+                await self.guard.leave(tracked[0])
         finally:
             self.stats.in_flight.discard(task)
 
@@ -291,6 +305,29 @@ class StageRunner:
                 )
                 await self._publish_all([outgoing(failure)], delivery)
                 await self._dead_letter(delivery, reason)
+        except PublishRefused:
+            await asyncio.sleep(1.0)
+            await self._settle(delivery.nack(requeue=True))
+            return
+        await self._settle(delivery.ack())
+
+    async def _dead_letter_crash_loop(self, delivery: AbstractIncomingMessage, crashes: int) -> None:
+        # ``crashes``: the first delivery and every redelivery since, none of them settled.
+        reason = (f"stage {self.stage.name!r} died {crashes} times while handling this message (a crash or "
+                  "an out-of-memory kill, not an error it could report); dead-lettered so it cannot stop the stage")
+        log.error("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
+        failure: Failure | None = None
+        try:
+            failure = self.stage.failure(self.stage.decode(delivery.body), FailureCode.INTERNAL, reason)
+        except ValidationError:
+            ident = _salvage_identity(delivery.body)
+            if ident is not None:
+                failure = Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=FailureCode.INTERNAL,
+                                  message=reason)
+        try:
+            if failure is not None:  # whose job it is is known: end it, so its caller learns why
+                await self._publish_all([outgoing(failure)], delivery)
+            await self._dead_letter(delivery, reason)
         except PublishRefused:
             await asyncio.sleep(1.0)
             await self._settle(delivery.nack(requeue=True))

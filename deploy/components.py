@@ -17,6 +17,7 @@ from brokers.results import ResultStore
 from brokers.settings import Settings
 from brokers.telemetry_store import TelemetryStore
 from consumers.aggregate import AggregateStage, delay_queue
+from consumers.crash_guard import RedeliveryGuard
 from consumers.items import DirectorySource, RedisSource
 from consumers.metrics import StageMetrics, StageMetricSet
 from consumers.predict import PredictStage
@@ -109,13 +110,20 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
     if stage_name not in profile.stages:
         raise KeyError(f"profile {profile.name!r} has no stage {stage_name!r}; stages: {', '.join(profile.stages)}")
     spec = profile.stages[stage_name]
+    queue = profile.queue_spec(settings.namespace, stage_name)
+    guard = None
+    # Quorum queues count deliveries themselves (x-delivery-limit); classic ones need the guard.
+    if queue.queue_type == "classic" and settings.max_crash_redeliveries > 0:
+        guard = RedeliveryGuard(connect_redis(settings.redis_url, max_connections=8), settings.namespace,
+                                queue.name, settings.max_crash_redeliveries)
     return StageRunner(
         build_stage(profile, stage_name, settings),
         settings,
-        profile.queue_spec(settings.namespace, stage_name),
+        queue,
         prefetch=spec.prefetch,
         connection_name=f"toposerve-{profile.name}-{stage_name}-{replica}",
         metrics=metrics,
+        guard=guard,
     )
 
 

@@ -15,22 +15,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, profile: str, stage: str, log_dir: Path) -> None:
+    """``module``: what runs ``worker`` (``tests.support.crashing_worker`` for one that crashes)."""
+
+    def __init__(self, settings: Settings, profile: str, stage: str, log_dir: Path,
+                 module: str = "deploy.cli") -> None:
         self.settings = settings
         self.profile = profile
         self.stage = stage
+        self.module = module
         self.log_path = log_dir / f"{stage}.log"
         self.process: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "TOPOSERVE_AMQP_URL": self.settings.amqp_url,
                 "TOPOSERVE_REDIS_URL": self.settings.redis_url, "TOPOSERVE_NAMESPACE": self.settings.namespace,
-                "TOPOSERVE_DRAIN_TIMEOUT_S": str(self.settings.drain_timeout_s)}
+                "TOPOSERVE_DRAIN_TIMEOUT_S": str(self.settings.drain_timeout_s),
+                "TOPOSERVE_MAX_CRASH_REDELIVERIES": str(self.settings.max_crash_redeliveries)}
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "worker", "--profile", self.profile, "--stage", self.stage],
+            [sys.executable, "-m", self.module, "worker", "--profile", self.profile, "--stage", self.stage],
             env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         return self
 
