@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from api.auth import current_owner, may_read
 from api.errors import ApiError
 from api.ingress import Ingress
-from brokers.batches import BatchStore, iter_results
+from brokers.batches import BatchManifest, BatchStore, iter_results
 from brokers.connections import PublishRefused
 from consumers.registry import load_manifests
 from producers.batch import DEFAULT_CHUNK_ROWS, BatchSubmitter
@@ -60,15 +60,12 @@ def _unavailable(exc: Exception) -> ApiError:
                     {"Retry-After": "1"})
 
 
-def _owner_key(ingress: Ingress, batch_id: str) -> str:
-    return f"{ingress.settings.namespace}:batch-owner:{batch_id}"
-
-
-async def _check_owner(ingress: Ingress, batch_id: str) -> None:
-    """404, as for an unknown batch, when another API key created it."""
-    owner = await ingress.results.client.get(_owner_key(ingress, batch_id))
-    if owner is not None and not may_read(owner.decode() if isinstance(owner, bytes) else str(owner)):
+async def _readable_manifest(ingress: Ingress, batch_id: str) -> BatchManifest:
+    """The batch's manifest; 404 when it does not exist, or (the same answer) when another API key created it."""
+    manifest = await _store(ingress).manifest(batch_id)
+    if manifest is None or not may_read(manifest.owner):
         raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
+    return manifest
 
 
 async def _spool(request: Request, handle, limit: int) -> int:
@@ -144,11 +141,8 @@ async def create_batch(
                                    ingress.config.result_ttl_s, publisher=ingress.publisher,
                                    redis_client=ingress.results.client)
         try:
-            result = await submitter.submit(source, chunk_rows=chunk_rows)
-            if current_owner() is not None:
-                # Set before the id is handed out, so no one else can read the batch meanwhile.
-                await ingress.results.client.set(_owner_key(ingress, result.batch_id), current_owner(),
-                                                 ex=ingress.config.result_ttl_s)
+            # The owner is in the manifest from the start: no one else can read the batch, ever.
+            result = await submitter.submit(source, chunk_rows=chunk_rows, owner=current_owner())
         except PublishRefused as exc:
             raise ApiError(503, "broker_unavailable", f"could not publish the batch: {exc}",
                            {"Retry-After": "1"}) from exc
@@ -170,7 +164,7 @@ async def get_batch(batch_id: str, request: Request) -> Response:
     """Progress: total, done, failed, rate (rows/s), state running/succeeded/failed/partial."""
     ingress = _ingress(request)
     try:
-        await _check_owner(ingress, _batch_id(batch_id))
+        await _readable_manifest(ingress, _batch_id(batch_id))
         status = await _store(ingress).status(_batch_id(batch_id))
     except RedisError as exc:
         raise _unavailable(exc) from exc
@@ -185,12 +179,9 @@ async def get_batch_results(batch_id: str, request: Request) -> StreamingRespons
     ingress = _ingress(request)
     store = _store(ingress)
     try:
-        await _check_owner(ingress, _batch_id(batch_id))
-        manifest = await store.manifest(_batch_id(batch_id))
+        manifest = await _readable_manifest(ingress, _batch_id(batch_id))
     except RedisError as exc:
         raise _unavailable(exc) from exc
-    if manifest is None:
-        raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
     known = ingress.manifests.get(manifest.model) or load_manifests(ingress.config.models_dir).get(manifest.model)
     labels = known.labels if known is not None else []
     return StreamingResponse(iter_results(store, manifest, labels), media_type="application/x-ndjson")

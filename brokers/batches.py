@@ -50,6 +50,9 @@ class BatchManifest(BaseModel):
     source: str = ""
     fingerprint: str = ""
     kind: str = "csv"
+    # The API key id that created it over HTTP (None: authentication off, or the CLI).
+    # Kept in the manifest hash, so it lives exactly as long as the batch does.
+    owner: str | None = None
 
     def chunk_range(self, index: int) -> range:
         start = index * self.chunk_rows
@@ -145,7 +148,7 @@ class BatchStore:
     # -- the submitter ------------------------------------------------------------
 
     async def create(self, manifest: BatchManifest) -> None:
-        fields = {k: str(v) for k, v in manifest.model_dump().items()}
+        fields = {k: str(v) for k, v in manifest.model_dump(exclude_none=True).items()}
         fields |= {"done": "0", "failed": "0", "chunks_done": "0"}
         key = self.key(manifest.id)
         async with self.client.pipeline(transaction=True) as pipe:

@@ -111,14 +111,18 @@ class BatchSubmitter:
 
     async def submit_path(self, path: Path, model: str, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                           resume: str | None = None, progress: Progress | None = None,
-                          on_created: Callable[[BatchManifest], None] | None = None) -> SubmitResult:
+                          on_created: Callable[[BatchManifest], None] | None = None,
+                     owner: str | None = None) -> SubmitResult:
+        """Publish ``source`` in chunks; ``owner``: the API key id that may read the batch."""
         source = self.open(path, model)
         return await self.submit(source, chunk_rows=chunk_rows, resume=resume, progress=progress,
                                  on_created=on_created)
 
     async def submit(self, source: BatchSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, resume: str | None = None,
                      progress: Progress | None = None,
-                     on_created: Callable[[BatchManifest], None] | None = None) -> SubmitResult:
+                     on_created: Callable[[BatchManifest], None] | None = None,
+                     owner: str | None = None) -> SubmitResult:
+        """Publish ``source`` in chunks; ``owner``: the API key id that may read the batch."""
         started = time.perf_counter()
         model = source.manifest.name
         skip: set[int] = set()
@@ -136,7 +140,7 @@ class BatchSubmitter:
             manifest = BatchManifest(id=new_batch_id(), model=model, total=source.total,
                                      chunks=-(-source.total // rows), chunk_rows=rows, created=time.time(),
                                      source=Path(source.name).name[:200], fingerprint=source.fingerprint,
-                                     kind=source.kind)
+                                     kind=source.kind, owner=owner)
         publisher = await self._connect()
         if resume is None:
             await self.store.create(manifest)

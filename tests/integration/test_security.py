@@ -12,6 +12,7 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.auth import ApiKeys, RateLimiter, key_file_line
+from brokers.batches import BatchStore
 from brokers.connections import PublishRefused, connect_redis
 from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
@@ -101,6 +102,14 @@ async def test_batches_of_one_key_are_unknown_to_another(secured: Settings) -> N
         for path in (location, f"{location}/results"):
             other = await stack.client.get(path, headers={"X-API-Key": BOB})
             assert other.status_code == 404 and other.json()["error"]["code"] == "unknown_batch", path
+        # The owner is a field of the batch's manifest hash, whose TTL every chunk write
+        # renews: it cannot expire before the batch does (and leave it readable to all).
+        store = BatchStore(stack.results.client, secured.namespace, stack.profile.ingress.result_ttl_s)
+        manifest = await store.manifest(response.json()["id"])
+        assert manifest is not None and manifest.owner is not None
+        assert "owner" not in (await stack.client.get(location, headers=bearer(ALICE))).json()
+        await stack.results.client.hdel(store.key(manifest.id), "owner")  # what an owner-less batch is
+        assert (await stack.client.get(location, headers={"X-API-Key": BOB})).status_code == 200
 
 
 async def test_rate_limit_per_key_answers_429_with_retry_after(secured: Settings) -> None:
