@@ -16,7 +16,7 @@ import click
 
 from brokers.settings import Settings
 from deploy.components import load_checked_profile
-from deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, dump_yaml, render_k8s_yaml, stage_workers
+from deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, METRICS_PORT, dump_yaml, render_k8s_yaml, stage_workers
 from deploy.profile import Profile, ProfileError, available_profiles
 
 COMPOSE_FILE = Path(__file__).parent / "compose.yaml"
@@ -88,7 +88,11 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
                                   "retries": 3, "start_period": "30s"}
         services[f"{profile.name}-ingress"] = ingress
         for stage in stage_workers(profile):  # none for single_process: the ingress runs them
-            service = _toposerve_service(profile, ["worker", "--profile", profile.name, "--stage", stage])
+            service = _toposerve_service(profile, ["worker", "--profile", profile.name, "--stage", stage,
+                                                   "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"])
+            # Inside the compose network only (replicas would clash on a host port):
+            # a Prometheus there scrapes `<service>:9100` (DNS lists every replica).
+            service["expose"] = [str(METRICS_PORT)]
             service["deploy"] = {"replicas": profile.stages[stage].replicas}
             services[f"{profile.name}-{stage}"] = service
     return {"name": "toposerve", "services": services, "volumes": {"rabbitmq-data": {}, "redis-data": {}},

@@ -11,6 +11,9 @@ check them without a cluster. What is rendered for a profile P in namespace NS:
 - the ingress Deployment (``toposerve ingress``) and its Service on port 8000.
   A ``single_process`` profile (web_single) gets only these: its ingress runs the stages.
 
+Every pod carries ``prometheus.io/scrape|port|path`` annotations: stages serve their
+metrics on port 9100, the ingress on 8000 (web_single: its stages' metrics too).
+
 Credentials only ever come from Secrets (key ``url``), never from the manifests. The
 ingress requires API keys: it reads the hashed keys file (``toposerve keys hash``) from
 the Secret ``toposerve-api-keys`` (key ``keys.txt``), mounted read-only.
@@ -31,6 +34,9 @@ Obj = dict[str, Any]
 
 INGRESS = "ingress"
 HTTP_PORT = 8000
+# Each stage serves its Prometheus metrics here (`toposerve worker --metrics-port`); the
+# ingress serves its own at HTTP_PORT/metrics.
+METRICS_PORT = 9100
 PROFILE_DIR = "/etc/toposerve"
 PROFILE_FILE = f"{PROFILE_DIR}/profile.yaml"
 SECRET_KEY = "url"  # the key holding the connection URL in both Secrets
@@ -132,8 +138,17 @@ def _deployment(
     replicas: int,
     container: Obj,
     profile_sha256: str,
+    metrics_port: int,
 ) -> Obj:
     pod_labels = labels(profile, component)
+    annotations = {
+        "toposerve/profile-sha256": profile_sha256,
+        # The prometheus.io/* convention: Prometheus' kubernetes-pods scrape job (and most
+        # agents) scrape annotated pods with no further configuration.
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -145,7 +160,7 @@ def _deployment(
             "selector": {"matchLabels": pod_labels},
             "template": {
                 # A changed profile changes this annotation, which rolls the pods onto it.
-                "metadata": {"labels": pod_labels, "annotations": {"toposerve/profile-sha256": profile_sha256}},
+                "metadata": {"labels": pod_labels, "annotations": annotations},
                 "spec": {
                     # Service links would add TOPOSERVE_*_PORT variables (from Services named
                     # toposerve-...) into the settings' environment prefix.
@@ -210,13 +225,16 @@ def _ingress_container(profile: Profile, image: str, env: list[Obj]) -> Obj:
 
 
 def _stage_container(profile: Profile, stage: str, image: str, env: list[Obj]) -> Obj:
-    args = ["worker", "--profile", PROFILE_FILE, "--stage", stage]
+    args = ["worker", "--profile", PROFILE_FILE, "--stage", stage,
+            "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"]
     # No probes: a stage has no HTTP port, a crashed stage exits (and is restarted), and
     # an exec probe would start a Python interpreter in the pod every period to learn
     # nothing more. A hung-but-running stage needs a heartbeat the stage runner does not
     # write yet.
     resources = _STAGE_RESOURCES.get(profile.stages[stage].kind, _MEDIUM)
-    return _container(k8s_name(stage), args, image, env, resources)
+    container = _container(k8s_name(stage), args, image, env, resources)
+    container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+    return container
 
 
 def _service(profile: Profile, namespace: str) -> Obj:
@@ -299,13 +317,14 @@ def render_k8s(
         "metadata": _meta(k8s_name("toposerve", profile.name), namespace, labels(profile)),
         "data": {"profile.yaml": text},
     }]
-    ingress = _deployment(profile, namespace, INGRESS, 1, _ingress_container(profile, image, env), sha)
+    ingress = _deployment(profile, namespace, INGRESS, 1, _ingress_container(profile, image, env), sha, HTTP_PORT)
     _require_api_keys(ingress, api_keys_secret)
     objects.append(ingress)
     objects.append(_service(profile, namespace))
     for stage in workers:
         container = _stage_container(profile, stage, image, env)
-        objects.append(_deployment(profile, namespace, stage, profile.stages[stage].replicas, container, sha))
+        objects.append(_deployment(profile, namespace, stage, profile.stages[stage].replicas, container, sha,
+                                   METRICS_PORT))
     if workers:
         objects.append(_trigger_authentication(profile, namespace, amqp_secret))
         objects.extend(_scaled_object(profile, namespace, stage) for stage in workers)

@@ -21,7 +21,14 @@ from urllib.parse import urlparse
 import httpx
 
 from brokers.settings import Settings
-from deploy.local_services import LocalService, ServiceUnavailable, port_answers, start_rabbitmq, start_redis
+from deploy.local_services import (
+    LocalService,
+    ServiceUnavailable,
+    free_port,
+    port_answers,
+    start_rabbitmq,
+    start_redis,
+)
 from deploy.profile import Profile
 
 Say = Callable[[str], None]
@@ -83,6 +90,7 @@ def _redact(url: str) -> str:
 class Child:
     name: str
     argv: list[str]
+    metrics_url: str | None = None  # where its Prometheus metrics are served
     process: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -143,15 +151,21 @@ class Supervisor:
                     process.wait()
 
 
-def child_processes(profile: Profile, profile_arg: str, host: str, port: int) -> list[Child]:
+def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
+                    metrics_port: Callable[[], int] = free_port) -> list[Child]:
+    """The ingress and every stage replica; each stage serves its metrics on a port of
+    its own from ``metrics_port()`` (loopback), the ingress at its ``/metrics``."""
     base = [sys.executable, "-m", "deploy.cli"]
-    children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)])]
+    children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)],
+                      metrics_url=f"http://{host}:{port}/metrics")]
     if profile.ingress.single_process:
-        return children  # the ingress runs every stage itself
+        return children  # the ingress runs every stage itself (and serves their metrics)
     for stage, spec in profile.stages.items():
         for replica in range(spec.replicas):
+            mport = metrics_port()
             children.append(Child(f"{stage}[{replica}]", [*base, "worker", "--profile", profile_arg, "--stage", stage,
-                                                          "--replica", str(replica)]))
+                                                          "--replica", str(replica), "--metrics-port", str(mport)],
+                                  metrics_url=f"http://127.0.0.1:{mport}/metrics"))
     return children
 
 
@@ -219,6 +233,7 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
     try:
         with running_profile(profile, profile_arg, settings, host, port, say) as (base_url, supervisor):
             say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
+            say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))
             say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "
                 "-d '{\"instances\": [[5.1,3.5,1.4,0.2]]}'")
             while not stop_requested:

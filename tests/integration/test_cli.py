@@ -72,6 +72,15 @@ def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
         job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 10}).json()
         assert job["predictions"][0]["label"] == label
         assert httpx.get(f"{base}/readyz").status_code == 200
+        # Every process's metrics, at the URLs `up` printed.
+        printed = re.search(r"metrics: (.*)", up.log())
+        assert printed, up.log()
+        urls = dict(re.findall(r"(\S+) (http://\S+/metrics)", printed.group(1)))
+        assert set(urls) == {"ingress", "preprocess[0]", "predict[0]", "store[0]"}, printed.group(1)
+        assert "toposerve_requests_total{" in httpx.get(urls["ingress"]).text
+        for stage in ("preprocess", "predict", "store"):
+            text = httpx.get(urls[f"{stage}[0]"]).text
+            assert re.search(rf'toposerve_stage_messages_total{{[^}}]*stage="{stage}"[^}}]*}} [1-9]', text), text[:2000]
 
         assert up.stop() == 0
         output = up.log()

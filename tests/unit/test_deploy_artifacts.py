@@ -127,14 +127,26 @@ def test_k8s_runs_each_stage_with_the_profiles_replicas_and_queue(profile: Profi
         deployment = deployments[stage]
         assert deployment["spec"]["replicas"] == spec.replicas
         assert container(deployment)["command"] == ["toposerve"]
-        assert container(deployment)["args"] == ["worker", "--profile", PROFILE_FILE, "--stage", stage]
-        assert "livenessProbe" not in container(deployment)  # no HTTP port; see deploy/k8s.py
+        assert container(deployment)["args"] == ["worker", "--profile", PROFILE_FILE, "--stage", stage,
+                                                 "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
+        assert container(deployment)["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+        assert "livenessProbe" not in container(deployment)  # see deploy/k8s.py
         keda = scaled[stage]["spec"]
         assert keda["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert keda["minReplicaCount"] == spec.replicas
         assert keda["maxReplicaCount"] == max(spec.replicas * 4, 4) == max_replicas(profile, stage)
         assert keda["triggers"][0]["metadata"]["queueName"] == profile.queue_spec(NS, stage).name
         assert keda["triggers"][0]["metadata"]["value"] == str(spec.prefetch)
+
+
+def test_k8s_every_pod_is_annotated_for_prometheus_on_its_metrics_port(profile: Profile) -> None:
+    for name, deployment in by_kind(objects_of(profile), "Deployment").items():
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        port = int(annotations["prometheus.io/port"])
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+        # The annotated port is one the container really declares and serves.
+        assert port in [p["containerPort"] for p in container(deployment)["ports"]]
+        assert port == (8000 if name == "ingress" else 9100)
 
 
 def test_k8s_ingress_is_probed_and_served_on_8000(profile: Profile) -> None:
@@ -284,7 +296,9 @@ def test_compose_runs_every_profile_with_its_stages_and_replicas(profile: Profil
     assert "/healthz" in ingress["healthcheck"]["test"][-1]
     for stage in stages:
         service = mine[f"{profile.name}-{stage}"]
-        assert service["command"] == ["worker", "--profile", profile.name, "--stage", stage]
+        assert service["command"] == ["worker", "--profile", profile.name, "--stage", stage,
+                                      "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
+        assert service["expose"] == ["9100"] and "ports" not in service  # replicas share no host port
         assert service["deploy"]["replicas"] == profile.stages[stage].replicas
     for service in mine.values():
         assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}

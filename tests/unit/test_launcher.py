@@ -183,3 +183,18 @@ def test_a_url_without_a_port_is_probed_where_its_client_would_connect(monkeypat
     monkeypatch.setattr(launcher, "port_answers", lambda host, p: probed.append((host, p)) or True)
     assert launcher._answers(url)
     assert probed == [("h", port)]
+
+
+def test_every_stage_replica_gets_its_own_metrics_port() -> None:
+    from deploy.components import load_checked_profile
+
+    ports = iter(range(9500, 9600))
+    profile = load_checked_profile("prep_pred", Settings())
+    children = launcher.child_processes(profile, "prep_pred", "127.0.0.1", 8000, metrics_port=lambda: next(ports))
+    assert [c.name for c in children] == ["ingress", "preprocess[0]", "preprocess[1]", "predict[0]"]
+    assert [c.metrics_url for c in children] == ["http://127.0.0.1:8000/metrics", "http://127.0.0.1:9500/metrics",
+                                                 "http://127.0.0.1:9501/metrics", "http://127.0.0.1:9502/metrics"]
+    assert children[2].argv[-2:] == ["--metrics-port", "9501"]
+    single = load_checked_profile("web_single", Settings())
+    only = launcher.child_processes(single, "web_single", "127.0.0.1", 8000, metrics_port=lambda: next(ports))
+    assert [(c.name, c.metrics_url) for c in only] == [("ingress", "http://127.0.0.1:8000/metrics")]
