@@ -7,9 +7,15 @@ a stage its label children once, so the hot path only calls ``inc``/``observe``.
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+
+from consumers.liveness import LoopHeartbeat
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -66,10 +72,37 @@ def stage_metrics(stage: str, registry: CollectorRegistry | None = None) -> Stag
     return StageMetricSet(registry if registry is not None else CollectorRegistry()).for_stage(stage)
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1"):
-    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread; returns the server
-    (``server_port`` is the port, also when 0 picked a free one; ``shutdown()`` stops it)."""
-    from prometheus_client import start_http_server
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+        """Scrapes and probes every few seconds would drown the stage's own log lines."""
 
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scrape never holds up the process's exit
+
+
+def metrics_app(registry: CollectorRegistry, heartbeat: LoopHeartbeat | None = None):
+    """A WSGI app: ``/healthz`` from ``heartbeat`` (when given), the registry's metrics on any other path."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if heartbeat is not None and environ.get("PATH_INFO") == "/healthz":
+            alive = heartbeat.alive()
+            body = json.dumps({"status": "ok" if alive else "stuck",
+                               "event_loop_seconds_since_beat": round(heartbeat.age_s(), 3)}).encode()
+            start_response("200 OK" if alive else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics(environ, start_response)
+
+    return app
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1",
+                  heartbeat: LoopHeartbeat | None = None) -> WSGIServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` (and ``/healthz`` from ``heartbeat``)
+    from a daemon thread; returns the server (``server_port`` is the port, also when 0 picked
+    a free one; ``shutdown()`` stops it)."""
+    server = make_server(host, port, metrics_app(registry, heartbeat), _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server

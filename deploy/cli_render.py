@@ -72,6 +72,13 @@ def _toposerve_service(profile: Profile, command: list[str]) -> dict[str, Any]:
     }
 
 
+def _python_probe(url: str) -> dict[str, Any]:
+    """A compose healthcheck: the image has Python, not curl."""
+    probe = f"import urllib.request; urllib.request.urlopen('{url}', timeout=2)"
+    return {"test": ["CMD", "python", "-c", probe], "interval": "10s", "timeout": "5s", "retries": 3,
+            "start_period": "30s"}
+
+
 def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
     """The compose model: the brokers (always on) and, per profile P, services activated by ``--profile P``."""
     services = _brokers()
@@ -83,9 +90,7 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
         # API keys on: the hashed keys file (`toposerve keys hash`) as a compose secret.
         ingress["environment"]["TOPOSERVE_API_KEYS_FILE"] = f"/run/secrets/{API_KEYS_SECRET}"
         ingress["secrets"] = [API_KEYS_SECRET]
-        probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/healthz', timeout=2)"
-        ingress["healthcheck"] = {"test": ["CMD", "python", "-c", probe], "interval": "10s", "timeout": "5s",
-                                  "retries": 3, "start_period": "30s"}
+        ingress["healthcheck"] = _python_probe(f"http://127.0.0.1:{HTTP_PORT}/healthz")
         services[f"{profile.name}-ingress"] = ingress
         for stage in stage_workers(profile):  # none for single_process: the ingress runs them
             service = _toposerve_service(profile, ["worker", "--profile", profile.name, "--stage", stage,
@@ -93,6 +98,8 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
             # Inside the compose network only (replicas would clash on a host port):
             # a Prometheus there scrapes `<service>:9100` (DNS lists every replica).
             service["expose"] = [str(METRICS_PORT)]
+            # Marks a stage whose event loop is stuck unhealthy (`docker compose ps`).
+            service["healthcheck"] = _python_probe(f"http://127.0.0.1:{METRICS_PORT}/healthz")
             service["deploy"] = {"replicas": profile.stages[stage].replicas}
             services[f"{profile.name}-{stage}"] = service
     return {"name": "toposerve", "services": services, "volumes": {"rabbitmq-data": {}, "redis-data": {}},

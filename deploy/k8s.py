@@ -12,7 +12,9 @@ check them without a cluster. What is rendered for a profile P in namespace NS:
   A ``single_process`` profile (web_single) gets only these: its ingress runs the stages.
 
 Every pod carries ``prometheus.io/scrape|port|path`` annotations: stages serve their
-metrics on port 9100, the ingress on 8000 (web_single: its stages' metrics too).
+metrics on port 9100, the ingress on 8000 (web_single: its stages' metrics too). Stages
+have a liveness probe on 9100 ``/healthz`` (is the event loop turning?); the ingress is
+probed on 8000 ``/healthz`` and ``/readyz``.
 
 Credentials only ever come from Secrets (key ``url``), never from the manifests. The
 ingress requires API keys: it reads the hashed keys file (``toposerve keys hash``) from
@@ -227,13 +229,14 @@ def _ingress_container(profile: Profile, image: str, env: list[Obj]) -> Obj:
 def _stage_container(profile: Profile, stage: str, image: str, env: list[Obj]) -> Obj:
     args = ["worker", "--profile", PROFILE_FILE, "--stage", stage,
             "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"]
-    # No probes: a stage has no HTTP port, a crashed stage exits (and is restarted), and
-    # an exec probe would start a Python interpreter in the pod every period to learn
-    # nothing more. A hung-but-running stage needs a heartbeat the stage runner does not
-    # write yet.
     resources = _STAGE_RESOURCES.get(profile.stages[stage].kind, _MEDIUM)
     container = _container(k8s_name(stage), args, image, env, resources)
     container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+    # A crashed stage exits and is restarted; this catches one that is alive but stuck:
+    # /healthz answers 503 once its event loop has not turned for 30 s (consumers/liveness.py).
+    # No readiness probe: a stage serves no traffic, its queue holds the work meanwhile.
+    container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "initialDelaySeconds": 10,
+                                  "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3}
     return container
 
 

@@ -11,6 +11,7 @@ import uvicorn
 
 from brokers import logs
 from brokers.settings import Settings
+from consumers.liveness import LoopHeartbeat
 from consumers.metrics import serve_metrics
 from deploy.components import build_app, build_stage_runner
 from deploy.profile import Profile
@@ -37,16 +38,23 @@ def install_uvloop() -> None:
 async def run_stage(profile: Profile, stage: str, settings: Settings, replica: int = 0,
                     metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
     runner = build_stage_runner(profile, stage, settings, replica)
+    heartbeat = LoopHeartbeat()
+    heartbeat.start()
     if metrics_port is not None:
-        # A daemon thread serving this process's registry in the Prometheus text format.
-        server = serve_metrics(runner.metrics.registry, metrics_port, metrics_host)
-        log.info("stage %s.%s metrics on http://%s:%d/metrics", profile.name, stage, metrics_host, server.server_port)
+        # A daemon thread serving this process's registry in the Prometheus text format,
+        # and /healthz (is the event loop turning?) for a liveness probe.
+        server = serve_metrics(runner.metrics.registry, metrics_port, metrics_host, heartbeat)
+        log.info("stage %s.%s metrics on http://%s:%d/metrics (liveness: /healthz)", profile.name, stage,
+                 metrics_host, server.server_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("stage %s.%s replica %d starting (namespace %s)", profile.name, stage, replica, settings.namespace)
-    await runner.run_until(stop)
+    try:
+        await runner.run_until(stop)
+    finally:
+        await heartbeat.close()
     log.info("stage %s.%s replica %d stopped: %s", profile.name, stage, replica, runner.stats)
 
 

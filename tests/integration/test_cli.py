@@ -81,6 +81,8 @@ def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
         for stage in ("preprocess", "predict", "store"):
             text = httpx.get(urls[f"{stage}[0]"]).text
             assert re.search(rf'toposerve_stage_messages_total{{[^}}]*stage="{stage}"[^}}]*}} [1-9]', text), text[:2000]
+            alive = httpx.get(urls[f"{stage}[0]"].replace("/metrics", "/healthz"))
+            assert alive.status_code == 200 and alive.json()["status"] == "ok"
 
         assert up.stop() == 0
         output = up.log()

@@ -130,7 +130,9 @@ def test_k8s_runs_each_stage_with_the_profiles_replicas_and_queue(profile: Profi
         assert container(deployment)["args"] == ["worker", "--profile", PROFILE_FILE, "--stage", stage,
                                                  "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
         assert container(deployment)["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
-        assert "livenessProbe" not in container(deployment)  # see deploy/k8s.py
+        liveness = container(deployment)["livenessProbe"]
+        assert liveness["httpGet"] == {"path": "/healthz", "port": "metrics"}  # the event loop turns
+        assert "readinessProbe" not in container(deployment)  # a stage serves no traffic
         keda = scaled[stage]["spec"]
         assert keda["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert keda["minReplicaCount"] == spec.replicas
@@ -299,6 +301,7 @@ def test_compose_runs_every_profile_with_its_stages_and_replicas(profile: Profil
         assert service["command"] == ["worker", "--profile", profile.name, "--stage", stage,
                                       "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]
         assert service["expose"] == ["9100"] and "ports" not in service  # replicas share no host port
+        assert "127.0.0.1:9100/healthz" in service["healthcheck"]["test"][-1]
         assert service["deploy"]["replicas"] == profile.stages[stage].replicas
     for service in mine.values():
         assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}

@@ -1,0 +1,60 @@
+"""A stage's liveness: /healthz on its metrics port says whether its event loop still turns."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from consumers.liveness import LoopHeartbeat
+from consumers.metrics import serve_metrics
+
+
+def test_the_heartbeat_goes_stale_after_its_limit() -> None:
+    now = [100.0]
+    heartbeat = LoopHeartbeat(stale_after_s=30, clock=lambda: now[0])
+    assert heartbeat.alive() and heartbeat.age_s() == 0
+    now[0] += 30
+    assert heartbeat.alive()
+    now[0] += 0.5
+    assert not heartbeat.alive()
+
+
+async def test_healthz_answers_from_its_thread_503_while_the_loop_is_blocked_and_200_after() -> None:
+    heartbeat = LoopHeartbeat(interval_s=0.05, stale_after_s=0.3)
+    heartbeat.start()
+    server = serve_metrics(CollectorRegistry(), 0, heartbeat=heartbeat)
+    url = f"http://127.0.0.1:{server.server_port}/healthz"
+    try:
+        await asyncio.sleep(0.1)
+        assert (await asyncio.to_thread(httpx.get, url, timeout=5)).status_code == 200
+        seen: list[httpx.Response] = []
+        probe = threading.Thread(target=lambda: (time.sleep(0.6), seen.append(httpx.get(url, timeout=5))))
+        probe.start()
+        time.sleep(0.9)  # the event loop is stuck: no beat, but the probe is answered
+        probe.join()
+        assert seen[0].status_code == 503 and seen[0].json()["status"] == "stuck", seen[0].text
+        assert seen[0].json()["event_loop_seconds_since_beat"] > 0.3
+        await asyncio.sleep(0.2)  # the loop turns again
+        response = await asyncio.to_thread(httpx.get, url, timeout=5)
+        assert response.status_code == 200 and response.json()["status"] == "ok"
+        # Every other path is still the metrics.
+        metrics = await asyncio.to_thread(httpx.get, url.replace("/healthz", "/metrics"), timeout=5)
+        assert metrics.status_code == 200 and "text/plain" in metrics.headers["content-type"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        await heartbeat.close()
+
+
+def test_without_a_heartbeat_healthz_is_just_another_metrics_path() -> None:
+    server = serve_metrics(CollectorRegistry(), 0)
+    try:
+        response = httpx.get(f"http://127.0.0.1:{server.server_port}/healthz", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 200 and "text/plain" in response.headers["content-type"]
