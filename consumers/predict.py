@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 import numpy as np
@@ -71,8 +72,9 @@ class PredictStage(Stage):
         self.batcher = MicroBatcher(self._run, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms)
 
     async def start(self) -> None:
-        # Load (and sha256-check) every model before taking a message.
-        self.models = self.registry.load_all(self.model_names)
+        # Load (and sha256-check) every model before taking a message; in a thread, so the
+        # event loop keeps turning (the liveness heartbeat) while a large model loads.
+        self.models = await asyncio.to_thread(self.registry.load_all, self.model_names)
 
     async def stop(self) -> None:
         await self.batcher.close()

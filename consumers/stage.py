@@ -39,7 +39,7 @@ from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_t
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
 from brokers.tracing import TRACEPARENT, continue_trace, current_span
-from consumers.crash_guard import RedeliveryGuard
+from consumers.crash_guard import RedeliveryGuard, Tracked
 from consumers.metrics import StageMetrics, stage_metrics
 from consumers.preprocessing import InputError
 
@@ -134,9 +134,14 @@ class StageRunner:
         connection_name: str | None = None,
         metrics: StageMetrics | None = None,
         guard: RedeliveryGuard | None = None,
+        outcomes_kept: bool = True,
     ) -> None:
         self.stage = stage
         self.guard = guard
+        # Whether a stage of the profile consumes prediction.*/failure.* (a store, an
+        # aggregate). Sync profiles keep no outcomes: there, an outcome without a
+        # reply_to (a direct AMQP publish) has nowhere to go and is dropped, not refused.
+        self.outcomes_kept = outcomes_kept
         # Prometheus metrics of this stage; its own registry unless the process shares one.
         self.metrics = metrics if metrics is not None else stage_metrics(stage.name)
         stage.instrument(self.metrics)
@@ -203,16 +208,44 @@ class StageRunner:
         assert task is not None
         self.stats.in_flight.add(task)
         try:
-            tracked = await self.guard.enter(delivery) if self.guard is not None else None
-            if tracked is not None and self.guard.exceeded(tracked[1]):
-                await self._dead_letter_crash_loop(delivery, tracked[1])
+            if self.guard is not None and delivery.redelivered:
+                await self._process_guarded(self.guard, delivery)
             else:
                 await self._process(delivery)
-            # Settled (a process that dies never gets here): this delivery did not kill it.
-            if tracked is not None:
-                await self.guard.leave(tracked[0])
         finally:
             self.stats.in_flight.discard(task)
+
+    async def _process_guarded(self, guard: RedeliveryGuard, delivery: AbstractIncomingMessage) -> None:
+        """A redelivered message, on a classic queue: did it kill a process before? (consumers/crash_guard.py)"""
+        tracked = await guard.check(original_routing_key(delivery), delivery.body)
+        if tracked is None:  # the guard is unavailable: handle it as any message
+            await self._process(delivery)
+        elif guard.exceeded(tracked) and not self._expired(delivery):
+            if await self._dead_letter_crash_loop(delivery, tracked.deaths):
+                await guard.leave(tracked)  # settled: the count is no longer needed
+        elif tracked.deaths == 0:
+            await self._survive(guard, tracked, delivery)
+        else:
+            async with guard.suspects:  # suspects one at a time: only the culprit is counted again
+                await self._survive(guard, tracked, delivery)
+
+    async def _survive(self, guard: RedeliveryGuard, tracked: Tracked, delivery: AbstractIncomingMessage) -> None:
+        await guard.enter(tracked)
+        try:
+            await self._process(delivery)
+        finally:
+            # Reached unless the process died: settled, requeued, or cut off by a lost
+            # connection (which cancels this task). Shielded: the clean-up must not be cancelled.
+            await asyncio.shield(guard.leave(tracked))
+
+    def _expired(self, delivery: AbstractIncomingMessage) -> bool:
+        """Work past its deadline is dropped as ``deadline_exceeded``, crash loop or not."""
+        if not self.stage.honours_deadline:
+            return False
+        try:
+            return self.stage.decode(delivery.body).expired()
+        except ValidationError:
+            return False
 
     async def _process(self, delivery: AbstractIncomingMessage) -> None:
         # This hop's span (same trace id, new span id): on its outputs and its log lines.
@@ -254,7 +287,8 @@ class StageRunner:
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
         await self._settle(delivery.ack())
 
-    async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage) -> None:
+    async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage,
+                           best_effort_outcomes: bool = False) -> None:
         assert self._publisher is not None and self._retry is not None
         headers = {k: v for k, v in (delivery.headers or {}).items() if k not in (ATTEMPTS_HEADER, ROUTING_KEY_HEADER)}
         span = current_span.get()
@@ -272,7 +306,10 @@ class StageRunner:
             # A sync caller's answer goes to its reply queue; the copy on the exchange is
             # then best-effort (a profile without a store has no queue for it), and so is
             # the reply itself (the caller may have given up and gone).
-            best_effort = terminal and bool(delivery.reply_to)
+            best_effort = terminal and (bool(delivery.reply_to) or not self.outcomes_kept or best_effort_outcomes)
+            if terminal and not delivery.reply_to and not self.outcomes_kept:
+                log.info("job %s ended (%s) with no reply_to, in a profile that keeps no outcomes: not stored",
+                         out.body.id, out.body.kind)
             publishes.append(self._publisher.publish(
                 out.body, out.routing_key, reply_to=delivery.reply_to, correlation_id=delivery.correlation_id,
                 headers=headers, persistent=persistent, mandatory=not best_effort,
@@ -311,10 +348,11 @@ class StageRunner:
             return
         await self._settle(delivery.ack())
 
-    async def _dead_letter_crash_loop(self, delivery: AbstractIncomingMessage, crashes: int) -> None:
-        # ``crashes``: the first delivery and every redelivery since, none of them settled.
-        reason = (f"stage {self.stage.name!r} died {crashes} times while handling this message (a crash or "
-                  "an out-of-memory kill, not an error it could report); dead-lettered so it cannot stop the stage")
+    async def _dead_letter_crash_loop(self, delivery: AbstractIncomingMessage, deaths: int) -> bool:
+        """Dead-letter a message that killed the stage ``deaths`` times; True once it is settled."""
+        reason = (f"stage {self.stage.name!r} died {deaths} times while handling this message, counted from "
+                  "its first redelivery (a crash or an out-of-memory kill, not an error it could report); "
+                  "dead-lettered so it cannot stop the stage again")
         log.error("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
         failure: Failure | None = None
         try:
@@ -326,13 +364,16 @@ class StageRunner:
                                   message=reason)
         try:
             if failure is not None:  # whose job it is is known: end it, so its caller learns why
-                await self._publish_all([outgoing(failure)], delivery)
+                # Best effort: the dead letter is what must not be lost; a topology
+                # without a store would otherwise refuse the Failure and loop again.
+                await self._publish_all([outgoing(failure)], delivery, best_effort_outcomes=True)
             await self._dead_letter(delivery, reason)
         except PublishRefused:
             await asyncio.sleep(1.0)
             await self._settle(delivery.nack(requeue=True))
-            return
+            return False
         await self._settle(delivery.ack())
+        return True
 
     async def _reject_undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
         problems = "; ".join(

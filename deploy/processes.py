@@ -43,7 +43,13 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
     if metrics_port is not None:
         # A daemon thread serving this process's registry in the Prometheus text format,
         # and /healthz (is the event loop turning?) for a liveness probe.
-        server = serve_metrics(runner.metrics.registry, metrics_port, metrics_host, heartbeat)
+        try:
+            server = serve_metrics(runner.metrics.registry, metrics_port, metrics_host, heartbeat)
+        except OSError as exc:
+            # Taken since it was chosen (or by another replica): metrics on a free port
+            # are better than a stage that cannot start; the log line names the port.
+            log.warning("metrics port %d unavailable (%s); serving metrics on a free port", metrics_port, exc)
+            server = serve_metrics(runner.metrics.registry, 0, metrics_host, heartbeat)
         log.info("stage %s.%s metrics on http://%s:%d/metrics (liveness: /healthz)", profile.name, stage,
                  metrics_host, server.server_port)
     stop = asyncio.Event()

@@ -111,9 +111,7 @@ class BatchSubmitter:
 
     async def submit_path(self, path: Path, model: str, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                           resume: str | None = None, progress: Progress | None = None,
-                          on_created: Callable[[BatchManifest], None] | None = None,
-                     owner: str | None = None) -> SubmitResult:
-        """Publish ``source`` in chunks; ``owner``: the API key id that may read the batch."""
+                          on_created: Callable[[BatchManifest], None] | None = None) -> SubmitResult:
         source = self.open(path, model)
         return await self.submit(source, chunk_rows=chunk_rows, resume=resume, progress=progress,
                                  on_created=on_created)

@@ -1,4 +1,5 @@
-"""A message that kills its stage process each time is dead-lettered, not redelivered for ever.
+"""A message that kills its stage process each time is dead-lettered, not redelivered for ever,
+and the healthy messages that were in flight with it are not.
 
 The predict stage here is a real process that exits (``os._exit``, as a native
 crash would) on a poison row; the test plays the supervisor and restarts it, the
@@ -9,30 +10,68 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
+import aio_pika
+
+from brokers.connections import connect_redis
 from brokers.settings import Settings
+from brokers.topology import dead_queue_name
+from consumers.crash_guard import RedeliveryGuard
+from deploy.local_services import free_port
 from tests.integration.conftest import Stack, start_stack
-from tests.integration.test_direct_amqp import dead_letters
 from tests.support.crashing_worker import CRASH_EXIT_CODE, POISON
 from tests.support.processes import WorkerProcess
+
+LIMIT = 2
 
 
 async def job(stack: Stack, job_id: str) -> dict:
     return (await stack.client.get(f"/v1/jobs/{job_id}")).json()
 
 
-async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered(settings: Settings, tmp_path: Path) -> None:
-    settings = settings.model_copy(update={"max_crash_redeliveries": 2})
+async def submit(stack: Stack, row: list[float]) -> str:
+    response = await stack.client.post("/v1/models/iris/predict", json={"instances": [row]})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+async def all_dead_letters(settings: Settings, quiet_s: float = 1.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Everything in {ns}.dead, until it has stayed empty for ``quiet_s``."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).get_queue(dead_queue_name(settings.namespace))
+        found, quiet_since = [], time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            await message.ack()
+            found.append(message)
+            quiet_since = time.monotonic()
+        return found
+
+
+async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered_and_its_neighbours_succeed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"max_crash_redeliveries": LIMIT})
     async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
+        # All queued before the stage starts, so they are in flight together (one prefetch window).
+        before = [await submit(stack, [5.1, 3.5, 1.4, 0.2]) for _ in range(10)]
+        poison_id = await submit(stack, [POISON, 3.0, 1.4, 0.2])
+        after = [await submit(stack, [6.7, 3.0, 5.2, 2.3]) for _ in range(10)]
+        await asyncio.sleep(0.5)  # preprocess has turned them into features for the predict queue
         predict = WorkerProcess(settings, "asynchronous", "predict", tmp_path, module="tests.support.crashing_worker")
-        response = await stack.client.post("/v1/models/iris/predict", json={"instances": [[POISON, 3.0, 1.4, 0.2]]})
-        assert response.status_code == 202
-        poison_id = response.json()["id"]
         crashes = 0
+        deadline = time.monotonic() + 90
         try:
             while (await job(stack, poison_id))["status"] == "pending":
-                assert crashes <= 6, f"still crash-looping after {crashes} crashes:\n{predict.log()[-3000:]}"
+                assert time.monotonic() < deadline and crashes <= 2 * LIMIT + 2, \
+                    f"still crash-looping after {crashes} crashes:\n{predict.log()[-3000:]}"
                 if predict.process is None or predict.process.poll() is not None:
                     if predict.process is not None:
                         assert predict.process.returncode == CRASH_EXIT_CODE, predict.log()[-3000:]
@@ -41,51 +80,60 @@ async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered(settings:
                 await asyncio.sleep(0.05)
             record = await job(stack, poison_id)
             assert record["status"] == "failed" and record["error"]["code"] == "internal", record
-            assert "died 3 times while handling this message" in record["error"]["message"]
-            # The first delivery and two redeliveries killed it; the third redelivery was dead-lettered.
-            assert crashes == 3
-            dead = await dead_letters(stack, expected=1)
-            assert len(dead) == 1 and "died 3 times" in dead[0].headers["x-toposerve-reason"]
+            assert f"died {LIMIT} times while handling this message" in record["error"]["message"]
+            # The first delivery is not counted (nothing was known of it); then LIMIT counted deaths.
+            assert crashes == LIMIT + 1
+            # Every healthy neighbour ends succeeded: none was dead-lettered along with the poison.
+            ids = [*before, *after]
+            while any(r["status"] == "pending" for r in await asyncio.gather(*(job(stack, i) for i in ids))):
+                assert time.monotonic() < deadline, predict.log()[-3000:]
+                await asyncio.sleep(0.1)
+            records = [await job(stack, i) for i in ids]
+            assert [r["status"] for r in records] == ["succeeded"] * len(ids), [r for r in records if "error" in r][:2]
+            assert [r["predictions"][0]["label"] for r in records] == ["setosa"] * 10 + ["virginica"] * 10
+            dead = await all_dead_letters(settings)
+            assert [m.message_id for m in dead] == [poison_id]
+            assert f"died {LIMIT} times" in dead[0].headers["x-toposerve-reason"]
             assert dead[0].routing_key == "features.iris"
             # The stage that dead-lettered it is alive and serves the next requests.
             assert predict.process is not None and predict.process.poll() is None
-            response = await stack.client.post("/v1/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
-            good_id = response.json()["id"]
-            deadline = time.monotonic() + 20
+            good_id = await submit(stack, [5.1, 3.5, 1.4, 0.2])
             while (record := await job(stack, good_id))["status"] == "pending" and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert record["status"] == "succeeded" and record["predictions"][0]["label"] == "setosa", record
+            assert record["status"] == "succeeded", record
             assert predict.process.poll() is None
+            print(f"\n[fault crash-loop asynchronous] crashes={crashes} neighbours={len(ids)} "
+                  f"neighbours_succeeded={len(ids)} dead_letters={len(dead)}")
         finally:
             predict.stop()
 
 
-async def test_the_guard_counts_only_redeliveries_that_never_settled(redis_url: str, namespace: str) -> None:
-    from types import SimpleNamespace
+def delivery(body: bytes = b"{}", redelivered: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(redelivered=redelivered, body=body, routing_key="features.iris", headers={})
 
-    from brokers.connections import connect_redis
-    from consumers.crash_guard import RedeliveryGuard
-    from deploy.local_services import free_port
 
+async def test_the_guard_counts_deaths_per_message_and_forgets_a_survived_delivery(
+    redis_url: str, namespace: str
+) -> None:
     guard = RedeliveryGuard(connect_redis(redis_url), namespace, "q", limit=2)
     try:
-        first = SimpleNamespace(redelivered=False, message_id="m1", body=b"{}")
-        assert await guard.enter(first) is None  # first deliveries cost nothing
-        again = SimpleNamespace(redelivered=True, message_id="m1", body=b"{}")
-        key, count = await guard.enter(again)
-        assert count == 1 and not guard.exceeded(count)
-        assert (await guard.enter(again))[1] == 2  # the process died: it was never left
-        assert guard.exceeded((await guard.enter(again))[1])
-        await guard.leave(key)  # settled: the count starts again
-        assert (await guard.enter(again))[1] == 1
-        anonymous = SimpleNamespace(redelivered=True, message_id=None, body=b"some body")
-        assert (await guard.enter(anonymous))[0] != key  # named by its body's hash
-        assert 0 < await guard.client.ttl(key) <= guard.ttl_s
+        tracked = await guard.check("features.iris", b"{}")
+        assert tracked is not None and tracked.deaths == 0
+        await guard.enter(tracked)  # the process dies here: nothing leaves
+        assert (await guard.check("features.iris", b"{}")).deaths == 1
+        await guard.enter(tracked)
+        assert guard.exceeded(await guard.check("features.iris", b"{}"))
+        assert 0 < await guard.client.ttl(tracked.key) <= guard.ttl_s
+        await guard.leave(tracked)  # survived: the count is gone
+        assert (await guard.check("features.iris", b"{}")).deaths == 0
+        # Messages are told apart by routing key and body, not by the job id they share.
+        assert guard.key("prediction.iris", b"part 1") != guard.key("prediction.iris", b"part 2")
+        assert guard.key("prediction.iris", b"x") != guard.key("failure.iris", b"x")
     finally:
         await guard.close()
     # Redis away: the guard steps aside (fail open) instead of stopping the stage.
     away = RedeliveryGuard(connect_redis(f"redis://127.0.0.1:{free_port()}/0"), namespace, "q", limit=2)
     try:
-        assert await away.enter(SimpleNamespace(redelivered=True, message_id="m", body=b"")) is None
+        assert await away.check("features.iris", str(uuid.uuid4()).encode()) is None
     finally:
         await away.close()

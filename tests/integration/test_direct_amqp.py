@@ -147,3 +147,28 @@ async def test_a_poison_message_is_retried_a_bounded_number_of_times_then_dead_l
     assert dead[0].headers["x-toposerve-attempts"] == async_stack.settings.max_attempts - 1
     # Dead-lettered under its original routing key (retries went straight to the queue).
     assert dead[0].routing_key == "features.iris"
+
+
+async def test_a_sync_profile_settles_direct_publishes_without_reply_to_instead_of_requeueing_them(
+    sync_stack: Stack,
+) -> None:
+    """No stage of a sync profile keeps outcomes: a request published without reply_to is
+    handled once and its outcome dropped (logged), never refused and requeued for ever."""
+    for body in ({"id": str(uuid.uuid4()), "model": "iris", "instances": [[5.1, 3.5, 1.4, 0.2]]},
+                 {"id": str(uuid.uuid4()), "model": "iris", "instances": [[1, 2]]}):
+        await publish(sync_stack, "request.iris", json.dumps(body).encode())
+    preprocess, predict = sync_stack.runners["preprocess"].stats, sync_stack.runners["predict"].stats
+    for _ in range(100):
+        if predict.handled == 1 and preprocess.handled == 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # a refused outcome would be requeued after 1 s and counted again
+    assert (preprocess.handled, preprocess.failed) == (2, 1), preprocess
+    assert (predict.handled, predict.failed) == (1, 0), predict
+    connection = await aio_pika.connect(sync_stack.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for stage in ("preprocess", "predict"):
+            queue = await channel.declare_queue(sync_stack.profile.queue_spec(sync_stack.settings.namespace,
+                                                                              stage).name, passive=True)
+            assert queue.declaration_result.message_count == 0
