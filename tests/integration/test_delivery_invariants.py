@@ -13,7 +13,7 @@ import pytest
 
 from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
-from tests.support.faults import DoneCounter, summary
+from tests.support.faults import NO_HANG_S, DoneCounter, summary, wait_for_condition
 from tests.support.images import b64, sample_images
 from tests.support.processes import WorkerProcess
 
@@ -106,7 +106,7 @@ async def _sigkill_victim(stack: Stack, workers: dict[str, WorkerProcess], victi
             workers[stage].start()
     for stage in ("preprocess", "predict", "store"):
         if stage != victim:
-            workers[stage].wait_consuming()
+            await asyncio.to_thread(workers[stage].wait_consuming)
     expected = await submit_jobs(stack, N_JOBS)
     ids = list(expected)
 
@@ -120,14 +120,16 @@ async def _sigkill_victim(stack: Stack, workers: dict[str, WorkerProcess], victi
 
     restarted_at = time.monotonic()
     workers[victim].start()
-    await assert_all_succeeded_correctly(stack, expected)
-    recovered_s = time.monotonic() - restarted_at
+    # Bounded, and not asserted yet: the summary reports what was seen either way.
+    ended = await wait_for_condition(lambda: _all_done(stack, ids), timeout=90, interval=0.2)
+    recovered_s = None if ended is None else time.monotonic() - restarted_at
     await asyncio.sleep(0.5)  # announcements can lag the records a little
     records = await statuses(stack, ids)
     summary(f"sigkill {victim} asynchronous", sent=N_JOBS, accepted=len(expected),
             completed=sum(1 for r in records.values() if r["status"] == "succeeded"),
             lost=len(ids) - sum(1 for r in records.values() if r["status"] != "pending"),
             duplicated=done.duplicated(ids), recover_s=recovered_s, done_at_kill=done_at_kill)
+    await assert_all_succeeded_correctly(stack, expected)
     assert done.duplicated(ids) == 0
 
 
@@ -162,7 +164,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(
     for stage in ("preprocess", "store"):
         workers[stage].start()
     for stage in ("preprocess", "store"):
-        workers[stage].wait_consuming()
+        await asyncio.to_thread(workers[stage].wait_consuming)
     expected = await submit_jobs(stack, N_JOBS)
     await wait_until(lambda: _queue_full(stack, "predict"), timeout=120, interval=0.05)
     workers["predict"].start()
@@ -183,7 +185,9 @@ async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_kille
 ) -> None:
     """Sync messages are transient: a killed stage costs in-flight callers a 504 at
     their deadline (never a hang), and the restarted stage serves the next ones."""
-    if profile_name == "synchronous":
+    # synchronous publishes rows straight to the predict stage: kill its preprocess
+    # stage under image requests, which do pass through it.
+    if profile_name == "synchronous" and victim == "predict":
         path, body, expected_label = "/v1/models/iris/predict", {"instances": [ROWS["setosa"]]}, "setosa"
     else:
         image, expected_label = sample_images()[0]
@@ -194,7 +198,7 @@ async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_kille
             for proc in procs.values():
                 proc.start()
             for proc in procs.values():
-                proc.wait_consuming()
+                await asyncio.to_thread(proc.wait_consuming)
             await stack.ingress.monitor.refresh()
 
             async def caller(stack: Stack = stack) -> list[tuple[int, float, str | None]]:
@@ -212,22 +216,23 @@ async def test_sync_callers_get_an_answer_or_a_clear_error_when_a_stage_is_kille
             await asyncio.sleep(0.5)
             restarted_at = time.monotonic()
             procs[victim].start()
-            procs[victim].wait_consuming()
+            await asyncio.to_thread(procs[victim].wait_consuming)
+            consuming_after_s = time.monotonic() - restarted_at
             calls = [call for task in await asyncio.wait_for(asyncio.gather(*callers), 120) for call in task]
             statuses = [status for status, _, _ in calls]
             # Lost: a call answered neither by its deadline (2 s) nor soon after it.
-            hung = [seconds for _, seconds, _ in calls if seconds > 3.0]
+            hung = [seconds for _, seconds, _ in calls if seconds > 2 + NO_HANG_S]
             wrong = [answer for status, _, answer in calls if status == 200 and answer != expected_label]
             assert set(statuses) <= {200, 503, 504}, statuses
             assert statuses.count(200) > 0
             await stack.ingress.monitor.refresh()
             response = await stack.client.post(path, json=body)
             assert response.status_code == 200
-            # A sync call is lost if it got no answer at all; each caller waits for its
-            # answer before the next call, so a hang would have failed the wait_for above.
+            # accepted: published by the ingress (200, or 504 at the deadline); duplicated is not
+            # observable over HTTP (one response per call). recover: restart to consuming again.
             summary(f"sigkill {victim} {profile_name}", sent=len(calls),
                     accepted=statuses.count(200) + statuses.count(504), completed=statuses.count(200),
-                    lost=len(hung), duplicated=0, recover_s=time.monotonic() - restarted_at,
+                    lost=len(hung), duplicated=None, recover_s=consuming_after_s,
                     refused_503=statuses.count(503), timed_out_504=statuses.count(504), wrong=len(wrong))
             assert not hung and not wrong, (hung, wrong)
         finally:

@@ -28,6 +28,7 @@ from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.faults import (
     IRIS_ROWS,
+    NO_HANG_S,
     DoneCounter,
     Load,
     check_exactly_once,
@@ -59,14 +60,22 @@ async def stack(fault_settings: Settings, workers: dict[str, WorkerProcess]) -> 
         yield stack
 
 
+@pytest.fixture
+async def done(stack: Stack) -> AsyncIterator[DoneCounter]:
+    counter = DoneCounter(stack.settings.redis_url, stack.results.done_channel).start()
+    await asyncio.sleep(0.2)  # subscribed before any job ends
+    try:
+        yield counter
+    finally:
+        await counter.close()
+
+
 # --------------------------------------------------------------------------- scenarios
 
 
 async def test_rabbitmq_sigkill_and_restart_loses_nothing(
-    stack: Stack, fresh_services: FreshServices, workers: dict[str, WorkerProcess]
+    stack: Stack, fresh_services: FreshServices, workers: dict[str, WorkerProcess], done: DoneCounter
 ) -> None:
-    done = DoneCounter(stack.settings.redis_url, stack.results.done_channel).start()
-    await asyncio.sleep(0.2)
     load = Load(stack).start()
     try:
         await asyncio.sleep(1.0)
@@ -78,8 +87,8 @@ async def test_rabbitmq_sigkill_and_restart_loses_nothing(
         store.send_signal(signal.SIGSTOP)
         await asyncio.sleep(0.5)
         pending_at_kill = await _pending(stack, list(load.accepted()))
-        killed_at = time.monotonic()
         await asyncio.to_thread(fresh_services.rabbitmq.kill)
+        killed_at = time.monotonic()  # after: finding the node's processes takes a moment
         store.send_signal(signal.SIGCONT)
         assert pending_at_kill > 0, "every job had ended before the kill; nothing was tested"
         await asyncio.sleep(1.5)  # the outage; the load keeps coming
@@ -98,29 +107,26 @@ async def test_rabbitmq_sigkill_and_restart_loses_nothing(
         await asyncio.sleep(1.0)  # new requests keep being served
     finally:
         await load.stop()
-    try:
-        # During the outage (kill .. restart): answered, 503, quickly. Never a hang.
-        during = load.between(killed_at + 0.2, restart_at)
-        assert during, "no request was sent during the outage"
-        assert {s.status for s in during} == {503}, Counter(s.status for s in during)
-        slowest = max(s.seconds for s in during)
-        assert slowest < 1.0, f"a POST took {slowest:.2f} s during the outage"
-        assert any(s.status == 202 and s.at > recovered_at for s in load.sent), "no request served after recovery"
-        # Also while the node boots and the ingress reconnects: 202 or a quick 503, never a hang.
-        window = load.between(killed_at, recovered_at)
-        assert {s.status for s in window} <= {202, 503}, Counter(s.status for s in window)
-        slowest_window = max(s.seconds for s in window)
-        assert slowest_window < 1.0, f"a POST took {slowest_window:.2f} s while the broker came back"
-        print(f"\n[fault rabbitmq asynchronous, timeline] jobs pending at the kill={pending_at_kill} "
-              f"outage POSTs={len(during)} slowest={slowest:.3f}s "
-              f"(kill..recovery: {len(window)} POSTs, slowest {slowest_window:.3f}s) "
-              f"broker down {restart_at - killed_at:.1f}s, restart took {restarted_at - restart_at:.1f}s, "
-              f"first 202 {recovered:.2f}s after restart, /readyz ok {ready_after:.2f}s later")
-        for proc in workers.values():
-            assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
-        await check_exactly_once(stack, load, done, "rabbitmq asynchronous", recovered)
-    finally:
-        await done.close()
+    # During the outage (kill .. restart): answered, 503, quickly. Never a hang.
+    during = load.between(killed_at + 0.2, restart_at)
+    assert during, "no request was sent during the outage"
+    assert {s.status for s in during} == {503}, Counter(s.status for s in during)
+    slowest = max(s.seconds for s in during)
+    assert slowest < NO_HANG_S, f"a POST took {slowest:.2f} s during the outage"
+    assert any(s.status == 202 and s.at > recovered_at for s in load.sent), "no request served after recovery"
+    # Also while the node boots and the ingress reconnects: 202 or a quick 503, never a hang.
+    window = load.between(killed_at, recovered_at)
+    assert {s.status for s in window} <= {202, 503}, Counter(s.status for s in window)
+    slowest_window = max(s.seconds for s in window)
+    assert slowest_window < NO_HANG_S, f"a POST took {slowest_window:.2f} s while the broker came back"
+    print(f"\n[fault rabbitmq asynchronous, timeline] jobs pending at the kill={pending_at_kill} "
+          f"outage POSTs={len(during)} slowest={slowest:.3f}s "
+          f"(kill..recovery: {len(window)} POSTs, slowest {slowest_window:.3f}s) "
+          f"broker down {restart_at - killed_at:.1f}s, restart took {restarted_at - restart_at:.1f}s, "
+          f"first 202 {recovered:.2f}s after restart, /readyz ok {ready_after:.2f}s later")
+    for proc in workers.values():
+        assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
+    await check_exactly_once(stack, load, done, "rabbitmq asynchronous", recovered)
 
 
 async def _pending(stack: Stack, ids: list[str]) -> int:
@@ -128,17 +134,15 @@ async def _pending(stack: Stack, ids: list[str]) -> int:
 
 
 async def test_redis_outage_store_requeues_and_results_appear_after(
-    stack: Stack, fresh_services: FreshServices, workers: dict[str, WorkerProcess]
+    stack: Stack, fresh_services: FreshServices, workers: dict[str, WorkerProcess], done: DoneCounter
 ) -> None:
-    done = DoneCounter(stack.settings.redis_url, stack.results.done_channel).start()
-    await asyncio.sleep(0.2)
     load = Load(stack).start()
     direct: list[str] = []
     try:
         await asyncio.sleep(1.5)
         assert load.accepted()
-        killed_at = time.monotonic()
         await asyncio.to_thread(fresh_services.redis.kill)
+        killed_at = time.monotonic()
         # Work published by any client during the outage reaches the store, which cannot
         # store it: it must requeue it (not ack it), and store it once Redis is back.
         connection = await aio_pika.connect(stack.settings.amqp_url)
@@ -172,15 +176,12 @@ async def test_redis_outage_store_requeues_and_results_appear_after(
         await asyncio.sleep(1.0)
     finally:
         await load.stop()
-    try:
-        during = load.between(killed_at + 0.2, restart_at)
-        assert during and {s.status for s in during} == {503}, Counter(s.status for s in during)
-        slowest = max(s.seconds for s in during)
-        assert slowest < 1.5, f"a POST took {slowest:.2f} s during the Redis outage"
-        print(f"\n[fault redis asynchronous, timeline] outage POSTs={len(during)} slowest={slowest:.3f}s "
-              f"redis down {restart_at - killed_at:.1f}s, store requeues={requeues}, first 202 {recovered:.2f}s after restart")
-        for proc in workers.values():
-            assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
-        await check_exactly_once(stack, load, done, "redis asynchronous", recovered, extra_ids=direct)
-    finally:
-        await done.close()
+    during = load.between(killed_at + 0.2, restart_at)
+    assert during and {s.status for s in during} == {503}, Counter(s.status for s in during)
+    slowest = max(s.seconds for s in during)
+    assert slowest < NO_HANG_S, f"a POST took {slowest:.2f} s during the Redis outage"
+    print(f"\n[fault redis asynchronous, timeline] outage POSTs={len(during)} slowest={slowest:.3f}s "
+          f"redis down {restart_at - killed_at:.1f}s, store requeues={requeues}, first 202 {recovered:.2f}s after restart")
+    for proc in workers.values():
+        assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
+    await check_exactly_once(stack, load, done, "redis asynchronous", recovered, extra_ids=direct)

@@ -22,6 +22,11 @@ import redis.asyncio as redis
 from tests.integration.conftest import Stack
 from tests.support.images import b64, sample_images
 
+# "Quick, never a hang": a refused call is typically answered in milliseconds (the summaries
+# report the slowest); a hang would last until the client gives up (5 s). The bound between
+# them is loose on purpose, so a loaded CI machine does not fail a test that holds.
+NO_HANG_S = 3.0
+
 IRIS_ROWS = {"setosa": [5.1, 3.5, 1.4, 0.2], "versicolor": [5.9, 3.0, 4.2, 1.5], "virginica": [6.7, 3.0, 5.2, 2.3]}
 
 
@@ -45,7 +50,7 @@ def digit_requests() -> list[Request]:
 @dataclass
 class Sent:
     at: float
-    status: int  # 0: the client gave up waiting (a hang)
+    status: int  # 0: the client gave up waiting (a hang); -1: the call raised
     seconds: float
     request: Request
     job_id: str | None = None  # async: the accepted job
@@ -103,11 +108,17 @@ class Load:
         except TimeoutError:
             self.sent.append(Sent(at, 0, time.monotonic() - at, request))
             return
+        except Exception as exc:  # recorded, never lost: a test then sees status -1
+            self.sent.append(Sent(at, -1, time.monotonic() - at, request, answer=repr(exc)))
+            return
         sent = Sent(at, response.status_code, time.monotonic() - at, request)
-        if response.status_code == 202:
-            sent.job_id = response.json().get("id")
-        elif response.status_code == 200:
-            sent.answer = response.json()["predictions"][0]["label"]
+        try:
+            if response.status_code == 202:
+                sent.job_id = response.json().get("id")
+            elif response.status_code == 200:
+                sent.answer = response.json()["predictions"][0]["label"]
+        except (ValueError, KeyError, IndexError) as exc:
+            sent.status, sent.answer = -1, f"unreadable {response.status_code} body: {exc!r}"
         self.sent.append(sent)
 
     def accepted(self) -> dict[str, str]:
@@ -162,12 +173,21 @@ class DoneCounter:
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.1) -> float:
     """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    waited = await wait_for_condition(predicate, timeout, interval)
+    if waited is None:
+        raise AssertionError(f"condition not reached within {timeout} s")
+    return waited
+
+
+async def wait_for_condition(predicate: Callable[[], Awaitable[bool]], timeout: float,
+                             interval: float = 0.1) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout`` (for a caller that reports first)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if await predicate():
             return time.monotonic() - started
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not reached within {timeout} s")
+    return None
 
 
 async def records(stack: Stack, ids: list[str]) -> dict[str, dict]:
@@ -192,10 +212,12 @@ async def is_ready(stack: Stack) -> bool:
     return (await readyz(stack))[0] == 200
 
 
-def summary(scenario: str, *, sent: int, accepted: int, completed: int, lost: int, duplicated: int,
+def summary(scenario: str, *, sent: int, accepted: int, completed: int, lost: int, duplicated: int | None,
             recover_s: float | None, **extra: object) -> str:
-    """One line per scenario, the same shape everywhere (pytest -s, or the captured output of a failure)."""
+    """One line per scenario, the same shape everywhere; tests/conftest.py collects them at the end
+    of the pytest output. ``duplicated`` None: not observable in that scenario (shown as n/a)."""
     recover = "n/a" if recover_s is None else f"{recover_s:.2f}s"
+    duplicated = "n/a" if duplicated is None else duplicated
     tail = "".join(f" {k}={v}" for k, v in extra.items())
     line = (f"[fault {scenario}] sent={sent} accepted={accepted} completed={completed} "
             f"lost={lost} duplicated={duplicated} recover={recover}{tail}")
@@ -205,10 +227,15 @@ def summary(scenario: str, *, sent: int, accepted: int, completed: int, lost: in
 
 async def check_exactly_once(stack: Stack, load: Load, done: DoneCounter, scenario: str, recovered_s: float | None,
                              extra_ids: list[str] = ()) -> None:
-    """Every accepted async job (and ``extra_ids``) ended once, succeeded, with the right label."""
+    """Every accepted async job (and ``extra_ids``) ended once, succeeded, with the right label.
+
+    ``lost``: jobs still pending (or gone) after a minute; ``duplicated``: jobs whose terminal
+    record was written more than once (the store announces each write it makes; its Lua
+    script writes only the first terminal state, and this would catch it if it did not).
+    """
     accepted = load.accepted()
     ids = [*accepted, *extra_ids]
-    await wait_until(lambda: all_terminal(stack, ids), timeout=60, interval=0.25)
+    await wait_for_condition(lambda: all_terminal(stack, ids), timeout=60, interval=0.25)
     found = await records(stack, ids)
     completed = sum(1 for r in found.values() if r["status"] == "succeeded")
     lost = len(ids) - len(found) + sum(1 for r in found.values() if r["status"] == "pending")

@@ -25,6 +25,7 @@ class WorkerProcess:
         self.module = module
         self.log_path = log_dir / f"{stage}.log"
         self.process: subprocess.Popen | None = None
+        self._log_start = 0  # where the current process's lines begin (a restart appends)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "TOPOSERVE_AMQP_URL": self.settings.amqp_url,
@@ -33,16 +34,18 @@ class WorkerProcess:
                 "TOPOSERVE_MAX_CRASH_REDELIVERIES": str(self.settings.max_crash_redeliveries)}
 
     def start(self) -> WorkerProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, "worker", "--profile", self.profile, "--stage", self.stage],
-            env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module, "worker", "--profile", self.profile, "--stage", self.stage],
+                env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def wait_consuming(self, timeout: float = 30) -> None:
+        """Blocks until the current process consumes (in async tests: ``await asyncio.to_thread(...)``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if f"consuming {self.settings.namespace}" in self.log():
+            if f"consuming {self.settings.namespace}" in self.current_log():
                 return
             assert self.process is not None and self.process.poll() is None, self.log()
             time.sleep(0.05)
@@ -59,7 +62,15 @@ class WorkerProcess:
         return self.process.wait(timeout=timeout)
 
     def log(self) -> str:
+        """Every line of every process started so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def current_log(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self._log_start)
+            return handle.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
