@@ -51,7 +51,8 @@ HOW_TO_PROVIDE = (
 )
 
 _SOURCES_KEY = pytest.StashKey[list[str]]()
-FAULT_LINE_PREFIX = "[fault "  # what tests.support.faults.summary prints, one line per scenario
+# Lines the fault-injection summaries (tests.support.faults.summary) and the fuzz tests print.
+SUMMARY_LINE_PREFIXES = ("[fault ", "[fuzz ")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -74,17 +75,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("toposerve test services")
         for line in sources:
             terminalreporter.write_line(line)
-    faults = [
-        f"{line} ({report.outcome})"
-        for outcome in ("passed", "failed")
-        for report in terminalreporter.stats.get(outcome, [])
-        if getattr(report, "when", None) == "call"
-        for line in report.capstdout.splitlines()
-        if line.startswith(FAULT_LINE_PREFIX)
-    ]
-    if faults:
-        terminalreporter.section("toposerve fault injection")
-        for line in faults:
+    # Every phase's report carries the output captured so far (a module fixture's teardown
+    # prints the fuzz counts): collect from all of them, once each, in order.
+    reports = [r for group in terminalreporter.stats.values() for r in group if isinstance(r, pytest.TestReport)]
+    outcome = {r.nodeid: r.outcome for r in reports if r.when == "call"}
+    lines: dict[str, None] = {}
+    for report in reports:
+        for line in report.capstdout.splitlines():
+            if line.startswith(SUMMARY_LINE_PREFIXES):
+                lines.setdefault(f"{line} ({outcome.get(report.nodeid, report.outcome)})")
+    if lines:
+        terminalreporter.section("toposerve fault injection and fuzzing")
+        for line in lines:
             terminalreporter.write_line(line)
 
 
