@@ -20,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from redis.exceptions import RedisError
 
 from api.auth import current_owner
+from api.entry import preprocess_rows, queues_on_path
 from api.errors import ApiError, describe_validation_errors
 from api.replies import ReplyRouter
 from api.stage_monitor import StageMonitor
+from brokers.cache_keys import prediction_key
 from brokers.caches import PredictionCache
 from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
 from brokers.messages import Envelope, Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
@@ -63,6 +65,9 @@ class IngressConfig(BaseModel):
     groups: dict[str, list[str]] = Field(default_factory=dict)
     # The queues of the stages a sync answer goes through (preprocess, predict, aggregate).
     answer_queues: list[str] = Field(default_factory=list)
+    # Tabular rows are published as Features to features.<model>, skipping the preprocess
+    # stage (the profile's ingress.preprocess_tabular_in_ingress; see api/entry.py).
+    preprocess_tabular: bool = False
 
 
 @dataclass
@@ -206,20 +211,48 @@ class Ingress:
         return InferenceRequest(id=uuid.uuid4(), model=model, created_at=utc_now(),
                                 instances=body.instances, image=body.image, item_id=body.item_id)
 
+    def entry_kind(self, model: str) -> str:
+        """The kind of message a request for ``model`` enters the topology as (no cache involved)."""
+        tabular = self.manifest(model).preprocessing.kind == "tabular"
+        return "features" if self.config.preprocess_tabular and tabular else "request"
+
+    def entry_message(self, request: Envelope) -> Envelope:
+        """What to publish for ``request``: itself, or its Features when the profile preprocesses rows here.
+
+        The rows are converted again rather than threaded through every route from
+        ``parse_predict_body``: a few microseconds, and the tensor always matches the
+        request being published (a sync_async follow-up is a copy for another model).
+        """
+        if not (self.config.preprocess_tabular and isinstance(request, InferenceRequest)
+                and request.instances is not None):
+            return request
+        manifest = self.manifest(request.model)
+        try:
+            message, features = preprocess_rows(request, manifest, self.limits)
+        except InputError as exc:  # validated already; kept so a change there cannot become a 500
+            raise ApiError(INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
+        if self.prediction_cache is not None:
+            # As the preprocess stage does for such profiles (key_predictions): the same
+            # canonical tensor, so the store fills the cache under the key the ingress reads.
+            message.cache_key = prediction_key(self.settings.namespace, request.model, manifest.version, features)
+        return message
+
     async def submit_async(self, request: Envelope) -> None:
         """Record the job as pending, then publish it; if the broker refuses, forget the job.
 
         ``request`` is an ``InferenceRequest``, or ``Features`` when the ingress has
         already preprocessed the input (prediction-cache profiles, to key the cache).
+        Tabular requests become ``Features`` here when the profile says so.
         """
         assert self.publisher is not None
+        message = self.entry_message(request)
         try:
             await self.results.create_pending(request.id, request.model, request.created_at, owner=current_owner())
         except RedisError as exc:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc
         try:
-            await self.publisher.publish(request, routing_key(request.kind, request.model), headers=trace_headers())
+            await self.publisher.publish(message, routing_key(message.kind, message.model), headers=trace_headers())
         except PublishRefused as exc:
             try:
                 await self.results.delete(request.id)
@@ -258,15 +291,22 @@ class Ingress:
             raise ApiError(422, "invalid_request", f"timeout must be a positive number of seconds, got {requested}")
         return min(requested, self.config.max_timeout_s)
 
-    def require_stages(self) -> None:
-        """503 now, rather than a 504 later, when a stage of the profile has no consumer."""
+    def answer_queues(self, entry_kind: str) -> list[str] | None:
+        """The queues an answer to a message of ``entry_kind`` passes through (None: every queue)."""
+        if not self.config.answer_queues:
+            return None
+        return queues_on_path(self.config.queues, self.config.answer_queues, entry_kind)
+
+    def require_stages(self, entry_kind: str = "request") -> None:
+        """503 now, rather than a 504 later, when a stage on the request's path has no consumer."""
         if self.monitor is None:
             return
         if self.monitor.error is not None:
             raise ApiError(503, "broker_unavailable", f"the broker cannot be reached: {self.monitor.error}",
                            {"Retry-After": "1"})
-        # Only the stages a sync answer passes through matter (not a store or telemetry).
-        idle = self.monitor.without_consumers(self.config.answer_queues or None)
+        # Only the stages a sync answer passes through matter (not a store or telemetry),
+        # and not a preprocess stage the message skips (features published by the ingress).
+        idle = self.monitor.without_consumers(self.answer_queues(entry_kind))
         if idle:
             raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
                            {"Retry-After": "1"})
@@ -274,8 +314,9 @@ class Ingress:
     async def predict_sync(self, request: Envelope, timeout_s: float) -> Prediction | Failure:
         """Publish with a reply address and wait for the terminal message, at most ``timeout_s``."""
         assert self.publisher is not None and self.replies is not None
-        self.require_stages()
         request.deadline = request.created_at + timedelta(seconds=timeout_s)
+        message = self.entry_message(request)  # after the deadline is set: a Features copy carries it
+        self.require_stages(message.kind)
         correlation_id = str(request.id)
         future = self.replies.expect(correlation_id)
         try:
@@ -283,7 +324,7 @@ class Ingress:
             if remaining <= 0:
                 raise TimeoutError
             await self.publisher.publish(
-                request, routing_key(request.kind, request.model), reply_to=self.replies.queue_name,
+                message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
                 correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
             )
             remaining = (request.deadline - utc_now()).total_seconds()

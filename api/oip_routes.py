@@ -40,6 +40,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from api.body import check_content_type, read_body, read_json
+from api.entry import queues_on_path
 from api.errors import ApiError, describe_validation_errors
 from api.health import readiness
 from api.ingress import FAILURE_STATUS, Ingress
@@ -152,11 +153,16 @@ def model_metadata(manifest: ModelManifest) -> dict:
     }
 
 
-async def _ready(ingress: Ingress) -> bool:
-    """/readyz's checks, and (infer being synchronous) a consumer on every stage queue."""
+async def _ready(ingress: Ingress, model: str | None = None) -> bool:
+    """/readyz's checks, and (infer being synchronous) a consumer on every stage queue; for one
+    model, not on a preprocess queue its requests skip (tabular rows preprocessed in the ingress)."""
     ready, _ = await readiness(ingress)
     monitor = ingress.monitor
-    return ready and monitor is not None and not monitor.without_consumers()
+    among = None
+    if model is not None:
+        queues = ingress.config.queues
+        among = queues_on_path(queues, [q.name for q in queues], ingress.entry_kind(model))
+    return ready and monitor is not None and not monitor.without_consumers(among)
 
 
 # -- health and metadata ------------------------------------------------------------------
@@ -181,7 +187,7 @@ async def server_ready(request: Request) -> Response:
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     ingress = _ingress(request)
     manifest = _manifest(ingress, model, version)
-    ready = await _ready(ingress)
+    ready = await _ready(ingress, manifest.name)
     return oip_json({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
 
 

@@ -8,6 +8,8 @@ from it and publish to the queues from another language.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -16,7 +18,8 @@ from brokers.settings import Settings
 from brokers.telemetry_messages import Telemetry
 from brokers.topic import topic_matches
 from brokers.topology import dead_exchange_name, exchange_name
-from deploy.profile import AggregateSpec, PredictSpec, PreprocessSpec, Profile
+from consumers.registry import load_manifests
+from deploy.profile import MODELS_DIR, AggregateSpec, PredictSpec, PreprocessSpec, Profile
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"
@@ -31,8 +34,15 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
 }
 
 
-def _produced(profile: Profile) -> dict[str, set[str]]:
-    """Routing key -> who publishes it (``ingress`` or stage names)."""
+def tabular_names(profile: Profile, models_dir: Path) -> set[str]:
+    """The profile's models and groups that take rows (a group takes its members' input)."""
+    manifests = load_manifests(models_dir)
+    tabular = {m for m in profile.models if manifests[m].preprocessing.kind == "tabular"}
+    return tabular | {g for g, spec in profile.groups.items() if spec.models[0] in tabular}
+
+
+def _produced(profile: Profile, tabular: set[str] | None = None) -> dict[str, set[str]]:
+    """Routing key -> who publishes it (``ingress`` or stage names); ``tabular``: models taking rows."""
     names = [*profile.models, *profile.groups]
     produced: dict[str, set[str]] = {}
 
@@ -44,6 +54,9 @@ def _produced(profile: Profile) -> dict[str, set[str]]:
     if profile.ingress.prediction_cache_ttl_s:
         for model in profile.models:
             add(f"features.{model}", "ingress")  # the ingress preprocesses to key the cache
+    if profile.ingress.preprocess_tabular_in_ingress:
+        for name in sorted(tabular or ()):
+            add(f"features.{name}", "ingress")  # rows preprocessed in the ingress skip request.<name>
     for stage_name, spec in profile.stages.items():
         if isinstance(spec, PreprocessSpec):
             for name in names:
@@ -94,7 +107,7 @@ def asyncapi_document(profile: Profile, settings: Settings) -> dict:
             "bindings": {"amqp": {"messageType": kind, "bindingVersion": AMQP_BINDING_VERSION}},
         }
 
-    produced = _produced(profile)
+    produced = _produced(profile, tabular_names(profile, Path(settings.models_dir or MODELS_DIR)))
     channels: dict[str, dict] = {}
     operations: dict[str, dict] = {}
     for key in profile_routing_keys(profile):
@@ -135,6 +148,10 @@ def asyncapi_document(profile: Profile, settings: Settings) -> dict:
                 "little-endian bytes with dtype and shape. A synchronous caller sets the AMQP reply_to and "
                 "correlation_id properties; the stage that ends the job publishes the terminal Prediction or "
                 "Failure there too. The W3C traceparent AMQP header carries trace context across hops."
+                + (" In this profile the ingress preprocesses tabular rows itself and publishes them as "
+                   "Features to features.<model>, with the same reply_to, correlation_id, deadline and "
+                   "trace; request.<model> (images, item ids, any other publisher) still reaches the "
+                   "preprocess stage." if profile.ingress.preprocess_tabular_in_ingress else "")
             ),
         },
         "defaultContentType": "application/json",

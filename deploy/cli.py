@@ -103,8 +103,10 @@ def topology(profile_name: str) -> None:
     profile = _profile(profile_name, settings)
     ns = settings.namespace
     click.echo(f"profile {profile.name}: {profile.description}")
+    publishes = ("features.<model> for rows (preprocessed in the ingress), request.<model> for images and items"
+                 if profile.ingress.preprocess_tabular_in_ingress else "request.<model>")
     click.echo(f"  ingress: mode={profile.ingress.mode} http://{profile.ingress.host}:{profile.ingress.port} "
-               f"publishes request.<model>; results live {profile.ingress.result_ttl_s}s")
+               f"publishes {publishes}; results live {profile.ingress.result_ttl_s}s")
     click.echo(f"  models: {', '.join(profile.models)}")
     for group, spec in profile.groups.items():
         click.echo(f"  group {group}: {', '.join(spec.models)} (one request to all; joined within "
@@ -125,6 +127,8 @@ def topology(profile_name: str) -> None:
         click.echo(f"      {' '.join(knobs)}")
     click.echo("flow: request.<model> -> preprocess -> features.<model> -> predict -> prediction.<model> "
                "| failure.<model> -> store -> Redis")
+    if profile.ingress.preprocess_tabular_in_ingress:
+        click.echo("      rows: ingress -> features.<model> -> predict -> ... (the preprocess stage is skipped)")
 
 
 @main.command()

@@ -16,6 +16,7 @@ from brokers.joins import JoinStore
 from brokers.results import ResultStore
 from brokers.settings import Settings
 from brokers.telemetry_store import TelemetryStore
+from brokers.topic import any_binding_matches
 from consumers.aggregate import AggregateStage, delay_queue
 from consumers.crash_guard import RedeliveryGuard
 from consumers.items import DirectorySource, RedisSource
@@ -124,7 +125,14 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         connection_name=f"toposerve-{profile.name}-{stage_name}-{replica}",
         metrics=metrics,
         guard=guard,
+        outcomes_kept=keeps_outcomes(profile),
     )
+
+
+def keeps_outcomes(profile: Profile) -> bool:
+    """Whether a stage of ``profile`` consumes predictions or failures (a store, an aggregate)."""
+    keys = [f"{kind}.{model}" for kind in ("prediction", "failure") for model in [*profile.models, *profile.groups]]
+    return any(any_binding_matches(spec.consumes, key) for spec in profile.stages.values() for key in keys)
 
 
 def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
@@ -147,6 +155,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()
                        if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         overload_fallback=profile.ingress.overload_fallback,
+        preprocess_tabular=profile.ingress.preprocess_tabular_in_ingress,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from brokers.topic import any_binding_matches
 from brokers.topology import QueueSpec, stage_queue_name
 
 DEPLOY_DIR = Path(__file__).parent
@@ -44,6 +45,13 @@ class IngressSpec(_Strict):
     # and the answer given instead of 503 when shedding (None: 503 + Retry-After).
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_fallback: dict | None = None
+    # Tabular input: the ingress already turns rows into the float32 tensor to validate
+    # them, so with this on it publishes that tensor as Features straight to
+    # features.<model> (same reply address, deadline and trace), skipping a broker hop
+    # and the preprocess stage. Images and item ids still go request.<model> ->
+    # preprocess: decoding them is the costly work a preprocess stage scales out.
+    preprocess_tabular_in_ingress: bool = Field(
+        default=False, description="Tabular rows: publish features.<model> from the ingress, skip the preprocess stage")
 
 
 class _StageBase(_Strict):
@@ -162,6 +170,18 @@ class Profile(_Strict):
             raise ValueError(f"ingress names models not in the profile's 'models': {unknown}")
         if self.ingress.sync_async and self.ingress.mode != "sync_async":
             raise ValueError("ingress.sync_async pairs need ingress.mode: sync_async")
+        return self
+
+    @model_validator(mode="after")
+    def _ingress_features_have_a_consumer(self) -> Profile:
+        # Features published by the ingress must reach a predict stage, or every tabular
+        # request would be unroutable.
+        if self.ingress.preprocess_tabular_in_ingress:
+            patterns = [p for s in self.stages.values() if isinstance(s, PredictSpec) for p in s.consumes]
+            orphans = [m for m in [*self.models, *self.groups] if not any_binding_matches(patterns, f"features.{m}")]
+            if orphans:
+                raise ValueError("ingress.preprocess_tabular_in_ingress: no predict stage consumes "
+                                 f"{', '.join(f'features.{m}' for m in orphans)}")
         return self
 
     @model_validator(mode="after")

@@ -154,17 +154,23 @@ async def test_with_no_predict_stage_consuming_sync_requests_get_a_fast_503(sync
     assert time.monotonic() - started < 0.5
 
 
-async def test_when_the_broker_refuses_the_publish_the_caller_gets_a_fast_503(sync_stack: Stack) -> None:
+@pytest.mark.parametrize("model, stage", [
+    ("iris", "predict"),               # rows are published to features.iris by the ingress itself
+    ("digits_accurate", "preprocess"),  # images go to request.digits_accurate
+])
+async def test_when_the_broker_refuses_the_publish_the_caller_gets_a_fast_503(
+        sync_stack: Stack, model: str, stage: str) -> None:
     # Delete the queue the request would be routed to: the broker returns it unroutable.
     connection = await aio_pika.connect(sync_stack.settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(sync_stack.profile.queue_spec(sync_stack.settings.namespace, "preprocess").name)
+        await channel.queue_delete(sync_stack.profile.queue_spec(sync_stack.settings.namespace, stage).name)
     sync_stack.ingress.monitor.consumers = {}  # as if its last look saw consumers: the publish decides
     sync_stack.ingress.monitor.error = None
     sync_stack.ingress.monitor.queue_names = []
+    body = {"instances": IRIS_ROWS} if model == "iris" else image_body()[0]
     started = time.monotonic()
-    response = await sync_stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS})
+    response = await sync_stack.client.post(f"/v1/models/{model}/predict", json=body)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "broker_unavailable"
     assert "no queue is bound" in response.json()["error"]["message"]

@@ -217,6 +217,20 @@ def test_the_asyncapi_document_of_the_asynchronous_profile() -> None:
         assert _resolve(document, ref) is not None, ref
 
 
+def test_the_asyncapi_document_says_the_synchronous_ingress_publishes_rows_as_features() -> None:
+    settings = Settings()
+    document = asyncapi_document(load_checked_profile("synchronous", settings), settings)
+    operations = document["operations"]
+    # Rows (iris) are preprocessed in the ingress; images still go through the preprocess stage.
+    assert {"ingress.send.features.iris", "ingress.send.request.iris", "preprocess.receive.request.iris",
+            "predict.receive.features.iris"} <= set(operations)
+    assert "ingress.send.features.digits_fast" not in operations
+    assert "preprocess.send.features.digits_fast" in operations
+    assert "features.<model>" in document["info"]["description"]
+    asynchronous = asyncapi_document(load_checked_profile("asynchronous", settings), settings)
+    assert not any(name.startswith("ingress.send.features.") for name in asynchronous["operations"])
+
+
 def test_a_stage_metrics_port_serves_the_runners_registry() -> None:
     import httpx
 

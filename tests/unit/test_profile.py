@@ -130,6 +130,24 @@ def test_bad_ingress_field(tmp_path: Path, base: dict, field: str, value) -> Non
     assert f"ingress.{field}" in message
 
 
+def test_rows_go_through_the_preprocess_stage_unless_a_profile_says_otherwise(base: dict) -> None:
+    assert Profile.model_validate(base).ingress.preprocess_tabular_in_ingress is False
+    # synchronous and web_single (the same topology, packaged in one process) take the
+    # shortcut; prep_pred keeps preprocessing a stage of its own (its point).
+    shipped = {name: load_profile(name, known_models=KNOWN_MODELS) for name in available_profiles()}
+    assert shipped["synchronous"].ingress.preprocess_tabular_in_ingress
+    assert shipped["web_single"].ingress.preprocess_tabular_in_ingress
+    assert not shipped["prep_pred"].ingress.preprocess_tabular_in_ingress
+
+
+def test_features_from_the_ingress_need_a_predict_stage_bound_to_them(tmp_path: Path, base: dict) -> None:
+    base["ingress"]["preprocess_tabular_in_ingress"] = True
+    base["stages"]["predict"]["consumes"] = ["features.iris"]
+    message = load_error(write(tmp_path, base))
+    assert "preprocess_tabular_in_ingress" in message
+    assert "features.digits_fast" in message and "features.iris" not in message.split("consume")[-1]
+
+
 @pytest.mark.parametrize("name", ["Asynchronous", "a.b", "with-dash", ""])
 def test_bad_profile_name(tmp_path: Path, base: dict, name: str) -> None:
     base["name"] = name
