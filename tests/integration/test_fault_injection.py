@@ -37,21 +37,15 @@ from tests.support.faults import (
     records,
     wait_until,
 )
-from tests.support.processes import WorkerProcess
+from tests.support.processes import WorkerProcess, stage_processes
 
 STAGES = ("preprocess", "predict", "store")
 
 
 @pytest.fixture
 def workers(fault_settings: Settings, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    procs = {stage: WorkerProcess(fault_settings, "asynchronous", stage, tmp_path).start() for stage in STAGES}
-    try:
-        for proc in procs.values():
-            proc.wait_consuming()
+    with stage_processes(fault_settings, "asynchronous", STAGES, tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 @pytest.fixture

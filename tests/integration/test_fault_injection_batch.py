@@ -11,12 +11,11 @@ counted once per chunk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from brokers.settings import Settings
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.batches import IRIS_HEADER, iris_rows, onnx_labels, read_results
-from tests.support.faults import NO_HANG_S, is_ready, readyz, summary, wait_for_condition, wait_until
-from tests.support.processes import WorkerProcess
+from tests.support.faults import NO_HANG_S, SteadyLoad, is_ready, readyz, summary, wait_for_condition, wait_until
+from tests.support.processes import WorkerProcess, stage_processes
 
 BIG_ROWS, SMALL_ROWS, CHUNK_ROWS = 50_000, 20, 10
 
@@ -42,14 +41,8 @@ async def stack(fault_settings: Settings) -> AsyncIterator[Stack]:
 @pytest.fixture
 def workers(stack: Stack, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
     # Batches skip preprocess: chunks go straight to features.<model>.
-    procs = {stage: WorkerProcess(stack.settings, "batch", stage, tmp_path).start() for stage in ("predict", "store")}
-    try:
-        for proc in procs.values():
-            proc.wait_consuming()
+    with stage_processes(stack.settings, "batch", ("predict", "store"), tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 def csv_body(rows: np.ndarray) -> bytes:
@@ -65,41 +58,17 @@ class Upload:
     rows: np.ndarray
 
 
-@dataclass
-class BatchLoad:
+class BatchLoad(SteadyLoad):
     """Small CSV batches over HTTP, one every ``interval_s``: the steady load of the batch profile."""
 
-    stack: Stack
-    interval_s: float = 0.1
-    client_timeout_s: float = 5.0
-    uploads: list[Upload] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task | None = None
+    def __init__(self, stack: Stack, interval_s: float = 0.1, client_timeout_s: float = 5.0) -> None:
+        super().__init__(interval_s)
+        self.stack = stack
+        self.client_timeout_s = client_timeout_s
+        self.uploads: list[Upload] = []
 
-    def start(self) -> BatchLoad:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        pending: set[asyncio.Task] = set()
-        seed = 1000
-        while not self._stop.is_set():
-            seed += 1
-            task = asyncio.create_task(self._one(iris_rows(SMALL_ROWS, seed=seed)))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
-        if pending:
-            await asyncio.wait(pending)
-
-    async def _one(self, rows: np.ndarray) -> None:
-        self.uploads.append(await upload(self.stack, rows, self.client_timeout_s))
+    async def _one(self, i: int) -> None:
+        self.uploads.append(await upload(self.stack, iris_rows(SMALL_ROWS, seed=1000 + i), self.client_timeout_s))
 
     def accepted(self) -> list[Upload]:
         return [u for u in self.uploads if u.status == 202]

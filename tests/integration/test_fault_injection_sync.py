@@ -30,7 +30,7 @@ from tests.support.faults import (
     summary,
     wait_until,
 )
-from tests.support.processes import WorkerProcess
+from tests.support.processes import WorkerProcess, stage_processes
 
 DEADLINE_S = 2.0
 # synchronous: rows (which skip its preprocess stage) and images (which do not).
@@ -50,15 +50,8 @@ async def stack(fault_settings: Settings, profile_name: str) -> AsyncIterator[St
 
 @pytest.fixture
 def workers(stack: Stack, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
-    procs = {stage: WorkerProcess(stack.settings, stack.profile.name, stage, tmp_path).start()
-             for stage in stack.profile.stages}
-    try:
-        for proc in procs.values():
-            proc.wait_consuming()
+    with stage_processes(stack.settings, stack.profile.name, stack.profile.stages, tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 async def serving(stack: Stack, workers: dict[str, WorkerProcess]) -> Load:

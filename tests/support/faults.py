@@ -15,7 +15,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Self
 
 import redis.asyncio as redis
 
@@ -61,22 +62,18 @@ class Sent:
         return self.answer == self.request.label
 
 
-@dataclass
-class Load:
-    """Steady load: one POST every ``interval_s``, at most ``max_requests`` and ``max_seconds``."""
+class SteadyLoad:
+    """Calls ``_one(i)`` every ``interval_s`` in the background, at most ``max_calls`` times
+    and for ``max_seconds``; ``stop()`` waits for the calls still running."""
 
-    stack: Stack
-    requests: list[Request] = field(default_factory=iris_requests)
-    params: dict[str, str] = field(default_factory=dict)  # e.g. a sync deadline: {"timeout": "2"}
-    interval_s: float = 0.02
-    max_requests: int = 1500
-    max_seconds: float = 60.0
-    client_timeout_s: float = 5.0
-    sent: list[Sent] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task | None = None
+    def __init__(self, interval_s: float, max_calls: int = 10**9, max_seconds: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self.max_calls = max_calls
+        self.max_seconds = max_seconds
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
 
-    def start(self) -> Load:
+    def start(self) -> Self:
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -85,12 +82,15 @@ class Load:
         if self._task is not None:
             await self._task
 
+    async def _one(self, i: int) -> None:
+        raise NotImplementedError
+
     async def _run(self) -> None:
         started = time.monotonic()
         pending: set[asyncio.Task] = set()
         i = 0
-        while not self._stop.is_set() and i < self.max_requests and time.monotonic() - started < self.max_seconds:
-            task = asyncio.create_task(self._one(self.requests[i % len(self.requests)]))
+        while not self._stop.is_set() and i < self.max_calls and time.monotonic() - started < self.max_seconds:
+            task = asyncio.create_task(self._one(i))
             pending.add(task)
             task.add_done_callback(pending.discard)
             i += 1
@@ -99,7 +99,22 @@ class Load:
         if pending:
             await asyncio.wait(pending)
 
-    async def _one(self, request: Request) -> None:
+
+class Load(SteadyLoad):
+    """Predict POSTs, one every ``interval_s``, cycling through ``requests``; each recorded in ``sent``."""
+
+    def __init__(self, stack: Stack, requests: list[Request] | None = None, params: dict[str, str] | None = None,
+                 interval_s: float = 0.02, max_requests: int = 1500, max_seconds: float = 60.0,
+                 client_timeout_s: float = 5.0) -> None:
+        super().__init__(interval_s, max_requests, max_seconds)
+        self.stack = stack
+        self.requests = requests if requests is not None else iris_requests()
+        self.params = params or {}  # e.g. a sync deadline: {"timeout": "2"}
+        self.client_timeout_s = client_timeout_s
+        self.sent: list[Sent] = []
+
+    async def _one(self, i: int) -> None:
+        request = self.requests[i % len(self.requests)]
         at = time.monotonic()
         try:
             response = await asyncio.wait_for(

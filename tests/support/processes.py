@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from brokers.settings import Settings
@@ -76,6 +78,20 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def stage_processes(settings: Settings, profile: str, stages: Iterable[str],
+                    log_dir: Path) -> Iterator[dict[str, WorkerProcess]]:
+    """One `toposerve worker` per stage, each consuming before this yields; all stopped after."""
+    procs = {stage: WorkerProcess(settings, profile, stage, log_dir).start() for stage in stages}
+    try:
+        for proc in procs.values():
+            proc.wait_consuming()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
 class RunningProfile:
