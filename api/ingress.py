@@ -26,7 +26,14 @@ from api.replies import ReplyRouter
 from api.stage_monitor import StageMonitor
 from brokers.cache_keys import prediction_key
 from brokers.caches import PredictionCache
-from brokers.connections import Publisher, PublishRefused, connect_amqp, connect_redis, open_confirm_channel
+from brokers.connections import (
+    INGRESS_APP_ID,
+    Publisher,
+    PublishRefused,
+    connect_amqp,
+    connect_redis,
+    open_confirm_channel,
+)
 from brokers.messages import Envelope, Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
 from brokers.results import CompletionListener, ResultStore
 from brokers.settings import Settings
@@ -160,7 +167,7 @@ class Ingress:
         # Declaring the stage queues here too means an accepted request is queued
         # even when its stage has not started yet.
         topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
-        self.publisher = Publisher(topology.exchange)
+        self.publisher = Publisher(topology.exchange, app_id=INGRESS_APP_ID)
         self.completions.start()
         if self.cache_fills is not None:
             self.cache_fills.start()

@@ -53,9 +53,15 @@ def connect_redis(url: str, max_connections: int = 64) -> redis.Redis:
     return redis.Redis(connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2))
 
 
+# The AMQP app-id of what the ingress publishes. A request without it came from another
+# publisher, which wrote no ``pending`` record: the first stage writes one (StageRunner).
+INGRESS_APP_ID = "toposerve-ingress"
+
+
 def amqp_message(
     body: Envelope,
     *,
+    app_id: str | None = None,
     reply_to: str | None = None,
     correlation_id: str | None = None,
     headers: dict[str, object] | None = None,
@@ -74,15 +80,17 @@ def amqp_message(
         reply_to=reply_to,
         correlation_id=correlation_id,
         headers=headers or {},
+        app_id=app_id,
     )
 
 
 class Publisher:
     """Publishes envelopes to the inference exchange and waits for the broker's confirm."""
 
-    def __init__(self, exchange: AbstractExchange, timeout_s: float = 10.0) -> None:
+    def __init__(self, exchange: AbstractExchange, timeout_s: float = 10.0, app_id: str | None = None) -> None:
         self.exchange = exchange
         self.timeout_s = timeout_s
+        self.app_id = app_id
 
     async def publish(
         self,
@@ -96,8 +104,8 @@ class Publisher:
         expiration_s: float | None = None,
         mandatory: bool = True,
     ) -> None:
-        message = amqp_message(body, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
-                               persistent=persistent, expiration_s=expiration_s)
+        message = amqp_message(body, app_id=self.app_id, reply_to=reply_to, correlation_id=correlation_id,
+                               headers=headers, persistent=persistent, expiration_s=expiration_s)
         await self.publish_raw(message, routing_key, mandatory=mandatory)
 
     async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:

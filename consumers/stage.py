@@ -33,9 +33,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
+from brokers.connections import INGRESS_APP_ID, Publisher, PublishRefused, connect_amqp, open_confirm_channel
 from brokers.logs import current_job
 from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_terminal, routing_key
+from brokers.results import ResultStore
 from brokers.settings import Settings
 from brokers.topology import QueueSpec, declare_topology
 from brokers.tracing import TRACEPARENT, continue_trace, current_span
@@ -135,6 +136,7 @@ class StageRunner:
         metrics: StageMetrics | None = None,
         guard: RedeliveryGuard | None = None,
         outcomes_kept: bool = True,
+        recorder: ResultStore | None = None,
     ) -> None:
         self.stage = stage
         self.guard = guard
@@ -142,6 +144,9 @@ class StageRunner:
         # aggregate). Sync profiles keep no outcomes: there, an outcome without a
         # reply_to (a direct AMQP publish) has nowhere to go and is dropped, not refused.
         self.outcomes_kept = outcomes_kept
+        # The first stage of a profile that stores results: it records a request from a
+        # publisher other than the ingress as ``pending``, so its id is known at once.
+        self.recorder = recorder
         # Prometheus metrics of this stage; its own registry unless the process shares one.
         self.metrics = metrics if metrics is not None else stage_metrics(stage.name)
         stage.instrument(self.metrics)
@@ -192,6 +197,8 @@ class StageRunner:
             await self.connection.close()
         if self.guard is not None:
             await self.guard.close()
+        if self.recorder is not None:
+            await self.recorder.client.aclose(close_connection_pool=True)
         await self.stage.stop()
 
     async def run_until(self, stop: asyncio.Event) -> None:
@@ -259,6 +266,8 @@ class StageRunner:
 
         started = time.perf_counter()
         current_job.set((str(message.id), message.model, self.stage.name))
+        if self.recorder is not None and delivery.app_id != INGRESS_APP_ID:
+            await self._record_pending(message)
         self.metrics.queue_seconds.observe(max(time.time() - message.created_at.timestamp(), 0.0))
         try:
             if self.stage.honours_deadline and message.expired():
@@ -286,6 +295,16 @@ class StageRunner:
         self.metrics.handled.inc()
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
         await self._settle(delivery.ack())
+
+    async def _record_pending(self, message: Envelope) -> None:
+        """Best effort: the job's outcome is stored either way, this only makes it known sooner."""
+        assert self.recorder is not None
+        try:
+            # SET NX: a record that exists (pending, or already ended) is left alone.
+            await self.recorder.create_pending(message.id, message.model, message.created_at)
+        except RedisError as exc:
+            log.warning("could not record job %s as pending (%s); its outcome is stored when it ends",
+                        message.id, exc)
 
     async def _publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage,
                            best_effort_outcomes: bool = False) -> None:

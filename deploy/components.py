@@ -126,7 +126,18 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         metrics=metrics,
         guard=guard,
         outcomes_kept=keeps_outcomes(profile),
+        recorder=_pending_recorder(profile, stage_name, settings),
     )
+
+
+def _pending_recorder(profile: Profile, stage_name: str, settings: Settings) -> ResultStore | None:
+    """For a stage taking requests in a profile that stores outcomes: records direct publishes as pending."""
+    takes_requests = any(any_binding_matches(profile.stages[stage_name].consumes, f"request.{model}")
+                         for model in [*profile.models, *profile.groups])
+    if not (takes_requests and keeps_outcomes(profile)):
+        return None
+    return ResultStore(connect_redis(settings.redis_url, max_connections=8), settings.namespace,
+                       profile.ingress.result_ttl_s)
 
 
 def keeps_outcomes(profile: Profile) -> bool:

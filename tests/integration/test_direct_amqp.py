@@ -172,3 +172,21 @@ async def test_a_sync_profile_settles_direct_publishes_without_reply_to_instead_
             queue = await channel.declare_queue(sync_stack.profile.queue_spec(sync_stack.settings.namespace,
                                                                               stage).name, passive=True)
             assert queue.declaration_result.message_count == 0
+
+
+async def test_a_direct_publish_is_pending_at_once_not_unknown(settings) -> None:
+    """The ingress records its jobs as pending; for another publisher the first stage does, so
+    ``GET /v1/jobs/{id}`` says 202 pending (not 404) while the job waits for later stages."""
+    from tests.integration.conftest import start_stack
+
+    async for stack in start_stack(settings, "asynchronous", stages=["preprocess"]):  # no predict, no store
+        job_id = uuid.uuid4()
+        body = {"id": str(job_id), "model": "iris", "instances": [[6.7, 3.0, 5.2, 2.3]]}
+        await publish(stack, "request.iris", json.dumps(body).encode())
+        for _ in range(100):
+            response = await stack.client.get(f"/v1/jobs/{job_id}")
+            if response.status_code != 404:
+                break
+            await asyncio.sleep(0.05)
+        assert response.status_code == 202 and response.json()["status"] == "pending", response.text
+        assert stack.runners["preprocess"].stats.handled == 1
