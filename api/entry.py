@@ -15,8 +15,8 @@ import time
 import numpy as np
 
 from brokers.messages import Features, InferenceRequest
-from brokers.tensors import encode_tensor
 from brokers.topology import QueueSpec
+from consumers.preprocess import derived_features
 from consumers.preprocessing import InputLimits, rows_to_features
 from consumers.registry import ModelManifest
 
@@ -27,11 +27,9 @@ PIPELINE_KINDS = ("request", "features")
 
 def features_message(request: InferenceRequest, features: np.ndarray, preprocess_ms: float) -> Features:
     """``request`` as the preprocess stage would have published it: same id, deadline, timings so far."""
-    message = Features(**request.carried(), tensor=encode_tensor(features))
     # Measured where the work was done (here), under the key the stage would use,
     # so a caller's per-stage timings stay comparable whichever path was taken.
-    message.timings = {**request.timings, "preprocess_ms": preprocess_ms}
-    return message
+    return derived_features(request, features, {**request.timings, "preprocess_ms": preprocess_ms})
 
 
 def preprocess_rows(request: InferenceRequest, manifest: ModelManifest,
@@ -44,9 +42,8 @@ def preprocess_rows(request: InferenceRequest, manifest: ModelManifest,
     assert request.instances is not None
     started = time.perf_counter()
     features = rows_to_features(request.instances, manifest, limits)
-    message = features_message(request, features, 0.0)
-    message.timings["preprocess_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    return message, features
+    preprocess_ms = round((time.perf_counter() - started) * 1000, 3)
+    return features_message(request, features, preprocess_ms), features
 
 
 def queues_on_path(queues: list[QueueSpec], answer_queues: list[str], entry_kind: str) -> list[str]:

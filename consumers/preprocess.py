@@ -38,6 +38,14 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
+def derived_features(request: InferenceRequest, features: np.ndarray, timings: dict[str, float]) -> Features:
+    """Pure: the ``Features`` message for ``request`` (same id, model, deadline, ...), with ``timings``.
+    The preprocess stage publishes it; so does the ingress when it preprocesses rows itself."""
+    message = Features(**request.carried(), tensor=encode_tensor(features))
+    message.timings = timings
+    return message
+
+
 class PreprocessStage(Stage):
     kind: ClassVar[str] = "preprocess"
     input_type: ClassVar[type[Envelope]] = InferenceRequest
@@ -76,8 +84,7 @@ class PreprocessStage(Stage):
             features = await asyncio.to_thread(image_b64_to_features, message.image, manifest, self.limits)
         else:
             features = await self._item_features(message.item_id or "", manifest, timings)
-        derived = Features(**message.carried(), tensor=encode_tensor(features))
-        derived.timings = timings
+        derived = derived_features(message, features, timings)
         if self.key_predictions and derived.cache_key is None:
             derived.cache_key = prediction_key(self.namespace, manifest.name, manifest.version, features)
         return [outgoing(derived)]

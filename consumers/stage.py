@@ -373,19 +373,37 @@ class StageRunner:
                   "its first redelivery (a crash or an out-of-memory kill, not an error it could report); "
                   "dead-lettered so it cannot stop the stage again")
         log.error("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
-        failure: Failure | None = None
         try:
             failure = self.stage.failure(self.stage.decode(delivery.body), FailureCode.INTERNAL, reason)
         except ValidationError:
-            ident = _salvage_identity(delivery.body)
-            if ident is not None:
-                failure = Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=FailureCode.INTERNAL,
-                                  message=reason)
+            failure = self._salvaged_failure(delivery, FailureCode.INTERNAL, reason)
+        # Best effort: the dead letter is what must not be lost; a topology without a
+        # store would otherwise refuse the Failure and loop again.
+        return await self._end_and_dead_letter(delivery, failure, reason, best_effort_outcomes=True)
+
+    async def _reject_undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        reason = f"message is not a valid {self.stage.input_type.__name__} for stage {self.stage.name!r}: {problems}"
+        failure = self._salvaged_failure(delivery, FailureCode.INVALID_MESSAGE, reason[:4000])
+        if await self._end_and_dead_letter(delivery, failure, reason):
+            log.warning("stage %s: %s", self.stage.name, reason)
+
+    def _salvaged_failure(self, delivery: AbstractIncomingMessage, code: FailureCode, reason: str) -> Failure | None:
+        """A ``Failure`` for a message that does not decode, when its ``id`` and ``model`` can be read."""
+        ident = _salvage_identity(delivery.body)
+        if ident is None:
+            return None
+        return Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=code, message=reason)
+
+    async def _end_and_dead_letter(self, delivery: AbstractIncomingMessage, failure: Failure | None, reason: str,
+                                   best_effort_outcomes: bool = False) -> bool:
+        """End the job with ``failure`` (when whose job it is is known, so its caller learns
+        why), dead-letter the message, then ack; True once acked, False when requeued."""
         try:
-            if failure is not None:  # whose job it is is known: end it, so its caller learns why
-                # Best effort: the dead letter is what must not be lost; a topology
-                # without a store would otherwise refuse the Failure and loop again.
-                await self._publish_all([outgoing(failure)], delivery, best_effort_outcomes=True)
+            if failure is not None:
+                await self._publish_all([outgoing(failure)], delivery, best_effort_outcomes=best_effort_outcomes)
             await self._dead_letter(delivery, reason)
         except PublishRefused:
             await asyncio.sleep(1.0)
@@ -393,27 +411,6 @@ class StageRunner:
             return False
         await self._settle(delivery.ack())
         return True
-
-    async def _reject_undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        reason = f"message is not a valid {self.stage.input_type.__name__} for stage {self.stage.name!r}: {problems}"
-        ident = _salvage_identity(delivery.body)
-        try:
-            if ident is not None:
-                # We know whose job it is: end it as failed so its caller learns why.
-                job_id, model = ident
-                failure = Failure(id=job_id, model=model, stage=self.stage.name,
-                                  code=FailureCode.INVALID_MESSAGE, message=reason[:4000])
-                await self._publish_all([outgoing(failure)], delivery)
-            await self._dead_letter(delivery, reason)
-        except PublishRefused:
-            await asyncio.sleep(1.0)
-            await self._settle(delivery.nack(requeue=True))
-            return
-        log.warning("stage %s: %s", self.stage.name, reason)
-        await self._settle(delivery.ack())
 
     async def _dead_letter(self, delivery: AbstractIncomingMessage, reason: str) -> None:
         assert self._dead is not None

@@ -117,6 +117,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
     if queue.queue_type == "classic" and settings.max_crash_redeliveries > 0:
         guard = RedeliveryGuard(connect_redis(settings.redis_url, max_connections=8), settings.namespace,
                                 queue.name, settings.max_crash_redeliveries)
+    outcomes_kept = keeps_outcomes(profile)
     return StageRunner(
         build_stage(profile, stage_name, settings),
         settings,
@@ -125,16 +126,16 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         connection_name=f"toposerve-{profile.name}-{stage_name}-{replica}",
         metrics=metrics,
         guard=guard,
-        outcomes_kept=keeps_outcomes(profile),
-        recorder=_pending_recorder(profile, stage_name, settings),
+        outcomes_kept=outcomes_kept,
+        recorder=_pending_recorder(profile, stage_name, settings) if outcomes_kept else None,
     )
 
 
 def _pending_recorder(profile: Profile, stage_name: str, settings: Settings) -> ResultStore | None:
-    """For a stage taking requests in a profile that stores outcomes: records direct publishes as pending."""
+    """For a stage taking requests (in a profile that stores outcomes): records direct publishes as pending."""
     takes_requests = any(any_binding_matches(profile.stages[stage_name].consumes, f"request.{model}")
                          for model in [*profile.models, *profile.groups])
-    if not (takes_requests and keeps_outcomes(profile)):
+    if not takes_requests:
         return None
     return ResultStore(connect_redis(settings.redis_url, max_connections=8), settings.namespace,
                        profile.ingress.result_ttl_s)

@@ -14,14 +14,12 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import aio_pika
-
 from brokers.connections import connect_redis
 from brokers.settings import Settings
-from brokers.topology import dead_queue_name
 from consumers.crash_guard import RedeliveryGuard
 from deploy.local_services import free_port
 from tests.integration.conftest import Stack, start_stack
+from tests.integration.test_direct_amqp import dead_letters
 from tests.support.crashing_worker import CRASH_EXIT_CODE, POISON
 from tests.support.processes import WorkerProcess
 
@@ -36,23 +34,6 @@ async def submit(stack: Stack, row: list[float]) -> str:
     response = await stack.client.post("/v1/models/iris/predict", json={"instances": [row]})
     assert response.status_code == 202, response.text
     return response.json()["id"]
-
-
-async def all_dead_letters(settings: Settings, quiet_s: float = 1.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Everything in {ns}.dead, until it has stayed empty for ``quiet_s``."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        queue = await (await connection.channel()).get_queue(dead_queue_name(settings.namespace))
-        found, quiet_since = [], time.monotonic()
-        while time.monotonic() - quiet_since < quiet_s:
-            message = await queue.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            found.append(message)
-            quiet_since = time.monotonic()
-        return found
 
 
 async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered_and_its_neighbours_succeed(
@@ -91,7 +72,7 @@ async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered_and_its_n
             records = [await job(stack, i) for i in ids]
             assert [r["status"] for r in records] == ["succeeded"] * len(ids), [r for r in records if "error" in r][:2]
             assert [r["predictions"][0]["label"] for r in records] == ["setosa"] * 10 + ["virginica"] * 10
-            dead = await all_dead_letters(settings)
+            dead = await dead_letters(stack, expected=2, timeout=1.0)  # asks for 2: must find just 1
             assert [m.message_id for m in dead] == [poison_id]
             assert f"died {LIMIT} times" in dead[0].headers["x-toposerve-reason"]
             assert dead[0].routing_key == "features.iris"
