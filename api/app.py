@@ -8,15 +8,14 @@ from typing import Protocol
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-
-from api import book_routes, edge_routes, health, oip_routes, routes_v1
-from api.auth import SecurityMiddleware, security_options
-from api.batch_routes import router as batch_router
-from api.errors import install_error_handlers
-from api.ingress import Ingress, IngressConfig
-from api.metrics import IngressMetrics, ObservabilityMiddleware
-from api.observability_routes import router as observability_router
-from brokers.settings import Settings
+from toposerve.api import book_routes, edge_routes, health, oip_routes, routes_v1
+from toposerve.api.auth import SecurityMiddleware, security_options
+from toposerve.api.batch_routes import router as batch_router
+from toposerve.api.errors import install_error_handlers
+from toposerve.api.ingress import Ingress, IngressConfig
+from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
+from toposerve.api.observability_routes import router as observability_router
+from toposerve.brokers import Settings
 
 
 class Companion(Protocol):

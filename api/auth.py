@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-
-from brokers.settings import Settings
+from toposerve.brokers import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/health/all", "/metrics"})
 OPEN_PREFIXES = ("/v2/health/",)

@@ -22,15 +22,12 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
-
-from api.auth import current_owner, may_read
-from api.errors import ApiError
-from api.ingress import Ingress
-from brokers.batches import BatchManifest, BatchStore, iter_results
-from brokers.connections import PublishRefused
-from consumers.registry import load_manifests
-from producers.batch import DEFAULT_CHUNK_ROWS, BatchSubmitter
-from producers.batch_sources import BatchInputError, bytes_source
+from toposerve.api.auth import current_owner, may_read
+from toposerve.api.errors import ApiError
+from toposerve.api.ingress import Ingress
+from toposerve.brokers import BatchManifest, BatchStore, PublishRefused, iter_results
+from toposerve.models import load_manifests
+from toposerve.producers import DEFAULT_CHUNK_ROWS, BatchInputError, BatchSubmitter, bytes_source
 
 router = APIRouter(prefix="/v1")
 

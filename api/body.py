@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from fastapi import Request
-
-from api.errors import ApiError
+from toposerve.api.errors import ApiError
 
 # curl -d sends application/x-www-form-urlencoded unless told otherwise; the README's
 # one-line examples rely on it, so a JSON body under that type is accepted too.

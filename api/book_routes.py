@@ -17,16 +17,14 @@ import uuid
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-
-from api.auth import may_read
-from api.body import read_json
-from api.cached_predict import predict_sync_cached
-from api.errors import ApiError, error_response
-from api.health import readiness
-from api.ingress import FAILURE_STATUS, Ingress
-from brokers.messages import Failure, InferenceRequest, Prediction
-from brokers.results import JobRecord, JobStatus
-from consumers.registry import ImagePreprocessing, ModelManifest
+from toposerve.api.auth import may_read
+from toposerve.api.body import read_json
+from toposerve.api.cached_predict import predict_sync_cached
+from toposerve.api.errors import ApiError, error_response
+from toposerve.api.health import readiness
+from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
+from toposerve.models import ImagePreprocessing, ModelManifest
 
 IRIS_SAMPLE = [[5.1, 3.5, 1.4, 0.2]]
 

@@ -17,15 +17,21 @@ import time
 
 import numpy as np
 from redis.exceptions import RedisError
-
-from api.auth import current_owner
-from api.entry import features_message
-from api.errors import ApiError
-from api.ingress import INPUT_STATUS, Ingress
-from brokers.cache_keys import prediction_key
-from brokers.messages import Failure, InferenceRequest, Prediction, RowPrediction, utc_now
-from brokers.results import JobRecord, JobStatus
-from consumers.preprocessing import InputError, image_b64_to_features, rows_to_features
+from toposerve.api.auth import current_owner
+from toposerve.api.entry import features_message
+from toposerve.api.errors import ApiError
+from toposerve.api.ingress import INPUT_STATUS, Ingress
+from toposerve.brokers import (
+    Failure,
+    InferenceRequest,
+    JobRecord,
+    JobStatus,
+    Prediction,
+    RowPrediction,
+    prediction_key,
+    utc_now,
+)
+from toposerve.models import InputError, image_b64_to_features, rows_to_features
 
 log = logging.getLogger(__name__)
 

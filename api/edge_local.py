@@ -19,15 +19,12 @@ from typing import Protocol
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-
-from api.body import read_json
-from api.errors import ApiError, install_error_handlers
-from api.ingress import FAILURE_STATUS, validate_predict_body
-from api.routes_v1 import model_description
-from brokers.messages import Prediction
-from brokers.results import JobRecord
-from consumers.preprocessing import InputError
-from consumers.registry import ModelManifest
+from toposerve.api.body import read_json
+from toposerve.api.errors import ApiError, install_error_handlers
+from toposerve.api.ingress import FAILURE_STATUS, validate_predict_body
+from toposerve.api.routes_v1 import model_description
+from toposerve.brokers import JobRecord, Prediction
+from toposerve.models import InputError, ModelManifest
 
 
 class LocalPredictor(Protocol):

@@ -26,13 +26,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from redis.exceptions import RedisError
-
-from api.errors import ApiError
-from api.ingress import Ingress
-from brokers.messages import routing_key
-from brokers.telemetry_store import TelemetryStore
-from brokers.topic import any_binding_matches
-from consumers.registry import ModelManifest, file_sha256
+from toposerve.api.errors import ApiError
+from toposerve.api.ingress import Ingress
+from toposerve.brokers import TelemetryStore, any_binding_matches, routing_key
+from toposerve.models import ModelManifest, file_sha256
 
 router = APIRouter(prefix="/v1")
 

@@ -13,12 +13,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from brokers.messages import Features, InferenceRequest
-from brokers.topology import QueueSpec
-from consumers.preprocess import derived_features
-from consumers.preprocessing import InputLimits, rows_to_features
-from consumers.registry import ModelManifest
+from toposerve.brokers import Features, InferenceRequest, QueueSpec
+from toposerve.models import InputLimits, ModelManifest, derived_features, rows_to_features
 
 # The message kinds a request travels through before its answer, in order. Entering
 # at one kind skips the stages that only consume the kinds before it.

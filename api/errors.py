@@ -9,8 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from brokers.redaction import redact
+from toposerve.brokers import redact
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ import asyncio
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-
-from api.ingress import Ingress
-from brokers.redaction import redact
+from toposerve.api.ingress import Ingress
+from toposerve.brokers import redact
 
 router = APIRouter()
 

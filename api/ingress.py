@@ -18,30 +18,43 @@ from typing import Literal, NoReturn
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from redis.exceptions import RedisError
-
-from api.auth import current_owner
-from api.entry import preprocess_rows, queues_on_path
-from api.errors import ApiError, describe_validation_errors
-from api.replies import ReplyRouter
-from api.stage_monitor import StageMonitor
-from brokers.cache_keys import prediction_key
-from brokers.caches import PredictionCache
-from brokers.connections import (
+from toposerve.api.auth import current_owner
+from toposerve.api.entry import preprocess_rows, queues_on_path
+from toposerve.api.errors import ApiError, describe_validation_errors
+from toposerve.api.replies import ReplyRouter
+from toposerve.api.stage_monitor import StageMonitor
+from toposerve.brokers import (
     INGRESS_APP_ID,
+    CompletionListener,
+    Envelope,
+    Failure,
+    FailureCode,
+    InferenceRequest,
+    Prediction,
+    PredictionCache,
     Publisher,
     PublishRefused,
+    QueueSpec,
+    ResultStore,
+    Settings,
     connect_amqp,
     connect_redis,
+    declare_topology,
     open_confirm_channel,
+    prediction_key,
+    routing_key,
+    trace_headers,
+    utc_now,
 )
-from brokers.messages import Envelope, Failure, FailureCode, InferenceRequest, Prediction, routing_key, utc_now
-from brokers.results import CompletionListener, ResultStore
-from brokers.settings import Settings
-from brokers.topology import QueueSpec, declare_topology
-from brokers.tracing import trace_headers
-from consumers.items import check_item_id
-from consumers.preprocessing import InputError, InputLimits, check_image_header, rows_to_features
-from consumers.registry import ModelManifest, load_manifests
+from toposerve.models import (
+    InputError,
+    InputLimits,
+    ModelManifest,
+    check_image_header,
+    check_item_id,
+    load_manifests,
+    rows_to_features,
+)
 
 
 class IngressConfig(BaseModel):

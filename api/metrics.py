@@ -21,11 +21,10 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from brokers.tracing import TRACEPARENT, continue_trace, current_span
+from toposerve.brokers import TRACEPARENT, continue_trace, current_span
 
 if TYPE_CHECKING:
-    from api.ingress import Ingress
+    from toposerve.api.ingress import Ingress
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TRACEPARENT = TRACEPARENT.encode()

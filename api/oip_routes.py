@@ -38,15 +38,13 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-
-from api.body import check_content_type, read_body, read_json
-from api.entry import queues_on_path
-from api.errors import ApiError, describe_validation_errors
-from api.health import readiness
-from api.ingress import FAILURE_STATUS, Ingress
-from brokers.messages import Failure, InferenceRequest, Prediction, RowPrediction
-from brokers.redaction import redact
-from consumers.registry import ImagePreprocessing, ModelManifest
+from toposerve.api.body import check_content_type, read_body, read_json
+from toposerve.api.entry import queues_on_path
+from toposerve.api.errors import ApiError, describe_validation_errors
+from toposerve.api.health import readiness
+from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.brokers import Failure, InferenceRequest, Prediction, RowPrediction, redact
+from toposerve.models import ImagePreprocessing, ModelManifest
 
 log = logging.getLogger(__name__)
 

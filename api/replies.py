@@ -14,8 +14,7 @@ import uuid
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
-
-from brokers.messages import Failure, Prediction, decode_terminal
+from toposerve.brokers import Failure, Prediction, decode_terminal
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,13 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
-
-from api.auth import may_read
-from api.body import read_json
-from api.cached_predict import predict_sync_cached, submit_async_cached
-from api.errors import ApiError, error_response
-from api.ingress import FAILURE_STATUS, Ingress
-from brokers.messages import Failure, InferenceRequest, Prediction
-from brokers.results import JobRecord, JobStatus
-from consumers.registry import ModelManifest
+from toposerve.api.auth import may_read
+from toposerve.api.body import read_json
+from toposerve.api.cached_predict import predict_sync_cached, submit_async_cached
+from toposerve.api.errors import ApiError, error_response
+from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
+from toposerve.models import ModelManifest
 
 router = APIRouter(prefix="/v1")
 

@@ -10,8 +10,7 @@ import asyncio
 import logging
 
 from aio_pika.abc import AbstractRobustConnection
-
-from brokers.background import stop_task
+from toposerve.brokers import stop_task
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-
-from brokers.messages import Envelope
+from toposerve.brokers.messages import Envelope
 
 JSON = "application/json"
 

@@ -12,8 +12,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
-
-from brokers.tracing import current_span
+from toposerve.brokers.tracing import current_span
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
@@ -56,7 +55,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str = "INFO", log_format: str = "plain") -> None:
+def configure_logs(level: str = "INFO", log_format: str = "plain") -> None:
     """Configure the root logger of this process (a no-op when it has handlers, like ``basicConfig``)."""
     handler = logging.StreamHandler()
     handler.addFilter(JobContextFilter())

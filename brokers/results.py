@@ -17,9 +17,8 @@ from enum import StrEnum
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
-
-from brokers.background import stop_task
-from brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
+from toposerve.brokers.background import stop_task
+from toposerve.brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ from datetime import UTC, datetime
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
-
-from brokers.telemetry_messages import LATENCY_BUCKETS_MS, N_LATENCY_BUCKETS, Telemetry
+from toposerve.brokers.telemetry_messages import LATENCY_BUCKETS_MS, N_LATENCY_BUCKETS, Telemetry
 
 # Marker first (SET NX): a report already counted changes nothing. Then sums,
 # float sums, maxima, minima, and "latest" fields (a client's model version is the

@@ -14,20 +14,20 @@ from typing import ClassVar
 
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
-
-from brokers.joins import JoinStore
-from brokers.messages import (
+from toposerve.brokers import (
     Envelope,
     Failure,
     FailureCode,
+    JoinStore,
     JoinTick,
     PartResult,
     Prediction,
+    QueueSpec,
     RowPrediction,
     decode_terminal,
+    exchange_name,
 )
-from brokers.topology import QueueSpec, exchange_name
-from consumers.stage import Outgoing, Stage, TransientError, outgoing
+from toposerve.consumers.stage import Outgoing, Stage, TransientError, outgoing
 
 _INPUT = TypeAdapter(Prediction | Failure | JoinTick)
 

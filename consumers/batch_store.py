@@ -15,11 +15,19 @@ from typing import ClassVar
 import orjson
 from pydantic import Field
 from redis.exceptions import RedisError
-
-from brokers.batches import BatchStore, encode_chunk_error, encode_chunk_result
-from brokers.messages import Envelope, Failure, Prediction, RowPrediction, decode_terminal
-from brokers.results import JobRecord, ResultStore
-from consumers.stage import Outgoing, Stage, TransientError
+from toposerve.brokers import (
+    BatchStore,
+    Envelope,
+    Failure,
+    JobRecord,
+    Prediction,
+    ResultStore,
+    RowPrediction,
+    decode_terminal,
+    encode_chunk_error,
+    encode_chunk_result,
+)
+from toposerve.consumers.stage import Outgoing, Stage, TransientError
 
 log = logging.getLogger(__name__)
 

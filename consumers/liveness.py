@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from brokers.background import stop_task
+from toposerve.brokers import stop_task
 
 
 class LoopHeartbeat:

@@ -6,43 +6,19 @@ import asyncio
 from typing import ClassVar
 
 import numpy as np
-
-from brokers.messages import Envelope, FailureCode, Features, Prediction, RowPrediction
-from brokers.tensors import TensorError, decode_tensor
-from consumers.batching import MicroBatcher
-from consumers.metrics import StageMetrics
-from consumers.preprocessing import InputError
-from consumers.registry import LoadedModel, ModelManifest, ModelRegistry
-from consumers.stage import Outgoing, Stage, outgoing
-
-
-def to_row_predictions(
-    class_indices: np.ndarray, probabilities: np.ndarray, labels: list[str]
-) -> list[RowPrediction]:
-    """Pure: model outputs -> one ``RowPrediction`` per row, probabilities rounded to 6 places."""
-    rounded = np.round(probabilities.astype(np.float64), 6).tolist()
-    return [
-        RowPrediction(label=labels[int(index)], class_index=int(index), probabilities=row)
-        for index, row in zip(class_indices.tolist(), rounded, strict=True)
-    ]
-
-
-def check_features(array: np.ndarray, manifest: ModelManifest, max_rows: int) -> np.ndarray:
-    """Validate a features tensor from the wire against the model's input; float32 [N, F]."""
-    if array.ndim != 2 or array.shape[1] != manifest.n_features:
-        raise InputError(
-            f"features have shape {list(array.shape)}, model {manifest.name!r} expects [N, {manifest.n_features}]",
-            FailureCode.INVALID_MESSAGE,
-        )
-    if array.shape[0] == 0:
-        raise InputError("features have no rows", FailureCode.INVALID_MESSAGE)
-    if array.shape[0] > max_rows:
-        raise InputError(f"features have {array.shape[0]} rows, more than the limit of {max_rows}",
-                         FailureCode.TOO_LARGE)
-    features = array.astype(np.float32, copy=False)
-    if not np.isfinite(features).all():
-        raise InputError("features contain NaN or infinite values", FailureCode.INVALID_MESSAGE)
-    return features
+from toposerve.brokers import Envelope, FailureCode, Features, Prediction
+from toposerve.consumers.batching import MicroBatcher
+from toposerve.consumers.metrics import StageMetrics
+from toposerve.consumers.stage import Outgoing, Stage, outgoing
+from toposerve.models import (
+    InputError,
+    LoadedModel,
+    ModelRegistry,
+    TensorError,
+    check_features,
+    decode_tensor,
+    to_row_predictions,
+)
 
 
 class PredictStage(Stage):

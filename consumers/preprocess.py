@@ -14,36 +14,27 @@ from typing import ClassVar
 
 import numpy as np
 from redis.exceptions import RedisError
-
-from brokers.cache_keys import feature_key, prediction_key
-from brokers.caches import FeatureCache
-from brokers.messages import Envelope, FailureCode, Features, InferenceRequest
-from brokers.tensors import encode_tensor
-from consumers.items import ItemSource, check_item_id
-from consumers.preprocessing import (
+from toposerve.brokers import Envelope, FailureCode, FeatureCache, InferenceRequest, feature_key, prediction_key
+from toposerve.consumers.stage import Outgoing, Stage, outgoing
+from toposerve.models import (
+    ImagePreprocessing,
     InputError,
     InputLimits,
+    ItemSource,
+    ModelManifest,
+    check_item_id,
+    derived_features,
     image_b64_to_features,
     image_to_features,
     open_image,
     rows_to_features,
 )
-from consumers.registry import ImagePreprocessing, ModelManifest
-from consumers.stage import Outgoing, Stage, outgoing
 
 log = logging.getLogger(__name__)
 
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
-
-
-def derived_features(request: InferenceRequest, features: np.ndarray, timings: dict[str, float]) -> Features:
-    """Pure: the ``Features`` message for ``request`` (same id, model, deadline, ...), with ``timings``.
-    The preprocess stage publishes it; so does the ingress when it preprocesses rows itself."""
-    message = Features(**request.carried(), tensor=encode_tensor(features))
-    message.timings = timings
-    return message
 
 
 class PreprocessStage(Stage):

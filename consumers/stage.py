@@ -32,17 +32,30 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-
-from brokers.connections import INGRESS_APP_ID, Publisher, PublishRefused, connect_amqp, open_confirm_channel
-from brokers.logs import current_job
-from brokers.messages import Envelope, Failure, FailureCode, is_model_name, is_terminal, routing_key
-from brokers.results import ResultStore
-from brokers.settings import Settings
-from brokers.topology import QueueSpec, declare_topology
-from brokers.tracing import TRACEPARENT, continue_trace, current_span
-from consumers.crash_guard import RedeliveryGuard, Tracked
-from consumers.metrics import StageMetrics, stage_metrics
-from consumers.preprocessing import InputError
+from toposerve.brokers import (
+    INGRESS_APP_ID,
+    TRACEPARENT,
+    Envelope,
+    Failure,
+    FailureCode,
+    Publisher,
+    PublishRefused,
+    QueueSpec,
+    ResultStore,
+    Settings,
+    connect_amqp,
+    continue_trace,
+    current_job,
+    current_span,
+    declare_topology,
+    is_model_name,
+    is_terminal,
+    open_confirm_channel,
+    routing_key,
+)
+from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
+from toposerve.consumers.metrics import StageMetrics, stage_metrics
+from toposerve.models import InputError
 
 log = logging.getLogger(__name__)
 

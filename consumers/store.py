@@ -10,12 +10,19 @@ import uuid
 from typing import ClassVar
 
 from redis.exceptions import RedisError
-
-from brokers.caches import PredictionCache
-from brokers.messages import Envelope, Failure, Prediction, decode_terminal, utc_now
-from brokers.results import JobRecord, JobStatus, ResultStore
-from brokers.tracing import current_span
-from consumers.stage import Outgoing, Stage, TransientError
+from toposerve.brokers import (
+    Envelope,
+    Failure,
+    JobRecord,
+    JobStatus,
+    Prediction,
+    PredictionCache,
+    ResultStore,
+    current_span,
+    decode_terminal,
+    utc_now,
+)
+from toposerve.consumers.stage import Outgoing, Stage, TransientError
 
 
 def follower_record(job_id: str, leader: JobRecord) -> JobRecord:

@@ -12,13 +12,9 @@ import logging
 from typing import ClassVar
 
 from redis.exceptions import RedisError
-
-from brokers.messages import Envelope, FailureCode
-from brokers.telemetry_messages import Telemetry
-from brokers.telemetry_store import TelemetryStore
-from consumers.preprocessing import InputError
-from consumers.registry import ModelManifest
-from consumers.stage import Outgoing, Stage, TransientError
+from toposerve.brokers import Envelope, FailureCode, Telemetry, TelemetryStore
+from toposerve.consumers.stage import Outgoing, Stage, TransientError
+from toposerve.models import InputError, ModelManifest
 
 log = logging.getLogger(__name__)
 

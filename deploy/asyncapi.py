@@ -12,14 +12,20 @@ from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-
-from brokers.messages import Failure, Features, InferenceRequest, JoinTick, Prediction
-from brokers.settings import Settings
-from brokers.telemetry_messages import Telemetry
-from brokers.topic import topic_matches
-from brokers.topology import dead_exchange_name, exchange_name
-from consumers.registry import load_manifests
-from deploy.profile import MODELS_DIR, AggregateSpec, PredictSpec, PreprocessSpec, Profile
+from toposerve.brokers import (
+    Failure,
+    Features,
+    InferenceRequest,
+    JoinTick,
+    Prediction,
+    Settings,
+    Telemetry,
+    dead_exchange_name,
+    exchange_name,
+    topic_matches,
+)
+from toposerve.deploy.profile import MODELS_DIR, AggregateSpec, PredictSpec, PreprocessSpec, Profile
+from toposerve.models import load_manifests
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"

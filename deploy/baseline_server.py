@@ -15,12 +15,9 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-
-from brokers.settings import Settings
-from consumers.predict import to_row_predictions
-from consumers.preprocessing import InputError, rows_to_features
-from consumers.registry import ModelRegistry
-from deploy.components import input_limits, models_dir
+from toposerve.brokers import Settings
+from toposerve.deploy.components import input_limits, models_dir
+from toposerve.models import InputError, ModelRegistry, rows_to_features, to_row_predictions
 
 
 def create_baseline_app() -> FastAPI:

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import redis
-
-from brokers.settings import Settings
-from deploy.launcher import Say, ensure_services
-from deploy.profile import Profile
+from toposerve.brokers import Settings
+from toposerve.deploy.launcher import Say, ensure_services
+from toposerve.deploy.profile import Profile
 
 REPO = Path(__file__).resolve().parents[1]
 _CLK = os.sysconf("SC_CLK_TCK")
@@ -106,7 +105,7 @@ _ORT_ALONE = r"""
 import json, sys, time
 import numpy as np
 from pathlib import Path
-from consumers.registry import ModelRegistry
+from toposerve.models.registry import ModelRegistry
 models_dir, csv_path, chunk_rows, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 loaded = ModelRegistry(Path(models_dir), intra_op_threads=threads).load("iris")
 t0 = time.perf_counter()
@@ -123,8 +122,7 @@ print(json.dumps({"rows": len(data), "parse_s": t1 - t0, "ort_s": t2 - t1, "peak
 
 async def _drop_topology(settings: Settings, profile: Profile) -> None:
     """The bench's own queues and exchanges, so a run leaves nothing on the broker."""
-    from brokers.connections import connect_amqp
-    from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
+    from toposerve.brokers import connect_amqp, dead_exchange_name, dead_queue_name, exchange_name
 
     connection = await connect_amqp(settings.amqp_url, "toposerve-batch-bench-cleanup")
     try:
@@ -139,7 +137,7 @@ async def _drop_topology(settings: Settings, profile: Profile) -> None:
 
 
 def run_batch_bench(settings: Settings, profile: Profile, rows: int, chunk_rows: int, say: Say) -> dict:
-    from deploy.components import models_dir
+    from toposerve.deploy.components import models_dir
 
     settings, services = ensure_services(settings, say)
     namespace = f"bench-{os.getpid()}"
@@ -183,7 +181,7 @@ def run_batch_bench(settings: Settings, profile: Profile, rows: int, chunk_rows:
                         name = f"{stage}-{replica}"
                         log = (logs / f"{name}.log").open("wb")
                         process = subprocess.Popen(
-                            [sys.executable, "-m", "deploy.cli", "worker", "--profile", profile.name,
+                            [sys.executable, "-m", "toposerve", "worker", "--profile", profile.name,
                              "--stage", stage, "--replica", str(replica)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
                         workers.append((name, process))
@@ -198,7 +196,7 @@ def run_batch_bench(settings: Settings, profile: Profile, rows: int, chunk_rows:
                 t0_wall = time.time()
                 t0 = time.perf_counter()
                 submit = subprocess.Popen(
-                    [sys.executable, "-m", "deploy.cli", "batch", "submit", str(csv_path), "--model", "iris",
+                    [sys.executable, "-m", "toposerve", "batch", "submit", str(csv_path), "--model", "iris",
                      "--chunk-rows", str(chunk_rows), "--profile", profile.name],
                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 sampler.watch("submitter", submit.pid)

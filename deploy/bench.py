@@ -20,16 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
-
-from brokers.settings import Settings
-from consumers.predict import to_row_predictions
-from consumers.preprocessing import rows_to_features
-from consumers.registry import ModelRegistry
-from deploy.components import input_limits, models_dir
-from deploy.launcher import Say, running_profile
-from deploy.local_services import free_port, port_answers
-from deploy.profile import Profile
-from producers.loadgen import LatencySummary, run_closed_loop, run_in_process_baseline
+from toposerve.brokers import Settings
+from toposerve.deploy.components import input_limits, models_dir
+from toposerve.deploy.launcher import Say, running_profile
+from toposerve.deploy.local_services import free_port, port_answers
+from toposerve.deploy.profile import Profile
+from toposerve.models import ModelRegistry, rows_to_features, to_row_predictions
+from toposerve.producers import LatencySummary, run_closed_loop, run_in_process_baseline
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 
@@ -69,7 +66,7 @@ def in_process_baseline(settings: Settings, model: str, duration_s: float) -> La
 def plain_server(say: Say, workers: int | None = None) -> Iterator[str]:
     """The baseline server in a subprocess, one worker per core like a typical deployment."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "deploy.baseline_server", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "toposerve.deploy.baseline_server", "--port", str(port),
                                 "--workers", str(workers or os.cpu_count() or 1)])
     try:
         deadline = time.monotonic() + 30

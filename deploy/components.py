@@ -7,29 +7,32 @@ from pathlib import Path
 import orjson
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-
-from api.app import create_app
-from api.ingress import IngressConfig
-from brokers.caches import FeatureCache, PredictionCache
-from brokers.connections import connect_redis
-from brokers.joins import JoinStore
-from brokers.results import ResultStore
-from brokers.settings import Settings
-from brokers.telemetry_store import TelemetryStore
-from brokers.topic import any_binding_matches
-from consumers.aggregate import AggregateStage, delay_queue
-from consumers.crash_guard import RedeliveryGuard
-from consumers.items import DirectorySource, RedisSource
-from consumers.metrics import StageMetrics, StageMetricSet
-from consumers.predict import PredictStage
-from consumers.preprocess import PreprocessStage
-from consumers.preprocessing import InputLimits
-from consumers.registry import ModelRegistry, load_manifests
-from consumers.stage import Stage, StageRunner
-from consumers.store import StoreStage
-from consumers.telemetry import TelemetryStage
-from deploy.asyncapi import asyncapi_document
-from deploy.profile import (
+from toposerve.api import IngressConfig, create_app
+from toposerve.brokers import (
+    FeatureCache,
+    JoinStore,
+    PredictionCache,
+    ResultStore,
+    Settings,
+    TelemetryStore,
+    any_binding_matches,
+    connect_redis,
+)
+from toposerve.consumers import (
+    AggregateStage,
+    PredictStage,
+    PreprocessStage,
+    RedeliveryGuard,
+    Stage,
+    StageMetrics,
+    StageMetricSet,
+    StageRunner,
+    StoreStage,
+    TelemetryStage,
+    delay_queue,
+)
+from toposerve.deploy.asyncapi import asyncapi_document
+from toposerve.deploy.profile import (
     MODELS_DIR,
     SAMPLE_IMAGE,
     AggregateSpec,
@@ -42,6 +45,7 @@ from deploy.profile import (
     TelemetrySpec,
     load_profile,
 )
+from toposerve.models import DirectorySource, InputLimits, ModelRegistry, RedisSource, load_manifests
 
 
 def models_dir(settings: Settings) -> Path:
@@ -94,8 +98,8 @@ def build_stage(profile: Profile, stage_name: str, settings: Settings) -> Stage:
                               extra_queues=[delay_queue(settings.namespace, queue.name, spec.group,
                                                         group.join_timeout_s)])
     if isinstance(spec, BatchStoreSpec):
-        from brokers.batches import BatchStore
-        from consumers.batch_store import BatchStoreStage
+        from toposerve.brokers import BatchStore
+        from toposerve.consumers import BatchStoreStage
         client = connect_redis(settings.redis_url)
         ttl_s = profile.ingress.result_ttl_s
         return BatchStoreStage(stage_name, BatchStore(client, settings.namespace, ttl_s),

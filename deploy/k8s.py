@@ -29,8 +29,7 @@ import re
 from typing import Any
 
 import yaml
-
-from deploy.profile import Profile
+from toposerve.deploy.profile import Profile
 
 Obj = dict[str, Any]
 

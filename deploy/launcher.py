@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
-
-from brokers.settings import Settings
-from deploy.local_services import (
+from toposerve.brokers import Settings
+from toposerve.deploy.local_services import (
     LocalService,
     ServiceUnavailable,
     free_port,
@@ -29,7 +28,7 @@ from deploy.local_services import (
     start_rabbitmq,
     start_redis,
 )
-from deploy.profile import Profile
+from toposerve.deploy.profile import Profile
 
 Say = Callable[[str], None]
 DEFAULT_AMQP_URL = Settings.model_fields["amqp_url"].default
@@ -155,7 +154,7 @@ def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
                     metrics_port: Callable[[], int] = free_port) -> list[Child]:
     """The ingress and every stage replica; each stage serves its metrics on a port of
     its own from ``metrics_port()`` (loopback), the ingress at its ``/metrics``."""
-    base = [sys.executable, "-m", "deploy.cli"]
+    base = [sys.executable, "-m", "toposerve"]
     children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)],
                       metrics_url=f"http://{host}:{port}/metrics")]
     if profile.ingress.single_process:

@@ -8,20 +8,17 @@ import logging
 import signal
 
 import uvicorn
-
-from brokers import logs
-from brokers.settings import Settings
-from consumers.liveness import LoopHeartbeat
-from consumers.metrics import serve_metrics
-from deploy.components import build_app, build_stage_runner
-from deploy.profile import Profile
+from toposerve.brokers import Settings, configure_logs
+from toposerve.consumers import LoopHeartbeat, serve_metrics
+from toposerve.deploy.components import build_app, build_stage_runner
+from toposerve.deploy.profile import Profile
 
 log = logging.getLogger("toposerve")
 
 
 def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
     """Plain lines, or JSON lines (``TOPOSERVE_LOG_FORMAT=json``) with job_id/trace_id for stage work."""
-    logs.configure(level, log_format if log_format is not None else Settings().log_format)
+    configure_logs(level, log_format if log_format is not None else Settings().log_format)
     # aio-pika logs every reconnect attempt at length; its warnings are enough.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)

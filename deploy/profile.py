@@ -12,9 +12,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from brokers.topic import any_binding_matches
-from brokers.topology import QueueSpec, stage_queue_name
+from toposerve.brokers import QueueSpec, any_binding_matches, stage_queue_name
 
 DEPLOY_DIR = Path(__file__).parent
 PROFILES_DIR = DEPLOY_DIR / "profiles"

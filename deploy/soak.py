@@ -19,12 +19,11 @@ import aiohttp
 import numpy as np
 import orjson
 from pydantic import BaseModel
-
-from brokers.settings import Settings
-from deploy.launcher import Say, Supervisor, running_profile
-from deploy.local_services import free_port
-from deploy.profile import Profile
-from producers.loadgen import _one_job, run_closed_loop
+from toposerve.brokers import Settings
+from toposerve.deploy.launcher import Say, Supervisor, running_profile
+from toposerve.deploy.local_services import free_port
+from toposerve.deploy.profile import Profile
+from toposerve.producers import one_job, run_closed_loop
 
 
 class SoakInterval(BaseModel):
@@ -95,7 +94,7 @@ async def _soak(base_url: str, path: str, payload: dict, mode: str, target_rps: 
         async def one() -> None:
             began = loop.time()
             try:
-                ok = await _one_job(session, path, body, mode)
+                ok = await one_job(session, path, body, mode)
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:

@@ -23,16 +23,25 @@ from pathlib import Path
 import aio_pika
 import redis.asyncio as redis
 from aio_pika.abc import AbstractRobustConnection
-
-from brokers.batches import BatchManifest, BatchStore, ChunkMeta, chunk_id, encode_chunk_result, new_batch_id
-from brokers.connections import Publisher, connect_amqp, connect_redis, open_confirm_channel
-from brokers.messages import Features, routing_key
-from brokers.settings import Settings
-from brokers.tensors import encode_tensor
-from brokers.topology import QueueSpec, declare_topology
-from consumers.preprocessing import InputLimits
-from consumers.registry import ModelManifest
-from producers.batch_sources import BatchInputError, BatchSource, ParsedChunk, open_source
+from toposerve.brokers import (
+    BatchManifest,
+    BatchStore,
+    ChunkMeta,
+    Features,
+    Publisher,
+    QueueSpec,
+    Settings,
+    chunk_id,
+    connect_amqp,
+    connect_redis,
+    declare_topology,
+    encode_chunk_result,
+    new_batch_id,
+    open_confirm_channel,
+    routing_key,
+)
+from toposerve.models import InputLimits, ModelManifest, encode_tensor
+from toposerve.producers.batch_sources import BatchInputError, BatchSource, ParsedChunk, open_source
 
 DEFAULT_CHUNK_ROWS = 10_000
 DEFAULT_WINDOW = 64

@@ -20,9 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 import orjson
-
-from consumers.preprocessing import InputError, InputLimits, image_to_features, open_image
-from consumers.registry import ImagePreprocessing, ModelManifest
+from toposerve.models import ImagePreprocessing, InputError, InputLimits, ModelManifest, image_to_features, open_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -19,10 +19,15 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-
-from brokers.connections import Publisher, PublishRefused, connect_amqp, open_confirm_channel
-from brokers.settings import Settings
-from brokers.topology import dead_queue_name, declare_topology
+from toposerve.brokers import (
+    Publisher,
+    PublishRefused,
+    Settings,
+    connect_amqp,
+    dead_queue_name,
+    declare_topology,
+    open_confirm_channel,
+)
 
 ATTEMPTS_HEADER = "x-toposerve-attempts"
 REASON_HEADER = "x-toposerve-reason"

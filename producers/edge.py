@@ -19,22 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from brokers.messages import FailureCode, Prediction, utc_now
-from brokers.telemetry_messages import CLIENT_ID_PATTERN, Telemetry
-from consumers.predict import to_row_predictions
-from consumers.preprocessing import (
+from toposerve.brokers import CLIENT_ID_PATTERN, FailureCode, Prediction, Telemetry, utc_now
+from toposerve.models import (
+    ImagePreprocessing,
     InputError,
     InputLimits,
+    LoadedModel,
+    ModelLoadError,
+    ModelManifest,
     image_b64_to_features,
     image_to_features,
     open_image,
     rows_to_features,
+    to_row_predictions,
 )
-from consumers.registry import ImagePreprocessing, LoadedModel, ModelLoadError, ModelManifest
-from producers.durable_files import fsync_dir
-from producers.edge_cache import CachePointer, EdgeError, ModelCache
-from producers.edge_telemetry import TelemetryWindow
+from toposerve.producers.durable_files import fsync_dir
+from toposerve.producers.edge_cache import CachePointer, EdgeError, ModelCache
+from toposerve.producers.edge_telemetry import TelemetryWindow
 
 
 def client_id_of(root: Path) -> str:

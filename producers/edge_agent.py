@@ -18,12 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-
-from brokers.telemetry_messages import Telemetry
-from producers.edge import EdgeRuntime
-from producers.edge_cache import EdgeError, PullResult
-from producers.edge_spool import DEFAULT_MAX_REPORTS, Spool
-from producers.edge_telemetry import ForwardResult, forward
+from toposerve.brokers import Telemetry
+from toposerve.producers.edge import EdgeRuntime
+from toposerve.producers.edge_cache import EdgeError, PullResult
+from toposerve.producers.edge_spool import DEFAULT_MAX_REPORTS, Spool
+from toposerve.producers.edge_telemetry import ForwardResult, forward
 
 log = logging.getLogger(__name__)
 

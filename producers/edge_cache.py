@@ -33,11 +33,9 @@ from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
-
-from brokers.messages import is_model_name, utc_now
-from brokers.telemetry_messages import SHA256_PATTERN
-from consumers.registry import Manifest, ModelLoadError, ModelManifest, ModelRegistry
-from producers.durable_files import fsync_dir, locked, replace_atomically
+from toposerve.brokers import SHA256_PATTERN, is_model_name, utc_now
+from toposerve.models import Manifest, ModelLoadError, ModelManifest, ModelRegistry
+from toposerve.producers.durable_files import fsync_dir, locked, replace_atomically
 
 VERSION_HEADER = "x-model-version"
 SHA256_HEADER = "x-model-sha256"

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
-
-from brokers.messages import is_model_name
-from brokers.telemetry_messages import Telemetry
-from producers.durable_files import fsync_dir, locked, replace_atomically
+from toposerve.brokers import Telemetry, is_model_name
+from toposerve.producers.durable_files import fsync_dir, locked, replace_atomically
 
 log = logging.getLogger(__name__)
 

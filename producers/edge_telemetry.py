@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import aio_pika
-
-from brokers.connections import Publisher, PublishRefused
-from brokers.messages import routing_key, utc_now
-from brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry, latency_bucket
-from brokers.topology import exchange_name
-from producers.edge_spool import Spool
+from toposerve.brokers import (
+    N_LATENCY_BUCKETS,
+    LatencyStats,
+    Publisher,
+    PublishRefused,
+    Telemetry,
+    exchange_name,
+    latency_bucket,
+    routing_key,
+    utc_now,
+)
+from toposerve.producers.edge_spool import Spool
 
 PUBLISH_CHUNK = 100
 

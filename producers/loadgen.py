@@ -53,7 +53,7 @@ class _Tally:
     error_samples: list[str] = field(default_factory=list)
 
 
-async def _one_job(session: aiohttp.ClientSession, path: str, body: bytes, mode: str) -> bool:
+async def one_job(session: aiohttp.ClientSession, path: str, body: bytes, mode: str) -> bool:
     async with session.post(path, data=body, headers=_JSON) as response:
         await response.read()
         if mode != "async":
@@ -92,7 +92,7 @@ async def run_closed_loop(
             while (start := loop.time()) < stop_at:
                 try:
                     body = fixed if fixed is not None else orjson.dumps(payload())
-                    ok = await _one_job(session, path, body, mode)
+                    ok = await one_job(session, path, body, mode)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     ok = False
                     if len(tally.error_samples) < 5:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
-
-from deploy.local_services import (
+from toposerve.deploy.local_services import (
     INSTALL_HINT,
     LocalService,
     ServiceUnavailable,

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from toposerve.brokers.connections import connect_redis
+from toposerve.brokers.results import ResultStore
+from toposerve.brokers.settings import Settings
+from toposerve.consumers.stage import StageRunner
+from toposerve.deploy.components import build_app, build_stage_runner, load_checked_profile
+from toposerve.deploy.profile import Profile
 
-from brokers.connections import connect_redis
-from brokers.results import ResultStore
-from brokers.settings import Settings
-from consumers.stage import StageRunner
-from deploy.components import build_app, build_stage_runner, load_checked_profile
-from deploy.profile import Profile
 from tests.conftest import FreshServices
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import build_stage_runner
 
-from brokers.settings import Settings
-from deploy.components import build_stage_runner
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from toposerve.brokers.batches import chunk_id
+from toposerve.brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
+from toposerve.brokers.messages import Prediction, RowPrediction
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import declare_topology
+from toposerve.producers.batch import wait_for_batch
+from toposerve.producers.batch_sources import BatchInputError
 
-from brokers.batches import chunk_id
-from brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
-from brokers.messages import Prediction, RowPrediction
-from brokers.settings import Settings
-from brokers.topology import declare_topology
-from producers.batch import wait_for_batch
-from producers.batch_sources import BatchInputError
 from tests.integration.conftest import Stack, start_stack
 from tests.support.batches import (
     IRIS_HEADER,
@@ -296,7 +296,7 @@ def cli(*args: str, settings: Settings, timeout: float = 120):
 
     env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
            "TOPOSERVE_NAMESPACE": settings.namespace}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "batch", *args], cwd=Path(__file__).parents[2],
+    return subprocess.run([sys.executable, "-m", "toposerve", "batch", *args], cwd=Path(__file__).parents[2],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

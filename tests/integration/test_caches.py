@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import MODELS_DIR, PROFILES_DIR
 
-from brokers.settings import Settings
-from deploy.profile import MODELS_DIR, PROFILES_DIR
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 
@@ -155,7 +155,7 @@ async def test_async_profile_hit_is_a_succeeded_job_at_once_and_misses_coalesce(
         await predict.drain_and_close()  # misses wait in the queue: they must coalesce
         misses = await asyncio.gather(*(stack.client.post(IRIS, json=ROW) for _ in range(5)))
         assert sorted(r.headers["x-cache"] for r in misses) == ["coalesced"] * 4 + ["miss"]
-        from deploy.components import build_stage_runner
+        from toposerve.deploy.components import build_stage_runner
         restarted = build_stage_runner(stack.profile, "predict", settings)
         await restarted.start()
         try:
@@ -174,7 +174,7 @@ async def test_async_profile_hit_is_a_succeeded_job_at_once_and_misses_coalesce(
 
 async def test_with_the_cache_unreachable_requests_are_still_served(cache_stack: Stack) -> None:
     cache = cache_stack.ingress.prediction_cache
-    from brokers.connections import connect_redis
+    from toposerve.brokers.connections import connect_redis
     cache.client = connect_redis("redis://127.0.0.1:1/0")
     cache._fill = cache.client.register_script("return 0")
     response = await cache_stack.client.post(IRIS, json=ROW)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models.preprocessing import InputLimits, image_to_features, open_image
+from toposerve.models.registry import ModelRegistry
 
-from brokers.settings import Settings
-from consumers.preprocessing import InputLimits, image_to_features, open_image
-from consumers.registry import ModelRegistry
-from deploy.profile import MODELS_DIR
 from tests.integration.conftest import start_stack
 from tests.integration.test_load_shedding import variant
 from tests.support.images import b64, sample_images

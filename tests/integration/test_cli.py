@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from toposerve.deploy.local_services import free_port
 
-from deploy.local_services import free_port
 from tests.support.images import b64, sample_images
 from tests.support.processes import RunningProfile
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def toposerve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env or os.environ.copy(),
+    return subprocess.run([sys.executable, "-m", "toposerve", *args], cwd=REPO, env=env or os.environ.copy(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -117,8 +117,8 @@ def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace:
 
 
 def test_up_starts_throwaway_servers_when_nothing_answers_at_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    from brokers.settings import Settings
-    from deploy import launcher
+    from toposerve.brokers.settings import Settings
+    from toposerve.deploy import launcher
 
     # Stand-ins for the default URLs: free ports where nothing answers.
     amqp_default = f"amqp://guest:guest@127.0.0.1:{free_port()}/"

@@ -10,7 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from producers.dead_letters import DeadLetters
+from toposerve.producers.dead_letters import DeadLetters
+
 from tests.integration.conftest import Stack
 from tests.integration.test_direct_amqp import publish
 
@@ -28,7 +29,7 @@ async def wait_for(predicate, timeout: float = 15) -> None:
 
 def toposerve(settings, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_NAMESPACE": settings.namespace}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "toposerve", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 from tests.support.faults import NO_HANG_S, DoneCounter, summary, wait_for_condition
 from tests.support.images import b64, sample_images

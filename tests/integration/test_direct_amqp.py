@@ -10,10 +10,10 @@ from datetime import timedelta
 import aio_pika
 import numpy as np
 import pytest
+from toposerve.brokers.messages import Features, InferenceRequest, Tensor, utc_now
+from toposerve.brokers.topology import dead_queue_name, exchange_name
+from toposerve.models.tensors import encode_tensor
 
-from brokers.messages import Features, InferenceRequest, Tensor, utc_now
-from brokers.tensors import encode_tensor
-from brokers.topology import dead_queue_name, exchange_name
 from tests.integration.conftest import Stack
 
 

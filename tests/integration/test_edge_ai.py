@@ -21,20 +21,20 @@ import aio_pika
 import httpx
 import pytest
 import uvicorn
+from toposerve.api.edge_local import create_edge_app
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
+from toposerve.brokers.telemetry_store import TelemetryStore
+from toposerve.brokers.topology import exchange_name
+from toposerve.deploy.local_services import free_port
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models.registry import load_manifests
+from toposerve.producers.edge import EdgeRuntime
+from toposerve.producers.edge_agent import EdgeAgent
+from toposerve.producers.edge_cache import ArtifactRejected, EdgeError, ModelCache
+from toposerve.producers.edge_spool import Spool
+from toposerve.producers.edge_telemetry import forward
 
-from api.edge_local import create_edge_app
-from brokers.settings import Settings
-from brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
-from brokers.telemetry_store import TelemetryStore
-from brokers.topology import exchange_name
-from consumers.registry import load_manifests
-from deploy.local_services import free_port
-from deploy.profile import MODELS_DIR
-from producers.edge import EdgeRuntime
-from producers.edge_agent import EdgeAgent
-from producers.edge_cache import ArtifactRejected, EdgeError, ModelCache
-from producers.edge_spool import Spool
-from producers.edge_telemetry import forward
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images, truncated
 
@@ -73,7 +73,7 @@ async def serving(app) -> AsyncIterator[str]:
 
 async def edge_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     # In a thread: the event loop keeps serving the in-process stack meanwhile.
-    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "deploy.cli", "edge", *args], cwd=REPO,
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "toposerve", "edge", *args], cwd=REPO,
                                    env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -407,7 +407,7 @@ async def test_edge_run_serves_locally_and_reports(edge_stack: Stack, tmp_path: 
     env = cli_env(edge_stack.settings, edge_stack.settings.amqp_url)
     async with serving(edge_stack.app) as url:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deploy.cli", "edge", "run", "--server", url, "--model", "digits_fast",
+            sys.executable, "-m", "toposerve", "edge", "run", "--server", url, "--model", "digits_fast",
             "--cache-dir", cache, "--port", str(port), "--poll-interval", "0.5", "--report-interval", "0.5",
             cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
 
-from brokers.settings import Settings
-from brokers.topology import exchange_name
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.faults import (

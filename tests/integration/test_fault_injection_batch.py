@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis.asyncio as redis
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.batches import IRIS_HEADER, iris_rows, onnx_labels, read_results

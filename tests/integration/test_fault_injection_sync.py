@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.faults import (

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toposerve.brokers.topology import exchange_name, stage_queue_name
 
-from brokers.topology import exchange_name, stage_queue_name
 from tests.support.processes import RunningProfile
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from toposerve.brokers.messages import Prediction, RowPrediction
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
 
-from brokers.messages import Prediction, RowPrediction
-from brokers.settings import Settings
-from brokers.topology import exchange_name
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_load_shedding import variant
 from tests.integration.test_sync_profiles import Gate

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import build_stage_runner
+from toposerve.deploy.profile import PROFILES_DIR
 
-from brokers.settings import Settings
-from deploy.components import build_stage_runner
-from deploy.profile import PROFILES_DIR
 from tests.integration.conftest import start_stack
 from tests.integration.test_sync_profiles import Gate
 

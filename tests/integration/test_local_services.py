@@ -9,9 +9,8 @@ import aio_pika
 import pytest
 import redis
 import redis.asyncio as aioredis
-
-from deploy import local_services
-from deploy.local_services import INSTALL_HINT, ServiceUnavailable, port_answers, start_redis
+from toposerve.deploy import local_services
+from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, port_answers, start_redis
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import asyncio
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]

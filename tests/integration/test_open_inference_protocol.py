@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 

@@ -12,8 +12,8 @@ import asyncio
 
 import numpy as np
 import pytest
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_direct_amqp import dead_letters
 from tests.support.batches import IRIS_HEADER, iris_rows, onnx_labels, read_results

@@ -10,11 +10,11 @@ import aio_pika
 import pytest
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from toposerve.api.auth import ApiKeys, RateLimiter, key_file_line
+from toposerve.brokers.batches import BatchStore
+from toposerve.brokers.connections import PublishRefused, connect_redis
+from toposerve.brokers.settings import Settings
 
-from api.auth import ApiKeys, RateLimiter, key_file_line
-from brokers.batches import BatchStore
-from brokers.connections import PublishRefused, connect_redis
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 
 ALICE = "alice-key-0123456789"  # TOPOSERVE_API_KEYS (plain, development)

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from toposerve.brokers.settings import Settings
 
-from brokers.settings import Settings
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from toposerve.brokers.messages import Features
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
+from toposerve.brokers.tracing import TRACEPARENT
 
-from brokers.messages import Features
-from brokers.settings import Settings
-from brokers.topology import exchange_name
-from brokers.tracing import TRACEPARENT
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_caches import cache_filled, profile_variant
 from tests.support.images import b64, sample_images

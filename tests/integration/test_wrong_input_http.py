@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import load_profile
 
-from brokers.settings import Settings
-from deploy.profile import load_profile
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, png_bomb, png_bytes, sample_images, truncated
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from consumers.batching import MicroBatcher
-from deploy.cli import main
+from toposerve.consumers.batching import MicroBatcher
+from toposerve.deploy.cli import main
 
 POISON = 42.0  # a request row whose first value is this kills the process
 CRASH_EXIT_CODE = 86

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from brokers.settings import Settings
+from toposerve.brokers.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ class WorkerProcess:
     """``module``: what runs ``worker`` (``tests.support.crashing_worker`` for one that crashes)."""
 
     def __init__(self, settings: Settings, profile: str, stage: str, log_dir: Path,
-                 module: str = "deploy.cli") -> None:
+                 module: str = "toposerve") -> None:
         self.settings = settings
         self.profile = profile
         self.stage = stage
@@ -98,13 +98,13 @@ class RunningProfile:
     """A real `toposerve up --profile P` on a free port, its output in a log file."""
 
     def __init__(self, profile: str, env: dict[str, str], log_path: Path) -> None:
-        from deploy.local_services import free_port
+        from toposerve.deploy.local_services import free_port
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "up", "--profile", profile, "--port", str(self.port)],
+            [sys.executable, "-m", "toposerve", "up", "--profile", profile, "--port", str(self.port)],
             cwd=REPO, env={**os.environ, **env}, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
     def log(self) -> str:

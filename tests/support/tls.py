@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from deploy.local_services import TlsFiles
+from toposerve.deploy.local_services import TlsFiles
 
 __all__ = ["TlsFiles", "make_ca", "make_server_cert", "missing_tls_support"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from brokers.background import stop_task
+from toposerve.brokers.background import stop_task
 
 
 async def _swallows_cancellations(times: int, give_up: asyncio.Event) -> None:

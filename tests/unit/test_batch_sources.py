@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-
-from brokers.batches import BatchManifest, ChunkMeta, batch_state, chunk_id, chunk_lines
-from consumers.preprocessing import InputLimits
-from consumers.registry import load_manifests
-from deploy.profile import MODELS_DIR
-from producers.batch_sources import BatchInputError, CsvSource, JsonlSource, open_source
+from toposerve.brokers.batches import BatchManifest, ChunkMeta, batch_state, chunk_id, chunk_lines
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models.preprocessing import InputLimits
+from toposerve.models.registry import load_manifests
+from toposerve.producers.batch_sources import BatchInputError, CsvSource, JsonlSource, open_source
 
 MANIFESTS = load_manifests(MODELS_DIR)
 IRIS = MANIFESTS["iris"]

@@ -7,8 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-
-from consumers.batching import MicroBatcher
+from toposerve.consumers.batching import MicroBatcher
 
 MARKER = -999.0  # a row holding this value makes the fake model raise
 

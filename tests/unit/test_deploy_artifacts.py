@@ -21,12 +21,11 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
-
-from brokers.settings import Settings
-from deploy.cli_render import COMPOSE_FILE, render, render_compose
-from deploy.components import load_checked_profile
-from deploy.k8s import PROFILE_FILE, k8s_name, max_replicas, profile_yaml, render_k8s, render_k8s_yaml
-from deploy.profile import DEPLOY_DIR, Profile, available_profiles
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.cli.render import COMPOSE_FILE, render, render_compose
+from toposerve.deploy.components import load_checked_profile
+from toposerve.deploy.k8s import PROFILE_FILE, k8s_name, max_replicas, profile_yaml, render_k8s, render_k8s_yaml
+from toposerve.deploy.profile import DEPLOY_DIR, Profile, available_profiles
 
 REPO = DEPLOY_DIR.parent
 NS = "shop-ml"
@@ -364,12 +363,13 @@ def test_dockerfile_builds_one_non_root_image_with_the_models() -> None:
     # The models, profiles and samples are package data of deploy/: copying deploy/ and
     # installing the package (not editable) puts them in the image.
     copied = {source for c in by_cmd["COPY"] for source in c.value[:-1]}
-    assert {"pyproject.toml", "README.md", "brokers/", "consumers/", "producers/", "api/", "deploy/"} <= copied
+    assert {"pyproject.toml", "README.md", "__main__.py", "brokers/", "models/", "consumers/", "producers/", "api/",
+            "deploy/"} <= copied
     runs = " ".join(" ".join(c.value) for c in by_cmd["RUN"])
     assert "pip install /tmp/toposerve" in runs and "pip install -e" not in runs
     assert "load_all" in runs  # the build fails unless the installed models match the manifest
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert {"profiles/*.yaml", "models/*.onnx", "models/*.json"} <= set(package_data["deploy"])
+    assert {"profiles/*.yaml", "models/*.onnx", "models/*.json"} <= set(package_data["toposerve.deploy"])
     # The numeric user is the one the Kubernetes pods run as.
     pod = by_kind(objects_of(load("asynchronous")), "Deployment")["ingress"]["spec"]["template"]["spec"]
     assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
@@ -380,6 +380,7 @@ def test_dockerignore_keeps_local_state_out_of_the_build() -> None:
                 if line.strip() and not line.startswith("#")]
     assert patterns[0] == "*"  # an allow-list: everything else stays out
     included = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
-    assert included == {"pyproject.toml", "README.md", "brokers", "consumers", "producers", "api", "deploy"}
+    assert included == {"pyproject.toml", "README.md", "__main__.py", "brokers", "models", "consumers", "producers", "api",
+                        "deploy"}
     for local in (".venv", ".git", "tests", "bench-results", ".pytest_cache"):
         assert local not in included

@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
-from brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
-from producers.edge_spool import Spool, carry_dropped
+from toposerve.brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
+from toposerve.producers.edge_spool import Spool, carry_dropped
 
 
 def report(predictions: int = 1, model: str = "digits_fast") -> Telemetry:

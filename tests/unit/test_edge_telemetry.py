@@ -8,15 +8,20 @@ from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
-
-from api.edge_routes import etag_matches, serves_edge, strong_etag
-from brokers.telemetry_messages import LATENCY_BUCKETS_MS, N_LATENCY_BUCKETS, LatencyStats, Telemetry, latency_bucket
-from brokers.telemetry_store import histogram_quantile, report_delta, summarize
-from brokers.topic import topic_matches
-from brokers.topology import QueueSpec
-from consumers.preprocessing import InputError
-from consumers.telemetry import check_report
-from producers.edge_telemetry import TelemetryWindow
+from toposerve.api.edge_routes import etag_matches, serves_edge, strong_etag
+from toposerve.brokers.telemetry_messages import (
+    LATENCY_BUCKETS_MS,
+    N_LATENCY_BUCKETS,
+    LatencyStats,
+    Telemetry,
+    latency_bucket,
+)
+from toposerve.brokers.telemetry_store import histogram_quantile, report_delta, summarize
+from toposerve.brokers.topic import topic_matches
+from toposerve.brokers.topology import QueueSpec
+from toposerve.consumers.telemetry import check_report
+from toposerve.models.preprocessing import InputError
+from toposerve.producers.edge_telemetry import TelemetryWindow
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 

@@ -7,16 +7,15 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-
-from api.entry import preprocess_rows, queues_on_path
-from brokers.cache_keys import prediction_key
-from brokers.messages import Features, InferenceRequest, utc_now
-from brokers.tensors import decode_tensor
-from brokers.topology import QueueSpec
-from consumers.preprocess import PreprocessStage
-from consumers.preprocessing import InputError, InputLimits
-from consumers.registry import load_manifests
-from deploy.profile import MODELS_DIR
+from toposerve.api.entry import preprocess_rows, queues_on_path
+from toposerve.brokers.cache_keys import prediction_key
+from toposerve.brokers.messages import Features, InferenceRequest, utc_now
+from toposerve.brokers.topology import QueueSpec
+from toposerve.consumers.preprocess import PreprocessStage
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models.preprocessing import InputError, InputLimits
+from toposerve.models.registry import load_manifests
+from toposerve.models.tensors import decode_tensor
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from brokers.cache_keys import feature_key, features_digest, prediction_key
-from consumers.items import DirectorySource, check_item_id
-from consumers.preprocessing import InputError
+from toposerve.brokers.cache_keys import feature_key, features_digest, prediction_key
+from toposerve.models.items import DirectorySource, check_item_id
+from toposerve.models.preprocessing import InputError
 
 BAD_IDS = ["../x", "/etc/passwd", "a/b", "a\\b", "..", ".x", "x\x00", "~x", "a b", "é", "", "a" * 129, "a..b"]
 

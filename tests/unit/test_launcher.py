@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from brokers.settings import Settings
-from deploy import launcher, local_services
-from deploy.launcher import LaunchError, ensure_services
-from deploy.local_services import INSTALL_HINT, ServiceUnavailable, free_port
+from toposerve.brokers.settings import Settings
+from toposerve.deploy import launcher, local_services
+from toposerve.deploy.launcher import LaunchError, ensure_services
+from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +185,7 @@ def test_a_url_without_a_port_is_probed_where_its_client_would_connect(monkeypat
 
 
 def test_every_stage_replica_gets_its_own_metrics_port() -> None:
-    from deploy.components import load_checked_profile
+    from toposerve.deploy.components import load_checked_profile
 
     ports = iter(range(9500, 9600))
     profile = load_checked_profile("prep_pred", Settings())

@@ -8,9 +8,8 @@ import time
 
 import httpx
 from prometheus_client import CollectorRegistry
-
-from consumers.liveness import LoopHeartbeat
-from consumers.metrics import serve_metrics
+from toposerve.consumers.liveness import LoopHeartbeat
+from toposerve.consumers.metrics import serve_metrics
 
 
 def test_the_heartbeat_goes_stale_after_its_limit() -> None:

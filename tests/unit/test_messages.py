@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
-
-from brokers.messages import (
+from toposerve.brokers.messages import (
     Failure,
     FailureCode,
     InferenceRequest,

@@ -12,17 +12,16 @@ import aio_pika
 import pytest
 import yaml
 from click.testing import CliRunner
-
-from brokers.logs import JobContextFilter, JsonFormatter
-from brokers.messages import Envelope, InferenceRequest, routing_key
-from brokers.settings import Settings
-from brokers.topology import QueueSpec
-from brokers.tracing import TRACEPARENT, continue_trace, new_trace, parse_traceparent
-from consumers.preprocessing import InputError
-from consumers.stage import Outgoing, Stage, StageRunner
-from deploy.asyncapi import asyncapi_document, profile_routing_keys, topic_matches
-from deploy.cli import main
-from deploy.components import load_checked_profile
+from toposerve.brokers.logs import JobContextFilter, JsonFormatter
+from toposerve.brokers.messages import Envelope, InferenceRequest, routing_key
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import QueueSpec
+from toposerve.brokers.tracing import TRACEPARENT, continue_trace, new_trace, parse_traceparent
+from toposerve.consumers.stage import Outgoing, Stage, StageRunner
+from toposerve.deploy.asyncapi import asyncapi_document, profile_routing_keys, topic_matches
+from toposerve.deploy.cli import main
+from toposerve.deploy.components import load_checked_profile
+from toposerve.models.preprocessing import InputError
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 VALID = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -115,7 +114,7 @@ async def test_a_failed_jobs_log_line_carries_job_id_and_trace_id_in_json() -> N
     handler = logging.StreamHandler(stream)
     handler.addFilter(JobContextFilter())
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("consumers.stage")
+    logger = logging.getLogger("toposerve.consumers.stage")
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)
@@ -233,8 +232,7 @@ def test_the_asyncapi_document_says_the_synchronous_ingress_publishes_rows_as_fe
 
 def test_a_stage_metrics_port_serves_the_runners_registry() -> None:
     import httpx
-
-    from consumers.metrics import serve_metrics
+    from toposerve.consumers.metrics import serve_metrics
 
     runner, _ = runner_on_fakes(Refusing("preprocess"))
     runner.metrics.handled.inc(2)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from brokers.messages import FailureCode, RowPrediction
-from consumers.predict import check_features, to_row_predictions
-from consumers.preprocessing import InputError
-from consumers.registry import ModelManifest, load_manifests
+from toposerve.brokers.messages import FailureCode, RowPrediction
+from toposerve.models.outputs import to_row_predictions
+from toposerve.models.preprocessing import InputError, check_features
+from toposerve.models.registry import ModelManifest, load_manifests
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "models"
 LABELS = ["setosa", "versicolor", "virginica"]

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-
-from brokers.messages import FailureCode
-from consumers import preprocessing
-from consumers.preprocessing import (
+from toposerve.brokers.messages import FailureCode
+from toposerve.models import preprocessing
+from toposerve.models.preprocessing import (
     InputError,
     InputLimits,
     check_image_header,
@@ -24,7 +23,7 @@ from consumers.preprocessing import (
     open_image,
     rows_to_features,
 )
-from consumers.registry import ImagePreprocessing, ModelManifest, ModelRegistry, load_manifests
+from toposerve.models.registry import ImagePreprocessing, ModelManifest, ModelRegistry, load_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO / "deploy" / "models"

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from brokers.topology import QueueSpec, dead_exchange_name, stage_queue_name
-from deploy.profile import (
+from toposerve.brokers.topology import QueueSpec, dead_exchange_name, stage_queue_name
+from toposerve.deploy.profile import (
     PROFILES_DIR,
     PredictSpec,
     PreprocessSpec,

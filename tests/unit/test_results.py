@@ -7,9 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
-from brokers.messages import Failure, FailureCode, Prediction, RowPrediction
-from brokers.results import JobRecord, JobStatus
+from toposerve.brokers.messages import Failure, FailureCode, Prediction, RowPrediction
+from toposerve.brokers.results import JobRecord, JobStatus
 
 ROWS = [RowPrediction(label="setosa", class_index=0, probabilities=[0.97, 0.02, 0.01]),
         RowPrediction(label="virginica", class_index=2, probabilities=[0.01, 0.01, 0.98])]

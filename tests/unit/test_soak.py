@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.soak import SoakInterval, growth_flags
+from toposerve.deploy.soak import SoakInterval, growth_flags
 
 
 def interval(at: float, rss: float, depth: int) -> SoakInterval:

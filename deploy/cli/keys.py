@@ -5,8 +5,7 @@ from __future__ import annotations
 import secrets
 
 import click
-
-from api.auth import key_file_line
+from toposerve.api import key_file_line
 
 
 @click.group()

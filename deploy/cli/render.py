@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+from toposerve.brokers import Settings
+from toposerve.deploy.components import load_checked_profile
+from toposerve.deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, METRICS_PORT, dump_yaml, render_k8s_yaml, stage_workers
+from toposerve.deploy.profile import Profile, ProfileError, available_profiles
 
-from brokers.settings import Settings
-from deploy.components import load_checked_profile
-from deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, METRICS_PORT, dump_yaml, render_k8s_yaml, stage_workers
-from deploy.profile import Profile, ProfileError, available_profiles
-
-COMPOSE_FILE = Path(__file__).parent / "compose.yaml"
+COMPOSE_FILE = Path(__file__).parents[1] / "compose.yaml"
 API_KEYS_SECRET = "toposerve_api_keys"
 DEFAULT_IMAGE = f"toposerve:{version('toposerve')}"
 

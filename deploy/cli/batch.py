@@ -8,12 +8,9 @@ from pathlib import Path
 
 import click
 import orjson
-
-from brokers.batches import BatchStore, iter_results
-from brokers.connections import connect_redis
-from brokers.settings import Settings
-from deploy.components import load_checked_profile, models_dir
-from deploy.profile import BatchStoreSpec, Profile, ProfileError
+from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
+from toposerve.deploy.components import load_checked_profile, models_dir
+from toposerve.deploy.profile import BatchStoreSpec, Profile, ProfileError
 
 DEFAULT_PROFILE = "batch"
 
@@ -39,8 +36,8 @@ def _say(text: str) -> None:
 
 
 def make_submitter(settings: Settings, profile: Profile, ttl_s: int, window: int = 64):
-    from consumers.registry import load_manifests
-    from producers.batch import BatchSubmitter
+    from toposerve.models import load_manifests
+    from toposerve.producers import BatchSubmitter
 
     manifests = load_manifests(models_dir(settings))
     served = {name: manifests[name] for name in profile.models}
@@ -75,9 +72,7 @@ def submit(path: Path, model: str, chunk_rows: int, wait: bool, resume: str | No
 async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, model: str, chunk_rows: int,
                   wait: bool, resume: str | None, window: int) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from producers.batch import wait_for_batch
-    from producers.batch_sources import BatchInputError
+    from toposerve.producers import BatchInputError, wait_for_batch
 
     if model not in profile.models:
         raise click.ClickException(f"unknown model {model!r}; profile {profile.name!r} serves: "
@@ -149,7 +144,7 @@ def results(batch_id: str, output: Path | None, profile_name: str) -> None:
     settings, _, ttl = _setup(profile_name)
 
     async def run() -> None:
-        from consumers.registry import load_manifests
+        from toposerve.models import load_manifests
 
         store = BatchStore(connect_redis(settings.redis_url), settings.namespace, ttl)
         try:
@@ -179,7 +174,7 @@ def results(batch_id: str, output: Path | None, profile_name: str) -> None:
 @profile_option
 def bench(rows: int, chunk_rows: int, out: Path | None, profile_name: str) -> None:
     """Generate an iris CSV of --rows rows, run it end to end, and compare with ONNX Runtime alone."""
-    from deploy.batch_bench import run_batch_bench
+    from toposerve.deploy.batch_bench import run_batch_bench
 
     settings, profile, ttl = _setup(profile_name)
     report = run_batch_bench(settings, profile, rows=rows, chunk_rows=chunk_rows, say=_say)

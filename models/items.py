@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 import redis.asyncio as redis
-
-from brokers.messages import FailureCode
-from consumers.preprocessing import InputError
+from toposerve.brokers import FailureCode
+from toposerve.models.preprocessing import InputError
 
 # Letters, digits, '.', '_' and '-'; starts with a letter or digit; no '..' anywhere.
 _ITEM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -7,16 +7,14 @@ import sys
 from pathlib import Path
 
 import click
-
-from brokers.settings import Settings
-from brokers.topology import dead_exchange_name, dead_queue_name, exchange_name
-from deploy.batch_cli import batch
-from deploy.cli_render import render
-from deploy.components import load_checked_profile
-from deploy.dead_cli import dead
-from deploy.edge_cli import edge
-from deploy.keys_cli import keys
-from deploy.profile import Profile, ProfileError, available_profiles
+from toposerve.brokers import Settings, dead_exchange_name, dead_queue_name, exchange_name
+from toposerve.deploy.cli.batch import batch
+from toposerve.deploy.cli.dead import dead
+from toposerve.deploy.cli.edge import edge
+from toposerve.deploy.cli.keys import keys
+from toposerve.deploy.cli.render import render
+from toposerve.deploy.components import load_checked_profile
+from toposerve.deploy.profile import Profile, ProfileError, available_profiles
 
 
 def _settings() -> Settings:
@@ -45,9 +43,9 @@ def main() -> None:
 @click.option("--port", type=int, default=None, help="Ingress port (default: the profile's, 8000)")
 def up(profile_name: str, host: str | None, port: int | None) -> None:
     """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
-    from deploy.launcher import LaunchError, run_profile
-    from deploy.local_services import ServiceUnavailable
-    from deploy.processes import configure_logging
+    from toposerve.deploy.launcher import LaunchError, run_profile
+    from toposerve.deploy.local_services import ServiceUnavailable
+    from toposerve.deploy.processes import configure_logging
 
     configure_logging()
     settings = _settings()
@@ -69,7 +67,7 @@ def up(profile_name: str, host: str | None, port: int | None) -> None:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port")
 def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None, metrics_host: str) -> None:
     """Run one stage replica (what a container runs)."""
-    from deploy.processes import configure_logging, install_uvloop, run_stage
+    from toposerve.deploy.processes import configure_logging, install_uvloop, run_stage
 
     configure_logging()
     settings = _settings()
@@ -87,7 +85,7 @@ def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None
 @click.option("--access-log/--no-access-log", default=False)
 def ingress(profile_name: str, host: str | None, port: int | None, access_log: bool) -> None:
     """Run the HTTP ingress of a profile (what a container runs)."""
-    from deploy.processes import configure_logging, serve_ingress
+    from toposerve.deploy.processes import configure_logging, serve_ingress
 
     configure_logging()
     settings = _settings()
@@ -148,16 +146,15 @@ def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, mo
     """Measure throughput and latency percentiles of a profile next to an in-process baseline."""
     from rich.console import Console
     from rich.table import Table
-
-    from deploy.bench import run_bench
-    from deploy.launcher import LaunchError
-    from deploy.processes import configure_logging
+    from toposerve.deploy.bench import run_bench
+    from toposerve.deploy.launcher import LaunchError
+    from toposerve.deploy.processes import configure_logging
 
     configure_logging("WARNING")
     settings = _settings()
     profile = _profile(profile_name, settings)
     if soak:
-        from deploy.soak import run_soak
+        from toposerve.deploy.soak import run_soak
 
         soak_report = run_soak(profile, profile_name, settings, model=model, minutes=soak_minutes,
                                fraction=soak_fraction, interval_s=soak_interval, out=out, say=_say)
@@ -189,8 +186,7 @@ def asyncapi(profile_name: str, fmt: str) -> None:
     import json
 
     import yaml
-
-    from deploy.asyncapi import asyncapi_document
+    from toposerve.deploy.asyncapi import asyncapi_document
 
     settings = _settings()
     document = asyncapi_document(_profile(profile_name, settings), settings)

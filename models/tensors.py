@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from brokers.messages import Tensor
+from toposerve.brokers import Tensor
 
 
 class TensorError(ValueError):

@@ -6,8 +6,7 @@ import asyncio
 
 import click
 import orjson
-
-from brokers.settings import Settings
+from toposerve.brokers import Settings
 
 
 def _say(text: str) -> None:
@@ -24,7 +23,7 @@ def dead() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line")
 def list_dead(limit: int, as_json: bool) -> None:
     """Show each dead letter's routing key, job id, reason, stage, queue and attempts (nothing is removed)."""
-    from producers.dead_letters import DeadLetters
+    from toposerve.producers import DeadLetters
 
     settings = Settings()
 
@@ -51,7 +50,7 @@ def list_dead(limit: int, as_json: bool) -> None:
 @click.option("--id", "ids", multiple=True, help="Job id (message id) to replay; repeat for several")
 def replay(replay_all: bool, ids: tuple[str, ...]) -> None:
     """Re-publish dead letters to the inference exchange with their routing key; ack each after its confirm."""
-    from producers.dead_letters import DeadLetters
+    from toposerve.producers import DeadLetters
 
     if replay_all == bool(ids):
         raise click.UsageError("give either --all or at least one --id")

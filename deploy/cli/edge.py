@@ -16,14 +16,20 @@ from pathlib import Path
 import click
 import httpx
 import platformdirs
-
-from brokers.settings import Settings
-from consumers.preprocessing import InputError
-from producers.edge import EdgeRuntime, client_id_of
-from producers.edge_agent import EdgeAgent, spool_and_forward, spool_dir
-from producers.edge_cache import EdgeError, ModelCache
-from producers.edge_spool import DEFAULT_MAX_REPORTS, Spool
-from producers.edge_telemetry import ForwardResult
+from toposerve.brokers import Settings
+from toposerve.models import InputError
+from toposerve.producers import (
+    DEFAULT_MAX_REPORTS,
+    EdgeAgent,
+    EdgeError,
+    EdgeRuntime,
+    ForwardResult,
+    ModelCache,
+    Spool,
+    client_id_of,
+    spool_and_forward,
+    spool_dir,
+)
 
 DEFAULT_PORT = 8765
 
@@ -173,9 +179,8 @@ def run(server: str, models: tuple[str, ...], cache_dir: Path | None, amqp_url: 
         host: str, port: int, poll_interval: float, report_interval: float, max_spooled: int) -> None:
     """Serve POST /v1/models/{model}/predict on this machine and keep the models current."""
     import uvicorn
-
-    from api.edge_local import create_edge_app
-    from deploy.processes import configure_logging
+    from toposerve.api import create_edge_app
+    from toposerve.deploy.processes import configure_logging
 
     configure_logging("WARNING")
     root = cache_dir or default_cache_dir()

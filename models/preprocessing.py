@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-from brokers.messages import FailureCode
-from consumers.registry import ImagePreprocessing, ModelManifest
+from toposerve.brokers import FailureCode, Features, InferenceRequest
+from toposerve.models.registry import ImagePreprocessing, ModelManifest
+from toposerve.models.tensors import encode_tensor
 
 ACCEPTED_IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 _RESAMPLE = {
@@ -164,3 +164,29 @@ def check_image_header(data: str, manifest: ModelManifest, limits: InputLimits) 
         image.verify()  # PNG: walks every chunk and its CRC, so truncation is caught here
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"'image' is truncated or corrupt: {exc}") from exc
+
+
+def check_features(array: np.ndarray, manifest: ModelManifest, max_rows: int) -> np.ndarray:
+    """Validate a features tensor from the wire against the model's input; float32 [N, F]."""
+    if array.ndim != 2 or array.shape[1] != manifest.n_features:
+        raise InputError(
+            f"features have shape {list(array.shape)}, model {manifest.name!r} expects [N, {manifest.n_features}]",
+            FailureCode.INVALID_MESSAGE,
+        )
+    if array.shape[0] == 0:
+        raise InputError("features have no rows", FailureCode.INVALID_MESSAGE)
+    if array.shape[0] > max_rows:
+        raise InputError(f"features have {array.shape[0]} rows, more than the limit of {max_rows}",
+                         FailureCode.TOO_LARGE)
+    features = array.astype(np.float32, copy=False)
+    if not np.isfinite(features).all():
+        raise InputError("features contain NaN or infinite values", FailureCode.INVALID_MESSAGE)
+    return features
+
+
+def derived_features(request: InferenceRequest, features: np.ndarray, timings: dict[str, float]) -> Features:
+    """Pure: the ``Features`` message for ``request`` (same id, model, deadline, ...), with ``timings``.
+    The preprocess stage publishes it; so does the ingress when it preprocesses rows itself."""
+    message = Features(**request.carried(), tensor=encode_tensor(features))
+    message.timings = timings
+    return message

@@ -1,0 +1,54 @@
+"""toposerve.models."""
+
+from toposerve.models.items import DirectorySource, ItemSource, RedisSource, check_item_id
+from toposerve.models.outputs import to_row_predictions
+from toposerve.models.preprocessing import (
+    InputError,
+    InputLimits,
+    check_features,
+    check_image_header,
+    derived_features,
+    image_b64_to_features,
+    image_to_features,
+    open_image,
+    rows_to_features,
+)
+from toposerve.models.registry import (
+    ImagePreprocessing,
+    LoadedModel,
+    Manifest,
+    ModelLoadError,
+    ModelManifest,
+    ModelRegistry,
+    file_sha256,
+    load_manifests,
+)
+from toposerve.models.tensors import TensorError, decode_tensor, encode_tensor
+
+__all__ = [
+    "DirectorySource",
+    "ImagePreprocessing",
+    "InputError",
+    "InputLimits",
+    "ItemSource",
+    "LoadedModel",
+    "Manifest",
+    "ModelLoadError",
+    "ModelManifest",
+    "ModelRegistry",
+    "RedisSource",
+    "TensorError",
+    "check_features",
+    "check_image_header",
+    "check_item_id",
+    "decode_tensor",
+    "derived_features",
+    "encode_tensor",
+    "file_sha256",
+    "image_b64_to_features",
+    "image_to_features",
+    "load_manifests",
+    "open_image",
+    "rows_to_features",
+    "to_row_predictions",
+]
