@@ -8,11 +8,13 @@ from typing import Protocol
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+
 from toposerve.api import book_routes, edge_routes, health, oip_routes, routes_v1
 from toposerve.api.auth import SecurityMiddleware, security_options
 from toposerve.api.batch_routes import router as batch_router
+from toposerve.api.config import IngressConfig
 from toposerve.api.errors import install_error_handlers
-from toposerve.api.ingress import Ingress, IngressConfig
+from toposerve.api.ingress import Ingress
 from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.brokers import Settings

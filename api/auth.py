@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+
 from toposerve.brokers import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/health/all", "/metrics"})

@@ -18,13 +18,14 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
+
 from toposerve.api.auth import current_owner, may_read
 from toposerve.api.errors import ApiError
 from toposerve.api.ingress import Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import BatchManifest, BatchStore, PublishRefused, iter_results
 from toposerve.models import load_manifests
 from toposerve.producers import DEFAULT_CHUNK_ROWS, BatchInputError, BatchSubmitter, bytes_source
@@ -42,7 +43,7 @@ def _ingress(request: Request) -> Ingress:
 
 
 def _store(ingress: Ingress) -> BatchStore:
-    return BatchStore(ingress.results.client, ingress.settings.namespace, ingress.config.result_ttl_s)
+    return BatchStore(ingress.results.client, ingress.settings.namespace, ingress.config.spec.result_ttl_s)
 
 
 def _batch_id(batch_id: str) -> str:
@@ -135,7 +136,7 @@ async def create_batch(
         except BatchInputError as exc:
             raise ApiError(422, "invalid_input", str(exc)) from exc
         submitter = BatchSubmitter(ingress.settings, ingress.manifests, ingress.config.queues,
-                                   ingress.config.result_ttl_s, publisher=ingress.publisher,
+                                   ingress.config.spec.result_ttl_s, publisher=ingress.publisher,
                                    redis_client=ingress.results.client)
         try:
             # The owner is in the manifest from the start: no one else can read the batch, ever.
@@ -152,8 +153,7 @@ async def create_batch(
     body = {"id": result.batch_id, "model": model, "total": result.total, "chunks": result.chunks,
             "bad_rows": result.bad_rows, "state": "running", "location": location,
             "results": f"{location}/results"}
-    return Response(orjson.dumps(body), status_code=202, media_type="application/json",
-                    headers={"Location": location})
+    return json_response(body, 202, headers={"Location": location})
 
 
 @router.get("/batches/{batch_id}")

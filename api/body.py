@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from fastapi import Request
+
 from toposerve.api.errors import ApiError
 
 # curl -d sends application/x-www-form-urlencoded unless told otherwise; the README's

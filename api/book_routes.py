@@ -14,23 +14,20 @@ import asyncio
 import base64
 import uuid
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+
 from toposerve.api.auth import may_read
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached
 from toposerve.api.errors import ApiError, error_response
 from toposerve.api.health import readiness
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
 from toposerve.models import ImagePreprocessing, ModelManifest
 
 IRIS_SAMPLE = [[5.1, 3.5, 1.4, 0.2]]
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
 def _ingress(request: Request) -> Ingress:
@@ -80,9 +77,9 @@ async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) ->
 
 async def _sync_outcome(ingress: Ingress, inference: InferenceRequest) -> Prediction | JobRecord:
     if ingress.prediction_cache is not None and inference.item_id is None:
-        outcome, _ = await predict_sync_cached(ingress, inference, ingress.config.timeout_s)
+        outcome, _ = await predict_sync_cached(ingress, inference, ingress.config.spec.timeout_s)
     else:
-        outcome = await ingress.predict_sync(inference, ingress.config.timeout_s)
+        outcome = await ingress.predict_sync(inference, ingress.config.spec.timeout_s)
     if isinstance(outcome, Failure):
         raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
     return outcome
@@ -126,11 +123,11 @@ async def _job_entry(ingress: Ingress, job_id: str) -> Response:
     if record is None or not may_read(record.owner):
         return error_response(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
     if record.status is JobStatus.PENDING:
-        return _json({job_id: {"prediction": ""}}, status=202)
+        return json_response({job_id: {"prediction": ""}}, status=202)
     if record.status is JobStatus.FAILED:
-        return _json({job_id: {"prediction": None, "error": record.error.model_dump() if record.error else None}})
+        return json_response({job_id: {"prediction": None, "error": record.error.model_dump() if record.error else None}})
     labels = [row.label for row in record.predictions or []]
-    return _json({job_id: {"prediction": labels[0] if labels else None, "predictions": labels}})
+    return json_response({job_id: {"prediction": labels[0] if labels else None, "predictions": labels}})
 
 
 def book_router(mode: str) -> APIRouter:
@@ -139,46 +136,46 @@ def book_router(mode: str) -> APIRouter:
     @router.get("/health")
     async def health(request: Request) -> Response:
         ready, body = await readiness(_ingress(request))
-        return _json({"health": "ok"} if ready else {"health": "ng", "checks": body["checks"]},
+        return json_response({"health": "ok"} if ready else {"health": "ng", "checks": body["checks"]},
                      status=200 if ready else 503)
 
     @router.get("/health/all")
     async def health_all(request: Request) -> Response:
-        return _json(_health_all(_ingress(request)))
+        return json_response(_health_all(_ingress(request)))
 
     @router.get("/metadata")
     async def metadata(request: Request) -> Response:
-        return _json(_metadata(_book_manifest(_ingress(request))))
+        return json_response(_metadata(_book_manifest(_ingress(request))))
 
     @router.get("/label")
     async def label(request: Request) -> Response:
         manifest = _book_manifest(_ingress(request))
         # The book's image patterns answer a list, its iris pattern a dict by class index.
-        return _json(manifest.labels if _is_image(manifest) else {str(i): n for i, n in enumerate(manifest.labels)})
+        return json_response(manifest.labels if _is_image(manifest) else {str(i): n for i, n in enumerate(manifest.labels)})
 
     if mode == "sync":
 
         @router.get("/predict/test")
         async def predict_test(request: Request) -> Response:
             ingress = _ingress(request)
-            return _json(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
+            return json_response(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
 
         @router.get("/predict/test/label")
         async def predict_test_label(request: Request) -> Response:
             ingress = _ingress(request)
-            return _json(_labels(await _sync_outcome(ingress, _sample_request(ingress))))
+            return json_response(_labels(await _sync_outcome(ingress, _sample_request(ingress))))
 
         @router.post("/predict")
         async def predict(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
-            return _json(_probabilities(await _sync_outcome(ingress, inference)))
+            return json_response(_probabilities(await _sync_outcome(ingress, inference)))
 
         @router.post("/predict/label")
         async def predict_label(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
-            return _json(_labels(await _sync_outcome(ingress, inference)))
+            return json_response(_labels(await _sync_outcome(ingress, inference)))
 
         @router.post("/v1/models/{model}:predict")
         async def tf_serving_predict(model: str, request: Request) -> Response:
@@ -195,14 +192,14 @@ def book_router(mode: str) -> APIRouter:
                                                  f"{ingress.settings.max_rows} per request")
             requests = [ingress.parse_predict_body(manifest.name, {"image": image}) for image in images]
             outcomes = await asyncio.gather(*(_sync_outcome(ingress, r) for r in requests))
-            return _json({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})
+            return json_response({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})
 
     else:
 
         async def _submit(ingress: Ingress, inference: InferenceRequest) -> Response:
             if mode == "async":
                 await ingress.submit_async(inference)
-                return _json({"job_id": str(inference.id)})
+                return json_response({"job_id": str(inference.id)})
             # sync_async: the accurate job first, then the fast answer under the fast model's name.
             fast_model = inference.model
             job = ingress.follow_up_request(inference, ingress.accurate_model_for(fast_model) or fast_model)
@@ -210,9 +207,9 @@ def book_router(mode: str) -> APIRouter:
             try:
                 fast = await _sync_outcome(ingress, inference)
             except ApiError as exc:
-                return _json({"job_id": str(job.id), fast_model: None,
+                return json_response({"job_id": str(job.id), fast_model: None,
                               "error": {"code": exc.code, "message": exc.message}}, status=202)
-            return _json({"job_id": str(job.id), fast_model: _rows(fast)[0].label})
+            return json_response({"job_id": str(job.id), fast_model: _rows(fast)[0].label})
 
         @router.get("/predict/test")
         async def predict_test_job(request: Request) -> Response:

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 from redis.exceptions import RedisError
+
 from toposerve.api.auth import current_owner
 from toposerve.api.entry import features_message
 from toposerve.api.errors import ApiError
@@ -129,7 +130,7 @@ async def submit_async_cached(ingress: Ingress, request: InferenceRequest) -> tu
     message.cache_key = key
     pending = JobRecord(id=request.id, model=request.model, status=JobStatus.PENDING, created_at=request.created_at)
     try:
-        lead = await cache.try_lead(key, str(request.id), ingress.config.result_ttl_s)
+        lead = await cache.try_lead(key, str(request.id), ingress.config.spec.result_ttl_s)
     except RedisError:
         lead = True
     if lead:
@@ -140,7 +141,7 @@ async def submit_async_cached(ingress: Ingress, request: InferenceRequest) -> tu
     ingress.stats.cache_coalesced += 1
     try:
         await ingress.results.create_pending(request.id, request.model, request.created_at, owner=current_owner())
-        await cache.follow(key, str(request.id), ingress.config.result_ttl_s)
+        await cache.follow(key, str(request.id), ingress.config.spec.result_ttl_s)
         rows = await cache.get(key)  # filled between our miss and our follow: complete now
     except RedisError as exc:
         raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
 from toposerve.api.body import read_json
 from toposerve.api.errors import ApiError, install_error_handlers
 from toposerve.api.ingress import FAILURE_STATUS, validate_predict_body
+from toposerve.api.responses import json_response
 from toposerve.api.routes_v1 import model_description
 from toposerve.brokers import JobRecord, Prediction
 from toposerve.models import InputError, ModelManifest
@@ -35,10 +36,6 @@ class LocalPredictor(Protocol):
 
     async def predict_async(self, model: str, *, instances: list[list[float]] | None = None,
                             image: str | None = None) -> Prediction: ...
-
-
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
 def create_edge_app(
@@ -59,20 +56,20 @@ def create_edge_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> Response:
         ready = bool(predictor.models)
-        return _json({"ready": ready, "models": sorted(predictor.models)}, 200 if ready else 503)
+        return json_response({"ready": ready, "models": sorted(predictor.models)}, 200 if ready else 503)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return _json({"models": [model_description(manifest_of(name)) for name in sorted(predictor.models)]})
+        return json_response({"models": [model_description(manifest_of(name)) for name in sorted(predictor.models)]})
 
     @app.get("/v1/models/{model}")
     async def describe(model: str) -> Response:
-        return _json(model_description(manifest_of(model)))
+        return json_response(model_description(manifest_of(model)))
 
     @app.post("/v1/models/{model}/predict")
     async def predict(model: str, request: Request) -> Response:

@@ -22,12 +22,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from redis.exceptions import RedisError
+
 from toposerve.api.errors import ApiError
 from toposerve.api.ingress import Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import TelemetryStore, any_binding_matches, routing_key
 from toposerve.models import ModelManifest, file_sha256
 
@@ -135,8 +136,7 @@ async def artifact(model: str, request: Request) -> Response:
 @router.get("/models/{model}/manifest")
 async def manifest(model: str, request: Request) -> Response:
     _, found = edge_manifest(request, model)
-    return Response(orjson.dumps(found.model_dump(mode="json")), media_type="application/json",
-                    headers=_model_headers(found))
+    return json_response(found.model_dump(mode="json"), headers=_model_headers(found))
 
 
 @router.get("/models/{model}/telemetry")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
 from toposerve.brokers import Features, InferenceRequest, QueueSpec
 from toposerve.models import InputLimits, ModelManifest, derived_features, rows_to_features
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from toposerve.api.responses import json_response
 from toposerve.brokers import redact
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,7 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     # No connection URL's password in an answer, whatever exception text a message quotes.
-    body = orjson.dumps({"error": {"code": code, "message": redact(message)}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return json_response({"error": {"code": code, "message": redact(message)}}, status, headers)
 
 
 def describe_validation_errors(errors: list[dict]) -> str:
@@ -46,8 +46,7 @@ def install_error_handlers(app: FastAPI) -> None:
         fallback = getattr(exc, "fallback", None)
         if fallback is not None:
             # The profile's degraded answer instead of an error (the circuit-break pattern).
-            body = orjson.dumps({**fallback, "fallback": True, "reason": exc.message})
-            return Response(body, status_code=200, media_type="application/json", headers={"X-Fallback": "true"})
+            return json_response({**fallback, "fallback": True, "reason": exc.message}, headers={"X-Fallback": "true"})
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)

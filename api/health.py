@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+
 from toposerve.api.ingress import Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import redact
 
 router = APIRouter()
@@ -60,5 +61,4 @@ async def readiness(ingress: Ingress) -> tuple[bool, dict]:
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
     ready, body = await readiness(request.app.state.ingress)
-    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json",
-                    headers=None if ready else {"Retry-After": "1"})
+    return json_response(body, 200 if ready else 503, headers=None if ready else {"Retry-After": "1"})

@@ -1,7 +1,7 @@
 """The ingress's connections and its one job: validate a request, record it, publish it.
 
-``IngressConfig`` is what the composition root (deploy/) hands the app; the
-``Ingress`` object is created and closed by the FastAPI lifespan, never global.
+``IngressConfig`` (api/config.py) is what the composition root (deploy/) hands the
+app; the ``Ingress`` object is created and closed by the FastAPI lifespan, never global.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Literal, NoReturn
+from typing import NoReturn
 
 from aio_pika.abc import AbstractRobustConnection
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, ValidationError
 from redis.exceptions import RedisError
+
 from toposerve.api.auth import current_owner
+from toposerve.api.config import IngressConfig
 from toposerve.api.entry import preprocess_rows, queues_on_path
 from toposerve.api.errors import ApiError, describe_validation_errors
 from toposerve.api.replies import ReplyRouter
@@ -29,12 +30,12 @@ from toposerve.brokers import (
     Envelope,
     Failure,
     FailureCode,
+    InferenceInputs,
     InferenceRequest,
     Prediction,
     PredictionCache,
     Publisher,
     PublishRefused,
-    QueueSpec,
     ResultStore,
     Settings,
     connect_amqp,
@@ -57,39 +58,6 @@ from toposerve.models import (
 )
 
 
-class IngressConfig(BaseModel):
-    profile: str
-    mode: Literal["async", "sync", "sync_async"] = "async"
-    models: list[str]
-    models_dir: Path
-    queues: list[QueueSpec] = Field(default_factory=list)
-    result_ttl_s: int = 3600
-    timeout_s: float = 5.0
-    max_timeout_s: float = 60.0
-    # The model the book-compatible routes (/predict, /metadata, ...) serve.
-    book_model: str | None = None
-    # sync_async: a request for the key model is answered by it at once, and the
-    # value model gets the same input as a background job.
-    sync_async_pairs: dict[str, str] = Field(default_factory=dict)
-    # The image /predict/test sends for image models (the book's bundled cat.jpg).
-    sample_image: Path | None = None
-    # prediction_cache profiles: seconds a cached answer lives (None: no prediction cache).
-    prediction_cache_ttl_s: int | None = None
-    # data_cache profiles: requests may name an item instead of sending data.
-    item_ids: bool = False
-    # Load shedding: predict requests in flight at once in this process (None: no bound),
-    # and what to answer instead of 503 when over a bound (None: 503 + Retry-After).
-    max_in_flight: int | None = None
-    overload_fallback: dict | None = None
-    # Model groups (scatter-gather): name -> member models; requested like a model.
-    groups: dict[str, list[str]] = Field(default_factory=dict)
-    # The queues of the stages a sync answer goes through (preprocess, predict, aggregate).
-    answer_queues: list[str] = Field(default_factory=list)
-    # Tabular rows are published as Features to features.<model>, skipping the preprocess
-    # stage (the profile's ingress.preprocess_tabular_in_ingress; see api/entry.py).
-    preprocess_tabular: bool = False
-
-
 @dataclass
 class IngressStats:
     """Counters of this ingress process, served at GET /v1/stats."""
@@ -102,24 +70,10 @@ class IngressStats:
     shed: int = 0
 
 
-class PredictBody(BaseModel):
-    """``POST /v1/models/{model}/predict``: exactly one input."""
+class PredictBody(InferenceInputs):
+    """``POST /v1/models/{model}/predict``: exactly one input, and nothing else."""
 
     model_config = ConfigDict(extra="forbid")
-
-    instances: list[list[float]] | None = Field(default=None, description="Rows of numbers (tabular models)")
-    image: str | None = Field(default=None, description="Base64 of a PNG or JPEG file (image models)")
-    item_id: str | None = Field(default=None, max_length=256, description="Item id (data-cache profiles)")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> PredictBody:
-        given = [name for name in ("instances", "image", "item_id") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "send exactly one of 'instances', 'image' or 'item_id'"
-                + (f" (got {' and '.join(given)})" if given else "")
-            )
-        return self
 
 
 INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404, FailureCode.UNKNOWN_ITEM: 404}
@@ -155,23 +109,19 @@ class Ingress:
         self.manifests: dict[str, ModelManifest] = {name: all_manifests[name] for name in config.models}
         for group, members in config.groups.items():
             self.manifests[group] = group_manifest(group, [all_manifests[m] for m in members])
-        self.limits = InputLimits(
-            max_rows=settings.max_rows,
-            max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
-        )
+        self.limits = InputLimits.of(settings)
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
-        self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.result_ttl_s)
+        self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.spec.result_ttl_s)
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.replies: ReplyRouter | None = None
         self.monitor: StageMonitor | None = None
         self.stats = IngressStats()
         self.prediction_cache: PredictionCache | None = None
         self.cache_fills: CompletionListener | None = None
-        if config.prediction_cache_ttl_s:
+        if config.spec.prediction_cache_ttl_s:
             self.prediction_cache = PredictionCache(self.results.client, settings.namespace,
-                                                    config.prediction_cache_ttl_s)
+                                                    config.spec.prediction_cache_ttl_s)
             self.cache_fills = CompletionListener(self.results.client, self.prediction_cache.filled_channel)
 
     async def start(self) -> None:
@@ -234,7 +184,7 @@ class Ingress:
     def entry_kind(self, model: str) -> str:
         """The kind of message a request for ``model`` enters the topology as (no cache involved)."""
         tabular = self.manifest(model).preprocessing.kind == "tabular"
-        return "features" if self.config.preprocess_tabular and tabular else "request"
+        return "features" if self.config.spec.preprocess_tabular_in_ingress and tabular else "request"
 
     def entry_message(self, request: Envelope) -> Envelope:
         """What to publish for ``request``: itself, or its Features when the profile preprocesses rows here.
@@ -243,7 +193,7 @@ class Ingress:
         ``parse_predict_body``: a few microseconds, and the tensor always matches the
         request being published (a sync_async follow-up is a copy for another model).
         """
-        if not (self.config.preprocess_tabular and isinstance(request, InferenceRequest)
+        if not (self.config.spec.preprocess_tabular_in_ingress and isinstance(request, InferenceRequest)
                 and request.instances is not None):
             return request
         manifest = self.manifest(request.model)
@@ -283,7 +233,7 @@ class Ingress:
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
         """Admit a predict request, or shed it at once when this process is at its bound."""
-        limit = self.config.max_in_flight
+        limit = self.config.spec.max_in_flight
         if limit is not None and self.stats.in_flight >= limit:
             self.overloaded(f"{self.stats.in_flight} requests in flight, the bound is {limit}")
         self.stats.in_flight += 1
@@ -294,7 +244,7 @@ class Ingress:
 
     def overloaded(self, why: str) -> NoReturn:
         self.stats.shed += 1
-        raise Overloaded(why, self.config.overload_fallback)
+        raise Overloaded(why, self.config.spec.overload_fallback)
 
     def refused(self, exc: PublishRefused) -> NoReturn:
         """Map a refused publish: a full queue is overload (shed), anything else unavailability."""
@@ -306,10 +256,10 @@ class Ingress:
     def timeout_for(self, requested: float | None) -> float:
         """The caller's timeout (query or header), else the profile's; capped, never <= 0."""
         if requested is None:
-            return self.config.timeout_s
+            return self.config.spec.timeout_s
         if not requested > 0:  # also refuses NaN
             raise ApiError(422, "invalid_request", f"timeout must be a positive number of seconds, got {requested}")
-        return min(requested, self.config.max_timeout_s)
+        return min(requested, self.config.spec.max_timeout_s)
 
     def answer_queues(self, entry_kind: str) -> list[str] | None:
         """The queues an answer to a message of ``entry_kind`` passes through (None: every queue)."""
@@ -358,7 +308,7 @@ class Ingress:
             self.replies.forget(correlation_id)
 
     def accurate_model_for(self, model: str) -> str | None:
-        return self.config.sync_async_pairs.get(model)
+        return self.config.spec.sync_async.get(model)
 
     def follow_up_request(self, request: InferenceRequest, model: str) -> InferenceRequest:
         """The same input for another model, as a job of its own."""

@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
 from toposerve.brokers import TRACEPARENT, continue_trace, current_span
 
 if TYPE_CHECKING:

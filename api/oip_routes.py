@@ -33,16 +33,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+
 from toposerve.api.body import check_content_type, read_body, read_json
 from toposerve.api.entry import queues_on_path
 from toposerve.api.errors import ApiError, describe_validation_errors
 from toposerve.api.health import readiness
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import Failure, InferenceRequest, Prediction, RowPrediction, redact
 from toposerve.models import ImagePreprocessing, ModelManifest
 
@@ -76,12 +77,8 @@ class OipError(Exception):
         self.message = message
 
 
-def oip_json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
-
-
 def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return oip_json({"error": redact(message)}, status=status, headers=headers or None)
+    return json_response({"error": redact(message)}, status=status, headers=headers or None)
 
 
 def _oip_status(status: int) -> int:
@@ -167,26 +164,26 @@ async def _ready(ingress: Ingress, model: str | None = None) -> bool:
 
 @router.get("")
 async def server_metadata(request: Request) -> Response:
-    return oip_json({"name": SERVER_NAME, "version": request.app.version, "extensions": []})
+    return json_response({"name": SERVER_NAME, "version": request.app.version, "extensions": []})
 
 
 @router.get("/health/live")
 async def server_live() -> Response:
-    return oip_json({"live": True})
+    return json_response({"live": True})
 
 
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
     # The protocol: 200 means ready, a 4xx means not ready.
     ready = await _ready(_ingress(request))
-    return oip_json({"ready": ready}, status=200 if ready else 400)
+    return json_response({"ready": ready}, status=200 if ready else 400)
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     ingress = _ingress(request)
     manifest = _manifest(ingress, model, version)
     ready = await _ready(ingress, manifest.name)
-    return oip_json({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
+    return json_response({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
 
 
 @router.get("/models/{model}/ready")
@@ -201,12 +198,12 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 
 @router.get("/models/{model}")
 async def model_meta(model: str, request: Request) -> Response:
-    return oip_json(model_metadata(_manifest(_ingress(request), model, None)))
+    return json_response(model_metadata(_manifest(_ingress(request), model, None)))
 
 
 @router.get("/models/{model}/versions/{version}")
 async def model_version_meta(model: str, version: str, request: Request) -> Response:
-    return oip_json(model_metadata(_manifest(_ingress(request), model, version)))
+    return json_response(model_metadata(_manifest(_ingress(request), model, version)))
 
 
 # -- reading an inference request ---------------------------------------------------------
@@ -512,7 +509,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         assert isinstance(outcome, Prediction)
         rows.extend(outcome.rows)
         version_used = outcome.model_version
-    return oip_json({
+    return json_response({
         "model_name": manifest.name,
         "model_version": version_used,
         "id": call.id if call.id is not None else str(jobs[0].id),

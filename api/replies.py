@@ -14,6 +14,7 @@ import uuid
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
+
 from toposerve.brokers import Failure, Prediction, decode_terminal
 
 log = logging.getLogger(__name__)

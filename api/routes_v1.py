@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import uuid
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
+
 from toposerve.api.auth import may_read
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached, submit_async_cached
 from toposerve.api.errors import ApiError, error_response
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.responses import json_response
 from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
 from toposerve.models import ModelManifest
 
@@ -39,10 +40,6 @@ def model_description(manifest: ModelManifest) -> dict:
         "preprocessing": manifest.preprocessing.model_dump(),
         "metrics": manifest.metrics,
     }
-
-
-def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
 def job_response(record: JobRecord) -> Response:
@@ -155,7 +152,7 @@ async def stats(request: Request) -> Response:
                              "errors": ingress.stats.cache_errors},
         "replies": {"in_flight": replies.in_flight if replies else 0,
                     "late": replies.late_replies if replies else 0},
-        "load": {"in_flight": ingress.stats.in_flight, "max_in_flight": ingress.config.max_in_flight,
+        "load": {"in_flight": ingress.stats.in_flight, "max_in_flight": ingress.config.spec.max_in_flight,
                  "shed": ingress.stats.shed},
     })
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from aio_pika.abc import AbstractRobustConnection
+
 from toposerve.brokers import stop_task
 
 log = logging.getLogger(__name__)

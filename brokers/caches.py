@@ -11,6 +11,7 @@ import json
 import numpy as np
 import redis.asyncio as redis
 from pydantic import TypeAdapter
+
 from toposerve.brokers.messages import RowPrediction
 
 _ROWS = TypeAdapter(list[RowPrediction])

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+
 from toposerve.brokers.messages import Envelope
 
 JSON = "application/json"
@@ -71,7 +72,7 @@ def amqp_message(
         body=body.model_dump_json().encode(),
         content_type=JSON,
         message_id=str(body.id),
-        type=getattr(body, "kind", None),
+        type=body.kind,
         # Async and batch work must survive a broker restart; a sync caller who waits
         # would time out anyway, so its messages skip the disk.
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
+
 from toposerve.brokers.tracing import current_span
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"

@@ -69,6 +69,7 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    kind: str = Field(description="What the message is (each kind below fixes it): the first word of its routing key")
     id: uuid.UUID = Field(description="Job id (UUID4); results are stored under it")
     model: ModelName
     created_at: UtcDatetime = Field(default_factory=utc_now, description="ISO 8601; no zone means UTC")
@@ -82,27 +83,39 @@ class Envelope(BaseModel):
         return self.deadline is not None and (now or utc_now()) >= self.deadline
 
     def carried(self) -> dict[str, object]:
-        """The envelope fields a stage copies onto the message it derives from this one."""
-        return {name: getattr(self, name) for name in Envelope.model_fields}
+        """The envelope fields a stage copies onto the message it derives from this one (not its kind)."""
+        return {name: getattr(self, name) for name in Envelope.model_fields if name != "kind"}
+
+    def routing_key(self) -> str:
+        """The key this message is published under: ``<kind>.<model>``."""
+        return routing_key(self.kind, self.model)
 
 
-class InferenceRequest(Envelope):
-    """``request.<model>``: exactly one of ``instances``, ``image`` or ``item_id``."""
+class InferenceInputs(BaseModel):
+    """What a request asks about: exactly one of ``instances``, ``image`` or ``item_id``.
 
-    kind: Literal["request"] = "request"
+    One rule for both doors: the ingress's HTTP body (``PredictBody``) and the
+    ``InferenceRequest`` any AMQP client publishes.
+    """
+
     instances: list[list[float]] | None = Field(default=None, description="Rows of numbers (tabular models)")
     image: str | None = Field(default=None, description="Base64 of a PNG or JPEG file (image models)")
     item_id: str | None = Field(default=None, max_length=256, description="Item to load (data-cache pattern)")
 
     @model_validator(mode="after")
-    def _exactly_one_input(self) -> InferenceRequest:
+    def _exactly_one_input(self) -> InferenceInputs:
         given = [name for name in ("instances", "image", "item_id") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(
-                "exactly one of 'instances', 'image' or 'item_id' must be given"
-                + (f" (got {', '.join(given)})" if given else " (got none)")
-            )
+            advice = f"; send {' and '.join(given)} in separate requests" if given else ""
+            raise ValueError("exactly one of 'instances', 'image' or 'item_id' must be given "
+                             f"(got {', '.join(given) or 'none'}){advice}")
         return self
+
+
+class InferenceRequest(Envelope, InferenceInputs):
+    """``request.<model>``: exactly one of ``instances``, ``image`` or ``item_id``."""
+
+    kind: Literal["request"] = "request"
 
 
 class Tensor(BaseModel):
@@ -145,6 +158,9 @@ class Prediction(Envelope):
     parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
 
+    def routing_key(self) -> str:
+        return routing_key(self.kind, self.model, self.part)
+
 
 class FailureCode(StrEnum):
     INVALID_MESSAGE = "invalid_message"
@@ -165,6 +181,9 @@ class Failure(Envelope):
     message: str
     retryable: bool = False
     part: str | None = Field(default=None, description="Model groups: the member model that failed")
+
+    def routing_key(self) -> str:
+        return routing_key(self.kind, self.model, self.part)
 
 
 class JoinTick(Envelope):

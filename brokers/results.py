@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
+
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
 

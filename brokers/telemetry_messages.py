@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from toposerve.brokers.messages import Envelope, UtcDatetime
 
 # Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket

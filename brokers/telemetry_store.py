@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
+
 from toposerve.brokers.telemetry_messages import LATENCY_BUCKETS_MS, N_LATENCY_BUCKETS, Telemetry
 
 # Marker first (SET NX): a report already counted changes nothing. Then sums,

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
+
 from toposerve.brokers import (
     Envelope,
     Failure,

@@ -15,6 +15,7 @@ from typing import ClassVar
 import orjson
 from pydantic import Field
 from redis.exceptions import RedisError
+
 from toposerve.brokers import (
     BatchStore,
     Envelope,

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from toposerve.brokers import stop_task
 
 log = logging.getLogger(__name__)

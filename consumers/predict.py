@@ -6,6 +6,7 @@ import asyncio
 from typing import ClassVar
 
 import numpy as np
+
 from toposerve.brokers import Envelope, FailureCode, Features, Prediction
 from toposerve.consumers.batching import MicroBatcher
 from toposerve.consumers.metrics import StageMetrics

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 from redis.exceptions import RedisError
+
 from toposerve.brokers import Envelope, FailureCode, FeatureCache, InferenceRequest, feature_key, prediction_key
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
 from toposerve.models import (

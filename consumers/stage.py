@@ -32,6 +32,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+
 from toposerve.brokers import (
     INGRESS_APP_ID,
     TRACEPARENT,
@@ -51,7 +52,6 @@ from toposerve.brokers import (
     is_model_name,
     is_terminal,
     open_confirm_channel,
-    routing_key,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
 from toposerve.consumers.metrics import StageMetrics, stage_metrics
@@ -81,8 +81,7 @@ class Outgoing:
 
 
 def outgoing(body: Envelope) -> Outgoing:
-    part = getattr(body, "part", None)
-    return Outgoing(body=body, routing_key=routing_key(body.kind, body.model, part))  # type: ignore[attr-defined]
+    return Outgoing(body=body, routing_key=body.routing_key())
 
 
 @dataclass
@@ -105,6 +104,9 @@ class Stage(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Queues the stage needs besides its own (an aggregate's delay queue for join
+        # timeouts); the runner declares them with its own.
+        self.extra_queues: list[QueueSpec] = []
 
     def decode(self, body: bytes) -> Envelope:
         """Parse and validate one message body; raises ``ValidationError``."""
@@ -181,8 +183,7 @@ class StageRunner:
         await self.stage.start()
         self.connection = await connect_amqp(self.settings.amqp_url, self.connection_name)
         channel = await open_confirm_channel(self.connection, prefetch=self.prefetch)
-        extra = list(getattr(self.stage, "extra_queues", []))  # e.g. an aggregate's delay queue
-        topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec, *extra])
+        topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec, *self.stage.extra_queues])
         self._publisher = Publisher(topology.exchange)
         self._dead = Publisher(topology.dead_exchange)
         self._retry = Publisher(channel.default_exchange)

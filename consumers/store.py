@@ -10,6 +10,7 @@ import uuid
 from typing import ClassVar
 
 from redis.exceptions import RedisError
+
 from toposerve.brokers import (
     Envelope,
     Failure,

@@ -12,6 +12,7 @@ import logging
 from typing import ClassVar
 
 from redis.exceptions import RedisError
+
 from toposerve.brokers import Envelope, FailureCode, Telemetry, TelemetryStore
 from toposerve.consumers.stage import Outgoing, Stage, TransientError
 from toposerve.models import InputError, ModelManifest

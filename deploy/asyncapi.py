@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+
 from toposerve.brokers import (
     Failure,
     Features,

@@ -15,15 +15,16 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
 from toposerve.brokers import Settings
-from toposerve.deploy.components import input_limits, models_dir
-from toposerve.models import InputError, ModelRegistry, rows_to_features, to_row_predictions
+from toposerve.deploy.components import models_dir
+from toposerve.models import InputError, InputLimits, ModelRegistry, rows_to_features, to_row_predictions
 
 
 def create_baseline_app() -> FastAPI:
     settings = Settings()
     registry = ModelRegistry(models_dir(settings), intra_op_threads=1)
-    limits = input_limits(settings)
+    limits = InputLimits.of(settings)
     app = FastAPI(title="baseline: FastAPI + ONNX Runtime")
 
     @app.post("/v1/models/{model}/predict")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+
 from toposerve.brokers import Settings
 from toposerve.deploy.launcher import Say, ensure_services
 from toposerve.deploy.profile import Profile

@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
+
 from toposerve.brokers import Settings
-from toposerve.deploy.components import input_limits, models_dir
+from toposerve.deploy.components import models_dir
 from toposerve.deploy.launcher import Say, running_profile
 from toposerve.deploy.local_services import free_port, port_answers
 from toposerve.deploy.profile import Profile
-from toposerve.models import ModelRegistry, rows_to_features, to_row_predictions
+from toposerve.models import InputLimits, ModelRegistry, rows_to_features, to_row_predictions
 from toposerve.producers import LatencySummary, run_closed_loop, run_in_process_baseline
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
@@ -52,7 +53,7 @@ def in_process_baseline(settings: Settings, model: str, duration_s: float) -> La
     """The same validation, model call and result shaping as the pipeline, in one process."""
     registry = ModelRegistry(models_dir(settings), intra_op_threads=settings.ort_intra_op_threads)
     loaded = registry.load(model)
-    limits = input_limits(settings)
+    limits = InputLimits.of(settings)
 
     def once() -> None:
         features = rows_to_features([IRIS_ROW], loaded.manifest, limits)

@@ -29,6 +29,7 @@ import re
 from typing import Any
 
 import yaml
+
 from toposerve.deploy.profile import Profile
 
 Obj = dict[str, Any]

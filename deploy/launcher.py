@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
+
 from toposerve.brokers import Settings
 from toposerve.deploy.local_services import (
     LocalService,

@@ -8,6 +8,7 @@ import logging
 import signal
 
 import uvicorn
+
 from toposerve.brokers import Settings, configure_logs
 from toposerve.consumers import LoopHeartbeat, serve_metrics
 from toposerve.deploy.components import build_app, build_stage_runner

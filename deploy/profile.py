@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toposerve.api import IngressSpec
 from toposerve.brokers import QueueSpec, any_binding_matches, stage_queue_name
 
 DEPLOY_DIR = Path(__file__).parent
@@ -24,32 +26,6 @@ StageName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class IngressSpec(_Strict):
-    mode: Literal["async", "sync", "sync_async"] = "async"
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    result_ttl_s: int = Field(default=3600, ge=1, description="How long job results live in Redis")
-    timeout_s: float = Field(default=5.0, gt=0, le=3600, description="Sync: default seconds to wait")
-    max_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Sync: cap on a caller's timeout")
-    book_model: str | None = Field(default=None, description="Model of the book-compatible routes")
-    sync_async: dict[str, str] = Field(default_factory=dict, description="fast model -> accurate model")
-    # web_single: the ingress and every stage in one process (the book's single container).
-    single_process: bool = False
-    # prediction_cache: seconds a cached answer lives (None: no prediction cache).
-    prediction_cache_ttl_s: int | None = Field(default=None, ge=1)
-    # Load shedding: predict requests in flight per ingress process (None: unbounded),
-    # and the answer given instead of 503 when shedding (None: 503 + Retry-After).
-    max_in_flight: int | None = Field(default=None, ge=1)
-    overload_fallback: dict | None = None
-    # Tabular input: the ingress already turns rows into the float32 tensor to validate
-    # them, so with this on it publishes that tensor as Features straight to
-    # features.<model> (same reply address, deadline and trace), skipping a broker hop
-    # and the preprocess stage. Images and item ids still go request.<model> ->
-    # preprocess: decoding them is the costly work a preprocess stage scales out.
-    preprocess_tabular_in_ingress: bool = Field(
-        default=False, description="Tabular rows: publish features.<model> from the ingress, skip the preprocess stage")
 
 
 class _StageBase(_Strict):

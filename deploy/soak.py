@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 import orjson
 from pydantic import BaseModel
+
 from toposerve.brokers import Settings
 from toposerve.deploy.launcher import Say, Supervisor, running_profile
 from toposerve.deploy.local_services import free_port

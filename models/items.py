@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import redis.asyncio as redis
+
 from toposerve.brokers import FailureCode
 from toposerve.models.preprocessing import InputError
 

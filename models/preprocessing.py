@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from toposerve.brokers import FailureCode, Features, InferenceRequest
+
+from toposerve.brokers import FailureCode, Features, InferenceRequest, Settings
 from toposerve.models.registry import ImagePreprocessing, ModelManifest
 from toposerve.models.tensors import encode_tensor
 
@@ -45,6 +46,12 @@ class InputLimits:
     max_rows: int = 10_000
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16_000_000
+
+    @classmethod
+    def of(cls, settings: Settings) -> InputLimits:
+        """The limits a process runs with (``TOPOSERVE_MAX_*``): the same at the ingress and in the stages."""
+        return cls(max_rows=settings.max_rows, max_image_bytes=settings.max_image_bytes,
+                   max_image_pixels=settings.max_image_pixels)
 
 
 def rows_to_features(instances: list[list[float]], manifest: ModelManifest, limits: InputLimits) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 import aio_pika
 import redis.asyncio as redis
 from aio_pika.abc import AbstractRobustConnection
+
 from toposerve.brokers import (
     BatchManifest,
     BatchStore,
@@ -73,8 +74,7 @@ class BatchSubmitter:
         self.manifests = manifests
         self.queues = list(queues)
         self.window = window
-        self.limits = InputLimits(max_rows=settings.max_rows, max_image_bytes=settings.max_image_bytes,
-                                  max_image_pixels=settings.max_image_pixels)
+        self.limits = InputLimits.of(settings)
         self._owns_redis = redis_client is None
         self.store = BatchStore(redis_client or connect_redis(settings.redis_url), settings.namespace, ttl_s)
         self.connection: AbstractRobustConnection | None = None

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 import orjson
+
 from toposerve.models import ImagePreprocessing, InputError, InputLimits, ModelManifest, image_to_features, open_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})

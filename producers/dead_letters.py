@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+
 from toposerve.brokers import (
     Publisher,
     PublishRefused,

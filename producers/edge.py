@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from toposerve.brokers import CLIENT_ID_PATTERN, FailureCode, Prediction, Telemetry, utc_now
 from toposerve.models import (
     ImagePreprocessing,

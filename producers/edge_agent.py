@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
 from toposerve.brokers import Telemetry
 from toposerve.producers.edge import EdgeRuntime
 from toposerve.producers.edge_cache import EdgeError, PullResult

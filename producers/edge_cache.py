@@ -33,6 +33,7 @@ from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
+
 from toposerve.brokers import SHA256_PATTERN, is_model_name, utc_now
 from toposerve.models import Manifest, ModelLoadError, ModelManifest, ModelRegistry
 from toposerve.producers.durable_files import fsync_dir, locked, replace_atomically

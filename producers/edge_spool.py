@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
+
 from toposerve.brokers import Telemetry, is_model_name
 from toposerve.producers.durable_files import fsync_dir, locked, replace_atomically
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import aio_pika
+
 from toposerve.brokers import (
     N_LATENCY_BUCKETS,
     LatencyStats,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
+
 from toposerve.deploy.local_services import (
     INSTALL_HINT,
     LocalService,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from toposerve.brokers import Settings, dead_exchange_name, dead_queue_name, exchange_name
 from toposerve.deploy.cli.batch import batch
 from toposerve.deploy.cli.dead import dead
@@ -146,6 +147,7 @@ def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, mo
     """Measure throughput and latency percentiles of a profile next to an in-process baseline."""
     from rich.console import Console
     from rich.table import Table
+
     from toposerve.deploy.bench import run_bench
     from toposerve.deploy.launcher import LaunchError
     from toposerve.deploy.processes import configure_logging
@@ -186,6 +188,7 @@ def asyncapi(profile_name: str, fmt: str) -> None:
     import json
 
     import yaml
+
     from toposerve.deploy.asyncapi import asyncapi_document
 
     settings = _settings()

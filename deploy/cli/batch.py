@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import orjson
+
 from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
 from toposerve.deploy.components import load_checked_profile, models_dir
 from toposerve.deploy.profile import BatchStoreSpec, Profile, ProfileError
@@ -72,6 +73,7 @@ def submit(path: Path, model: str, chunk_rows: int, wait: bool, resume: str | No
 async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, model: str, chunk_rows: int,
                   wait: bool, resume: str | None, window: int) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from toposerve.producers import BatchInputError, wait_for_batch
 
     if model not in profile.models:

@@ -6,6 +6,7 @@ import asyncio
 
 import click
 import orjson
+
 from toposerve.brokers import Settings
 
 

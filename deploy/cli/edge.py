@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import httpx
 import platformdirs
+
 from toposerve.brokers import Settings
 from toposerve.models import InputError
 from toposerve.producers import (
@@ -179,6 +180,7 @@ def run(server: str, models: tuple[str, ...], cache_dir: Path | None, amqp_url: 
         host: str, port: int, poll_interval: float, report_interval: float, max_spooled: int) -> None:
     """Serve POST /v1/models/{model}/predict on this machine and keep the models current."""
     import uvicorn
+
     from toposerve.api import create_edge_app
     from toposerve.deploy.processes import configure_logging
 

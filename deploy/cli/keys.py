@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 
 import click
+
 from toposerve.api import key_file_line
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+
 from toposerve.brokers import Settings
 from toposerve.deploy.components import load_checked_profile
 from toposerve.deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, METRICS_PORT, dump_yaml, render_k8s_yaml, stage_workers

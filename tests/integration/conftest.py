@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+
+from tests.conftest import FreshServices
 from toposerve.brokers.connections import connect_redis
 from toposerve.brokers.results import ResultStore
 from toposerve.brokers.settings import Settings
 from toposerve.consumers.stage import StageRunner
 from toposerve.deploy.components import build_app, build_stage_runner, load_checked_profile
 from toposerve.deploy.profile import Profile
-
-from tests.conftest import FreshServices
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from toposerve.brokers.settings import Settings
-from toposerve.deploy.components import build_stage_runner
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import build_stage_runner
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 

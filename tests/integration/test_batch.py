@@ -10,13 +10,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from toposerve.brokers.batches import chunk_id
-from toposerve.brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
-from toposerve.brokers.messages import Prediction, RowPrediction
-from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import declare_topology
-from toposerve.producers.batch import wait_for_batch
-from toposerve.producers.batch_sources import BatchInputError
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.batches import (
@@ -30,6 +23,13 @@ from tests.support.batches import (
 )
 from tests.support.faults import summary
 from tests.support.images import png_bytes, sample_images, truncated
+from toposerve.brokers.batches import chunk_id
+from toposerve.brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
+from toposerve.brokers.messages import Prediction, RowPrediction
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import declare_topology
+from toposerve.producers.batch import wait_for_batch
+from toposerve.producers.batch_sources import BatchInputError
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from toposerve.brokers.settings import Settings
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from toposerve.brokers.settings import Settings
-from toposerve.deploy.profile import MODELS_DIR, PROFILES_DIR
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import MODELS_DIR, PROFILES_DIR
 
 IRIS = "/v1/models/iris/predict"
 DIGITS = "/v1/models/digits_fast/predict"

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from toposerve.brokers.settings import Settings
-from toposerve.deploy.profile import MODELS_DIR
-from toposerve.models.preprocessing import InputLimits, image_to_features, open_image
-from toposerve.models.registry import ModelRegistry
 
 from tests.integration.conftest import start_stack
 from tests.integration.test_load_shedding import variant
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models.preprocessing import InputLimits, image_to_features, open_image
+from toposerve.models.registry import ModelRegistry
 
 
 def fast_confidence(path: Path) -> float:

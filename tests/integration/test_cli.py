@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from toposerve.deploy.local_services import free_port
 
 from tests.support.images import b64, sample_images
 from tests.support.processes import RunningProfile
+from toposerve.deploy.local_services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,15 +14,14 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from toposerve.brokers.connections import connect_redis
-from toposerve.brokers.settings import Settings
-from toposerve.consumers.crash_guard import RedeliveryGuard
-from toposerve.deploy.local_services import free_port
-
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_direct_amqp import dead_letters
 from tests.support.crashing_worker import CRASH_EXIT_CODE, POISON
 from tests.support.processes import WorkerProcess
+from toposerve.brokers.connections import connect_redis
+from toposerve.brokers.settings import Settings
+from toposerve.consumers.crash_guard import RedeliveryGuard
+from toposerve.deploy.local_services import free_port
 
 LIMIT = 2
 

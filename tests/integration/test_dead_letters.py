@@ -10,10 +10,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from toposerve.producers.dead_letters import DeadLetters
-
 from tests.integration.conftest import Stack
 from tests.integration.test_direct_amqp import publish
+from toposerve.producers.dead_letters import DeadLetters
 
 REPO = Path(__file__).resolve().parents[2]
 

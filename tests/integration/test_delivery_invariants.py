@@ -10,12 +10,12 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from toposerve.brokers.settings import Settings
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.faults import NO_HANG_S, DoneCounter, summary, wait_for_condition
 from tests.support.images import b64, sample_images
 from tests.support.processes import WorkerProcess
+from toposerve.brokers.settings import Settings
 
 ROWS = {"setosa": [5.1, 3.5, 1.4, 0.2], "versicolor": [5.9, 3.0, 4.2, 1.5], "virginica": [6.7, 3.0, 5.2, 2.3]}
 N_JOBS = 1000

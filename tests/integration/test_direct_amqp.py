@@ -10,11 +10,11 @@ from datetime import timedelta
 import aio_pika
 import numpy as np
 import pytest
+
+from tests.integration.conftest import Stack
 from toposerve.brokers.messages import Features, InferenceRequest, Tensor, utc_now
 from toposerve.brokers.topology import dead_queue_name, exchange_name
 from toposerve.models.tensors import encode_tensor
-
-from tests.integration.conftest import Stack
 
 
 async def publish(stack: Stack, routing_key: str, body: bytes) -> None:

@@ -21,6 +21,9 @@ import aio_pika
 import httpx
 import pytest
 import uvicorn
+
+from tests.integration.conftest import Stack, start_stack
+from tests.support.images import b64, sample_images, truncated
 from toposerve.api.edge_local import create_edge_app
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
@@ -34,9 +37,6 @@ from toposerve.producers.edge_agent import EdgeAgent
 from toposerve.producers.edge_cache import ArtifactRejected, EdgeError, ModelCache
 from toposerve.producers.edge_spool import Spool
 from toposerve.producers.edge_telemetry import forward
-
-from tests.integration.conftest import Stack, start_stack
-from tests.support.images import b64, sample_images, truncated
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ["digits_fast", "digits_accurate"]

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import exchange_name
 
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
@@ -38,6 +36,8 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.processes import WorkerProcess, stage_processes
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
 
 STAGES = ("preprocess", "predict", "store")
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis.asyncio as redis
-from toposerve.brokers.settings import Settings
 
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
 from tests.support.batches import IRIS_HEADER, iris_rows, onnx_labels, read_results
 from tests.support.faults import NO_HANG_S, SteadyLoad, is_ready, readyz, summary, wait_for_condition, wait_until
 from tests.support.processes import WorkerProcess, stage_processes
+from toposerve.brokers.settings import Settings
 
 BIG_ROWS, SMALL_ROWS, CHUNK_ROWS = 50_000, 20, 10
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from toposerve.brokers.settings import Settings
 
 from tests.conftest import FreshServices
 from tests.integration.conftest import Stack, start_stack
@@ -31,6 +30,7 @@ from tests.support.faults import (
     wait_until,
 )
 from tests.support.processes import WorkerProcess, stage_processes
+from toposerve.brokers.settings import Settings
 
 DEADLINE_S = 2.0
 # synchronous: rows (which skip its preprocess stage) and images (which do not).

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from toposerve.brokers.topology import exchange_name, stage_queue_name
 
 from tests.support.processes import RunningProfile
+from toposerve.brokers.topology import exchange_name, stage_queue_name
 
 REPO = Path(__file__).resolve().parents[2]
 ROW = [5.1, 3.5, 1.4, 0.2]

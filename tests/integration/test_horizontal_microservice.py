@@ -10,13 +10,13 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from toposerve.brokers.messages import Prediction, RowPrediction
-from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import exchange_name
 
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_load_shedding import variant
 from tests.integration.test_sync_profiles import Gate
+from toposerve.brokers.messages import Prediction, RowPrediction
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
 
 GROUP = "/v1/models/iris_species/predict"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.7, 3.0, 5.2, 2.3]]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from toposerve.brokers.settings import Settings
-from toposerve.deploy.components import build_stage_runner
-from toposerve.deploy.profile import PROFILES_DIR
 
 from tests.integration.conftest import start_stack
 from tests.integration.test_sync_profiles import Gate
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import build_stage_runner
+from toposerve.deploy.profile import PROFILES_DIR
 
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 

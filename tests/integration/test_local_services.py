@@ -9,6 +9,7 @@ import aio_pika
 import pytest
 import redis
 import redis.asyncio as aioredis
+
 from toposerve.deploy import local_services
 from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, port_answers, start_redis
 

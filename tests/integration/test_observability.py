@@ -6,9 +6,9 @@ import asyncio
 import re
 
 from prometheus_client.parser import text_string_to_metric_families
-from toposerve.brokers.settings import Settings
 
 from tests.integration.conftest import Stack, start_stack
+from toposerve.brokers.settings import Settings
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

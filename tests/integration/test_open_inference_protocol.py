@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from toposerve.brokers.settings import Settings
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VIRGINICA = [6.7, 3.0, 5.2, 2.3]

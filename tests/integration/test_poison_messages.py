@@ -12,12 +12,12 @@ import asyncio
 
 import numpy as np
 import pytest
-from toposerve.brokers.settings import Settings
 
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_direct_amqp import dead_letters
 from tests.support.batches import IRIS_HEADER, iris_rows, onnx_labels, read_results
 from tests.support.images import b64, sample_images
+from toposerve.brokers.settings import Settings
 
 POISON = 42.0  # a batch row whose first value is this makes the predict stage raise
 

@@ -10,12 +10,12 @@ import aio_pika
 import pytest
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tests.integration.conftest import Stack, start_stack
 from toposerve.api.auth import ApiKeys, RateLimiter, key_file_line
 from toposerve.brokers.batches import BatchStore
 from toposerve.brokers.connections import PublishRefused, connect_redis
 from toposerve.brokers.settings import Settings
-
-from tests.integration.conftest import Stack, start_stack
 
 ALICE = "alice-key-0123456789"  # TOPOSERVE_API_KEYS (plain, development)
 BOB = "bob-key-9876543210"  # TOPOSERVE_API_KEYS_FILE (hashed)

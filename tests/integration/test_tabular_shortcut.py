@@ -13,14 +13,14 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from toposerve.brokers.messages import Features
-from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import exchange_name
-from toposerve.brokers.tracing import TRACEPARENT
 
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_caches import cache_filled, profile_variant
 from tests.support.images import b64, sample_images
+from toposerve.brokers.messages import Features
+from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
+from toposerve.brokers.tracing import TRACEPARENT
 
 IRIS = "/v1/models/iris/predict"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]

@@ -23,13 +23,13 @@ from urllib.parse import urlencode
 import pytest
 import redis.exceptions
 from aio_pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
+
+from tests.integration.conftest import start_stack
+from tests.support.tls import make_ca, make_server_cert, missing_tls_support
 from toposerve.brokers.connections import connect_amqp, connect_redis
 from toposerve.brokers.redaction import redact
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.local_services import LocalService, ServiceUnavailable, start_rabbitmq, start_redis
-
-from tests.integration.conftest import start_stack
-from tests.support.tls import make_ca, make_server_cert, missing_tls_support
 
 pytestmark = pytest.mark.integration
 

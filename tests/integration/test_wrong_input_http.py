@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from toposerve.brokers.settings import Settings
-from toposerve.deploy.profile import load_profile
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, png_bomb, png_bytes, sample_images, truncated
+from toposerve.brokers.settings import Settings
+from toposerve.deploy.profile import load_profile
 
 IRIS = "/v1/models/iris/predict"
 DIGITS = "/v1/models/digits_fast/predict"

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+
+from tests.integration.conftest import Stack
 from toposerve.brokers.batches import BatchStore, iter_results
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.cli.batch import batch_ttl, make_submitter
 from toposerve.deploy.components import models_dir
 from toposerve.models.registry import ModelRegistry
 from toposerve.producers.batch import wait_for_batch
-
-from tests.integration.conftest import Stack
 
 IRIS_HEADER = "sepal_length,sepal_width,petal_length,petal_width"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from toposerve.consumers.batching import MicroBatcher
 from toposerve.deploy.cli import main
 

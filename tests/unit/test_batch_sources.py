@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+
 from toposerve.brokers.batches import BatchManifest, ChunkMeta, batch_state, chunk_id, chunk_lines
 from toposerve.deploy.profile import MODELS_DIR
 from toposerve.models.preprocessing import InputLimits

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from toposerve.consumers.batching import MicroBatcher
 
 MARKER = -999.0  # a row holding this value makes the fake model raise

@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.cli.render import COMPOSE_FILE, render, render_compose
 from toposerve.deploy.components import load_checked_profile

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from toposerve.brokers.telemetry_messages import N_LATENCY_BUCKETS, LatencyStats, Telemetry
 from toposerve.producers.edge_spool import Spool, carry_dropped
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
+
 from toposerve.api.edge_routes import etag_matches, serves_edge, strong_etag
 from toposerve.brokers.telemetry_messages import (
     LATENCY_BUCKETS_MS,

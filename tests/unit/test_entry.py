@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+
 from toposerve.api.entry import preprocess_rows, queues_on_path
 from toposerve.brokers.cache_keys import prediction_key
 from toposerve.brokers.messages import Features, InferenceRequest, utc_now

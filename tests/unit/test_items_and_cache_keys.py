@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from toposerve.brokers.cache_keys import feature_key, features_digest, prediction_key
 from toposerve.models.items import DirectorySource, check_item_id
 from toposerve.models.preprocessing import InputError

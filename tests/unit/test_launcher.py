@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from toposerve.brokers.settings import Settings
 from toposerve.deploy import launcher, local_services
 from toposerve.deploy.launcher import LaunchError, ensure_services

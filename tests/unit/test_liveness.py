@@ -8,6 +8,7 @@ import time
 
 import httpx
 from prometheus_client import CollectorRegistry
+
 from toposerve.consumers.liveness import LoopHeartbeat
 from toposerve.consumers.metrics import serve_metrics
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
+
 from toposerve.brokers.messages import (
     Failure,
     FailureCode,

@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 import yaml
 from click.testing import CliRunner
+
 from toposerve.brokers.logs import JobContextFilter, JsonFormatter
 from toposerve.brokers.messages import Envelope, InferenceRequest, routing_key
 from toposerve.brokers.settings import Settings
@@ -232,6 +233,7 @@ def test_the_asyncapi_document_says_the_synchronous_ingress_publishes_rows_as_fe
 
 def test_a_stage_metrics_port_serves_the_runners_registry() -> None:
     import httpx
+
     from toposerve.consumers.metrics import serve_metrics
 
     runner, _ = runner_on_fakes(Refusing("preprocess"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from toposerve.brokers.messages import FailureCode, RowPrediction
 from toposerve.models.outputs import to_row_predictions
 from toposerve.models.preprocessing import InputError, check_features

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+
 from toposerve.brokers.messages import FailureCode
 from toposerve.models import preprocessing
 from toposerve.models.preprocessing import (

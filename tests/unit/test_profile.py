@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from toposerve.brokers.topology import QueueSpec, dead_exchange_name, stage_queue_name
 from toposerve.deploy.profile import (
     PROFILES_DIR,

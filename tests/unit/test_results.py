@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from toposerve.brokers.messages import Failure, FailureCode, Prediction, RowPrediction
 from toposerve.brokers.results import JobRecord, JobStatus
 

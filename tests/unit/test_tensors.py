@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 from pydantic import ValidationError
+
 from toposerve.brokers.messages import Features, Tensor
 from toposerve.models.tensors import TensorError, decode_tensor, encode_tensor
 

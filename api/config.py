@@ -1,0 +1,72 @@
+"""What the ingress runs with: the profile's ``ingress`` section, and what the rest of the profile decides for it.
+
+The composition root (deploy/) validates the profile once, then hands its
+``IngressSpec`` over unchanged inside an ``IngressConfig``; nothing here re-copies
+the spec's fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from toposerve.brokers import QueueSpec
+
+
+class IngressSpec(BaseModel):
+    """A profile's ``ingress`` section, validated once by the profile and handed to the ingress as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["async", "sync", "sync_async"] = "async"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    result_ttl_s: int = Field(default=3600, ge=1, description="How long job results live in Redis")
+    timeout_s: float = Field(default=5.0, gt=0, le=3600, description="Sync: default seconds to wait")
+    max_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Sync: cap on a caller's timeout")
+    book_model: str | None = Field(default=None, description="Model of the book-compatible routes")
+    sync_async: dict[str, str] = Field(default_factory=dict, description="fast model -> accurate model")
+    # web_single: the ingress and every stage in one process (the book's single container).
+    single_process: bool = False
+    # prediction_cache: seconds a cached answer lives (None: no prediction cache).
+    prediction_cache_ttl_s: int | None = Field(default=None, ge=1)
+    # Load shedding: predict requests in flight per ingress process (None: unbounded),
+    # and the answer given instead of 503 when shedding (None: 503 + Retry-After).
+    max_in_flight: int | None = Field(default=None, ge=1)
+    overload_fallback: dict | None = None
+    # Tabular input: the ingress already turns rows into the float32 tensor to validate
+    # them, so with this on it publishes that tensor as Features straight to
+    # features.<model> (same reply address, deadline and trace), skipping a broker hop
+    # and the preprocess stage. Images and item ids still go request.<model> ->
+    # preprocess: decoding them is the costly work a preprocess stage scales out.
+    preprocess_tabular_in_ingress: bool = Field(
+        default=False, description="Tabular rows: publish features.<model> from the ingress, skip the preprocess stage")
+
+
+class IngressConfig(BaseModel):
+    """The ingress's configuration: ``spec`` as the profile gave it, plus what follows from the profile's stages."""
+
+    profile: str
+    spec: IngressSpec = IngressSpec()
+    models: list[str]
+    models_dir: Path
+    queues: list[QueueSpec] = Field(default_factory=list)
+    # Model groups (scatter-gather): name -> member models; requested like a model.
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    # The queues of the stages a sync answer goes through (preprocess, predict, aggregate).
+    answer_queues: list[str] = Field(default_factory=list)
+    # data_cache profiles: requests may name an item instead of sending data.
+    item_ids: bool = False
+    # The image /predict/test sends for image models (the book's bundled cat.jpg).
+    sample_image: Path | None = None
+
+    @property
+    def mode(self) -> Literal["async", "sync", "sync_async"]:
+        return self.spec.mode
+
+    @property
+    def book_model(self) -> str:
+        """The model the book-compatible routes (/predict, /metadata, ...) serve."""
+        return self.spec.book_model or self.models[0]
