@@ -6,7 +6,7 @@ Where the services come from (DESIGN.md, "Tests"), for each of AMQP and Redis:
 2. testcontainers containers, only where a Docker engine answers a quick ping
    (dockerd is never started; ``TOPOSERVE_TEST_NO_DOCKER=1`` skips the probe);
 3. throwaway ``rabbitmq-server`` / ``redis-server`` processes on free loopback
-   ports (``deploy/local_services.py``), stopped at the end of the session.
+   ports (``deploy/local_services/``), stopped at the end of the session.
 
 If none works the fixture fails (never skips) and says how to provide services.
 Tests that use these fixtures are marked ``integration`` automatically.

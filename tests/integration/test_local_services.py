@@ -1,4 +1,4 @@
-"""The service fixtures and deploy/local_services.py against real servers."""
+"""The service fixtures and deploy/local_services/ against real servers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import redis
 import redis.asyncio as aioredis
 
 from toposerve.deploy import local_services
-from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, port_answers, start_redis
+from toposerve.deploy.local_services import (
+    INSTALL_HINT,
+    ServiceUnavailable,
+    port_answers,
+    rabbitmq_server,
+    redis_server,
+    server_process,
+    start_redis,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +72,7 @@ def test_redis_appendonly_keeps_key_across_kill_and_restart(namespace: str) -> N
     # stop(): the process is gone and the temp dir removed
     assert not port_answers("127.0.0.1", port)
     assert not workdir.exists()
-    assert not local_services._pid_alive(pid)
+    assert not server_process.pid_alive(pid)
 
 
 async def test_rabbitmq_durable_message_survives_kill_and_restart(fresh_services, namespace: str) -> None:
@@ -101,11 +109,12 @@ async def test_rabbitmq_durable_message_survives_kill_and_restart(fresh_services
     await asyncio.to_thread(mq.stop)  # the fixture's stop() afterwards is a no-op
     assert not port_answers(mq.host, port)
     assert not workdir.exists()
-    assert not local_services._pid_alive(pid)
+    assert not server_process.pid_alive(pid)
 
 
 def test_missing_binaries_raise_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local_services, "find_binary", lambda name: None)
+    for module in (rabbitmq_server, redis_server):
+        monkeypatch.setattr(module, "find_binary", lambda name: None)
     with pytest.raises(ServiceUnavailable, match=re.escape(INSTALL_HINT)) as redis_error:
         local_services.start_redis()
     assert "redis-server" in str(redis_error.value)

@@ -1,6 +1,6 @@
 """amqps:// and rediss:// end to end, against real RabbitMQ and Redis that speak TLS only.
 
-The servers are private throwaway processes (deploy/local_services.py with ``tls=``) whose
+The servers are private throwaway processes (deploy/local_services/ with ``tls=``) whose
 only listener is TLS, with a certificate from a CA made for this module; the clients get
 that CA through the URL query string (``cafile=`` for aio-pika, ``ssl_ca_certs=`` for
 redis-py), exactly as README "Security" tells operators to. So a request that completes
