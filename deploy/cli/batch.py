@@ -10,6 +10,7 @@ import click
 import orjson
 
 from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
+from toposerve.deploy.cli.common import say
 from toposerve.deploy.components import load_checked_profile, models_dir
 from toposerve.deploy.profile import BatchStoreSpec, Profile, ProfileError
 
@@ -30,10 +31,6 @@ def _setup(profile_name: str) -> tuple[Settings, Profile, int]:
         return settings, profile, batch_ttl(profile)
     except ProfileError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _say(text: str) -> None:
-    click.echo(f"toposerve: {text}", err=True)
 
 
 def make_submitter(settings: Settings, profile: Profile, ttl_s: int, window: int = 64):
@@ -91,7 +88,7 @@ async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, mo
             sent = bar.add_task("published", total=source.total, rate="")
 
             def created(manifest) -> None:
-                _say(f"batch {manifest.id}: {manifest.total} rows in {manifest.chunks} chunks of "
+                say(f"batch {manifest.id}: {manifest.total} rows in {manifest.chunks} chunks of "
                      f"{manifest.chunk_rows}, model {manifest.model}")
 
             try:
@@ -106,10 +103,10 @@ async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, mo
                 status = await wait_for_batch(submitter.store, result.batch_id,
                                               on_update=lambda n, total: bar.update(done, completed=n))
                 bar.update(done, rate=f"{status.rate:,.0f} rows/s")
-        _say(f"{result.sent_chunks} chunks published, {result.skipped_chunks} skipped (already there), "
+        say(f"{result.sent_chunks} chunks published, {result.skipped_chunks} skipped (already there), "
              f"{result.bad_rows} bad rows recorded")
         if status is not None:
-            _say(f"state {status.state}: {status.done} done, {status.failed} failed of {status.total}")
+            say(f"state {status.state}: {status.done} done, {status.failed} failed of {status.total}")
         click.echo(result.batch_id)
         return 0 if status is None or status.state == "succeeded" else 1
     finally:
@@ -179,7 +176,7 @@ def bench(rows: int, chunk_rows: int, out: Path | None, profile_name: str) -> No
     from toposerve.deploy.batch_bench import run_batch_bench
 
     settings, profile, ttl = _setup(profile_name)
-    report = run_batch_bench(settings, profile, rows=rows, chunk_rows=chunk_rows, say=_say)
+    report = run_batch_bench(settings, profile, rows=rows, chunk_rows=chunk_rows, say=say)
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
     click.echo(text)
     if out is not None:

@@ -8,10 +8,7 @@ import click
 import orjson
 
 from toposerve.brokers import Settings
-
-
-def _say(text: str) -> None:
-    click.echo(f"toposerve: {text}", err=True)
+from toposerve.deploy.cli.common import say
 
 
 @click.group()
@@ -43,7 +40,7 @@ def list_dead(limit: int, as_json: bool) -> None:
             click.echo(f"{letter.job_id or '-'}  key={letter.routing_key or '-'}  stage={letter.stage or '-'}  "
                        f"queue={letter.queue or '-'}  attempts={letter.attempts if letter.attempts is not None else '-'}"
                        f"  reason={letter.reason}")
-    _say(f"{len(found)} of {total} dead letters in {settings.namespace}.dead shown")
+    say(f"{len(found)} of {total} dead letters in {settings.namespace}.dead shown")
 
 
 @dead.command()
@@ -71,6 +68,6 @@ def replay(replay_all: bool, ids: tuple[str, ...]) -> None:
         click.echo(f"refused {job_id}: {why}")
     for job_id in report.not_found:
         click.echo(f"not found {job_id}")
-    _say(f"{len(report.replayed)} replayed, {len(report.refused)} refused, {len(report.not_found)} not found")
+    say(f"{len(report.replayed)} replayed, {len(report.refused)} refused, {len(report.not_found)} not found")
     if report.refused or report.not_found:
         raise SystemExit(1)

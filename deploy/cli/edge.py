@@ -39,7 +39,7 @@ def default_cache_dir() -> Path:
     return platformdirs.user_cache_path("toposerve") / "edge"
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     click.echo(f"toposerve edge: {text}", err=True)
 
 
@@ -70,7 +70,7 @@ def _runtime(cache_dir: Path, client_id: str | None) -> EdgeRuntime:
 def _report_telemetry(results: dict[str, ForwardResult]) -> None:
     for model, result in results.items():
         if result.error and result.pending:
-            _say(f"telemetry of {model}: {result.pending} reports kept in the spool, sent when the broker is "
+            say(f"telemetry of {model}: {result.pending} reports kept in the spool, sent when the broker is "
                  f"reachable ({result.error})")
 
 
@@ -101,7 +101,7 @@ def pull(server: str, models: tuple[str, ...], cache_dir: Path | None, force: bo
                 try:
                     result = await ModelCache(root, model).pull(http, server, force=force)
                 except EdgeError as exc:
-                    _say(str(exc))
+                    say(str(exc))
                     failed += 1
                     continue
                 if result.status == "updated":
@@ -140,11 +140,11 @@ def predict(model: str, images: tuple[Path, ...], cache_dir: Path | None, amqp_u
         try:
             prediction = runtime.predict(model, image_bytes=path.read_bytes())
         except OSError as exc:
-            _say(f"{path}: cannot read the file ({exc.strerror or exc})")
+            say(f"{path}: cannot read the file ({exc.strerror or exc})")
             failed += 1
             continue
         except InputError as exc:
-            _say(f"{path}: {exc.message}")
+            say(f"{path}: {exc.message}")
             failed += 1
             continue
         row = prediction.rows[0]
@@ -192,7 +192,7 @@ def run(server: str, models: tuple[str, ...], cache_dir: Path | None, amqp_url: 
     async def serve() -> None:
         async with httpx.AsyncClient(timeout=30, headers=_auth_headers(settings)) as http:
             agent = EdgeAgent(runtime, list(models), server, http, amqp_url or settings.amqp_url,
-                              settings.namespace, max_spooled, say=_say)
+                              settings.namespace, max_spooled, say=say)
             await agent.refresh_once()
             for model in models:
                 if model not in runtime.models:
@@ -213,7 +213,7 @@ def run(server: str, models: tuple[str, ...], cache_dir: Path | None, amqp_url: 
 
             app = create_edge_app(runtime, settings.max_body_bytes, lifespan=lifespan)
             versions = ", ".join(f"{m} v{runtime.models[m].pointer.version}" for m in models)
-            _say(f"serving {versions} on http://{host}:{port}/v1/models/{{model}}/predict "
+            say(f"serving {versions} on http://{host}:{port}/v1/models/{{model}}/predict "
                  f"(updates from {server} every {poll_interval:g}s)")
             await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                 access_log=False)).serve()

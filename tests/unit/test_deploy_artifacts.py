@@ -23,8 +23,9 @@ import yaml
 from click.testing import CliRunner
 
 from toposerve.brokers.settings import Settings
-from toposerve.deploy.cli.render import COMPOSE_FILE, render, render_compose
+from toposerve.deploy.cli.render import render
 from toposerve.deploy.components import load_checked_profile
+from toposerve.deploy.compose import COMPOSE_FILE, render_compose
 from toposerve.deploy.k8s import PROFILE_FILE, k8s_name, max_replicas, profile_yaml, render_k8s, render_k8s_yaml
 from toposerve.deploy.profile import DEPLOY_DIR, Profile, available_profiles
 
@@ -270,7 +271,7 @@ def test_committed_compose_file_is_what_render_compose_writes() -> None:
     assert result.exit_code == 0, result.output
     assert result.output == COMPOSE_FILE.read_text(), (
         "deploy/compose.yaml is stale: regenerate it with `toposerve render compose -o deploy/compose.yaml` "
-        "(or `python -m deploy.cli_render compose -o deploy/compose.yaml`)")
+        "(`toposerve render compose -o deploy/compose.yaml`)")
 
 
 def test_compose_brokers() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from toposerve.brokers.settings import Settings
-from toposerve.deploy import launcher, local_services
+from toposerve.deploy import launcher
 from toposerve.deploy.launcher import LaunchError, ensure_services
-from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, free_port
+from toposerve.deploy.local_services import INSTALL_HINT, ServiceUnavailable, free_port, rabbitmq_server
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +141,7 @@ def _not_called(*args, **kwargs):
 
 def test_real_start_functions_without_binaries_give_the_install_hint(monkeypatch, silent_defaults) -> None:
     # The real start_rabbitmq, with no binary to be found: it must refuse before starting anything.
-    monkeypatch.setattr(local_services, "find_binary", lambda name: None)
+    monkeypatch.setattr(rabbitmq_server, "find_binary", lambda name: None)
     amqp, redis = silent_defaults
     with pytest.raises(ServiceUnavailable) as info:
         ensure_services(Settings(amqp_url=amqp, redis_url=redis), Said())

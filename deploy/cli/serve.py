@@ -1,0 +1,68 @@
+"""``toposerve up | worker | ingress``: run a whole profile, one stage replica, or the HTTP ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from toposerve.brokers import Settings
+from toposerve.deploy.cli.common import checked_profile, say
+from toposerve.deploy.profile import available_profiles
+
+
+@click.command()
+@click.option("--profile", "profile_name", required=True, help=f"Profile name or YAML path ({', '.join(available_profiles())})")
+@click.option("--host", default=None, help="Ingress address (default: the profile's, 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="Ingress port (default: the profile's, 8000)")
+def up(profile_name: str, host: str | None, port: int | None) -> None:
+    """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
+    from toposerve.deploy.launcher import LaunchError, run_profile
+    from toposerve.deploy.local_services import ServiceUnavailable
+    from toposerve.deploy.processes import configure_logging
+
+    configure_logging()
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        code = run_profile(profile, profile_name, settings, host or profile.ingress.host,
+                           port or profile.ingress.port, say)
+    except (LaunchError, ServiceUnavailable) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(code)
+
+
+@click.command()
+@click.option("--profile", "profile_name", required=True)
+@click.option("--stage", required=True, help="Stage name in the profile")
+@click.option("--replica", type=int, default=0, help="Replica number (names the connection)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics of this stage on this port (default: off)")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port")
+def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None, metrics_host: str) -> None:
+    """Run one stage replica (what a container runs)."""
+    from toposerve.deploy.processes import configure_logging, install_uvloop, run_stage
+
+    configure_logging()
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    if stage not in profile.stages:
+        raise click.ClickException(f"profile {profile.name!r} has no stage {stage!r}; stages: {', '.join(profile.stages)}")
+    install_uvloop()
+    asyncio.run(run_stage(profile, stage, settings, replica, metrics_port=metrics_port, metrics_host=metrics_host))
+
+
+@click.command()
+@click.option("--profile", "profile_name", required=True)
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.option("--access-log/--no-access-log", default=False)
+def ingress(profile_name: str, host: str | None, port: int | None, access_log: bool) -> None:
+    """Run the HTTP ingress of a profile (what a container runs)."""
+    from toposerve.deploy.processes import configure_logging, serve_ingress
+
+    configure_logging()
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    serve_ingress(profile, settings, host or profile.ingress.host, port or profile.ingress.port, access_log)
