@@ -1,4 +1,6 @@
-"""toposerve.api."""
+"""The FastAPI ingress: native /v1 API, Open Inference Protocol /v2, book-compatible routes,
+health, metrics and auth, over one ``Ingress`` per process (created by the app's lifespan).
+"""
 
 from toposerve.api.app import create_app
 from toposerve.api.auth import key_file_line

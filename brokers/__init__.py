@@ -1,4 +1,7 @@
-"""toposerve.brokers."""
+"""The wire: message types, topology, AMQP and Redis connections, and the stores on Redis.
+
+Imports nothing else of toposerve; every other package builds on what it lists here.
+"""
 
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.batches import (

@@ -26,5 +26,5 @@ def prediction_key(namespace: str, model: str, version: str, features: np.ndarra
 
 
 def feature_key(namespace: str, model: str, version: str, item_id: str) -> str:
-    # Item ids are validated before they get here (consumers.items.check_item_id).
+    # Item ids are validated before they get here (toposerve.models.items.check_item_id).
     return f"{namespace}:features:{model}:{version}:{item_id}"

@@ -119,7 +119,7 @@ class InferenceRequest(Envelope, InferenceInputs):
 
 
 class Tensor(BaseModel):
-    """A dense array as raw little-endian bytes; see ``brokers.tensors`` for the codec."""
+    """A dense array as raw little-endian bytes; see ``toposerve.models.tensors`` for the codec."""
 
     dtype: Literal["float32", "float64", "int64", "int32", "uint8"]
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)

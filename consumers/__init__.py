@@ -1,4 +1,6 @@
-"""toposerve.consumers."""
+"""The stages: preprocess, predict (ONNX Runtime, micro-batching), store, aggregate, telemetry,
+and the runner that gives each of them the delivery guarantees (ack after confirm, dead letters).
+"""
 
 from toposerve.consumers.aggregate import AggregateStage, delay_queue
 from toposerve.consumers.batch_store import BatchStoreStage

@@ -1,7 +1,7 @@
 """BatchStoreStage: ``prediction.*`` / ``failure.*`` of batch chunks -> the batch's results in Redis.
 
 A message whose ``batch_id`` names a recorded batch and whose id is one of its chunk
-ids (``brokers.batches.chunk_id``) is written as that chunk's outcome, and the batch's
+ids (``toposerve.brokers.batches.chunk_id``) is written as that chunk's outcome, and the batch's
 counters move in the same Lua script, once per chunk (a redelivery counts nothing).
 Any other message (an ordinary job of the batch profile's HTTP ingress) is stored as
 a job record, exactly as the ``store`` stage does.

@@ -106,7 +106,7 @@ _ORT_ALONE = r"""
 import json, sys, time
 import numpy as np
 from pathlib import Path
-from toposerve.models.registry import ModelRegistry
+from toposerve.models import ModelRegistry
 models_dir, csv_path, chunk_rows, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 loaded = ModelRegistry(Path(models_dir), intra_op_threads=threads).load("iris")
 t0 = time.perf_counter()

@@ -52,31 +52,27 @@ def _answers(url: str) -> bool:
 def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalService]]:
     """The settings to run with, and the throwaway servers started for them (to stop later)."""
     started: list[LocalService] = []
-    amqp_url, redis_url = settings.amqp_url, settings.redis_url
+    urls: dict[str, str] = {}
+    wanted = (("amqp_url", "RabbitMQ", "rabbitmq-server", DEFAULT_AMQP_URL, start_rabbitmq),
+              ("redis_url", "Redis", "redis-server", DEFAULT_REDIS_URL, start_redis))
     try:
-        if not _answers(amqp_url):
-            if amqp_url != DEFAULT_AMQP_URL:
-                raise LaunchError(f"nothing answers at TOPOSERVE_AMQP_URL={_redact(amqp_url)}; start RabbitMQ there "
+        for field, what, binary, default, start in wanted:
+            url = getattr(settings, field)
+            if _answers(url):
+                continue
+            if url != default:
+                raise LaunchError(f"nothing answers at TOPOSERVE_{field.upper()}={_redact(url)}; start {what} there "
                                   "or unset the variable to let toposerve start a local one")
-            say("no RabbitMQ answers at the default URL: starting a throwaway local rabbitmq-server ...")
-            service = start_rabbitmq()
+            say(f"no {what} answers at the default URL: starting a throwaway local {binary} ...")
+            service = start()
             started.append(service)
-            amqp_url = service.url
-            say(f"  RabbitMQ is up at {amqp_url} (data in {service.workdir}, removed on exit)")
-        if not _answers(redis_url):
-            if redis_url != DEFAULT_REDIS_URL:
-                raise LaunchError(f"nothing answers at TOPOSERVE_REDIS_URL={_redact(redis_url)}; start Redis there "
-                                  "or unset the variable to let toposerve start a local one")
-            say("no Redis answers at the default URL: starting a throwaway local redis-server ...")
-            service = start_redis()
-            started.append(service)
-            redis_url = service.url
-            say(f"  Redis is up at {redis_url} (data in {service.workdir}, removed on exit)")
+            urls[field] = service.url
+            say(f"  {what} is up at {service.url} (data in {service.workdir}, removed on exit)")
     except (ServiceUnavailable, LaunchError):
         for service in reversed(started):
             service.stop()
         raise
-    return settings.model_copy(update={"amqp_url": amqp_url, "redis_url": redis_url}), started
+    return settings.model_copy(update=urls), started
 
 
 def _redact(url: str) -> str:

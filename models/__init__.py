@@ -1,4 +1,8 @@
-"""toposerve.models."""
+"""The model layer: manifests and the sha256-checked registry, input preprocessing, the tensor codec.
+
+Pure where it can be; used by the stages, the ingress and the producers without any stage code.
+The ONNX files themselves are data in deploy/models/.
+"""
 
 from toposerve.models.items import DirectorySource, ItemSource, RedisSource, check_item_id
 from toposerve.models.outputs import to_row_predictions

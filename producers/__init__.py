@@ -1,4 +1,6 @@
-"""toposerve.producers."""
+"""What puts work in: the batch submitter, dead-letter replay, the load generator, the edge runtime
+and its agent (model cache, telemetry spool).
+"""
 
 from toposerve.producers.batch import DEFAULT_CHUNK_ROWS, BatchSubmitter, wait_for_batch
 from toposerve.producers.batch_sources import BatchInputError, bytes_source

@@ -2,7 +2,7 @@
 
 A source is scanned once before anything is published (row count, fingerprint,
 refusal of an empty or unreadable input), then read chunk by chunk. Each chunk is
-parsed and validated here with the same rules as the stages (``consumers.preprocessing``):
+parsed and validated here with the same rules as the stages (``toposerve.models.preprocessing``):
 a bad row is recorded as that row's error and never sent.
 """
 

@@ -1,7 +1,7 @@
 """Local inference on an edge client: cached models, the server's own preprocessing, telemetry windows.
 
 Nothing here needs a network. Inputs become features with the very functions the
-server's ingress and preprocess stage use (``consumers.preprocessing``), the model
+server's ingress and preprocess stage use (``toposerve.models.preprocessing``), the model
 is loaded by the same registry (sha256 checked), and outputs become
 ``RowPrediction``s with the predict stage's ``to_row_predictions``, so an edge
 answer equals the server's for the same input and model version.

@@ -13,7 +13,7 @@ sha256 matches the server's header (and the manifest) is it installed in its own
 version directory, loaded once with ONNX Runtime, and then made current by one
 atomic rename of ``current.json``. Until that rename the previous version stays in
 use, and it is kept afterwards too, as the rollback; older ones are removed.
-A version directory holds a registry manifest, so ``consumers.registry`` loads it
+A version directory holds a registry manifest, so ``toposerve.models.registry`` loads it
 (checking the sha256 again) exactly as the server loads its models.
 """
 

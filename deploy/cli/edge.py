@@ -1,7 +1,7 @@
 """``toposerve edge ...``: the edge AI client (pull models, predict on-device, serve locally, report telemetry).
 
-Composition only: the work is in ``producers.edge*`` (cache, runtime, spool,
-forwarding, agent) and ``api.edge_local`` (the local HTTP endpoint).
+Composition only: the work is in ``toposerve.producers`` (edge*) (cache, runtime, spool,
+forwarding, agent) and ``toposerve.api.edge_local`` (the local HTTP endpoint).
 """
 
 from __future__ import annotations

@@ -163,6 +163,7 @@ async def test_refusals_publish_nothing(batch_stack: Stack, tmp_path: Path) -> N
     assert not [key async for key in batch_stack.results.client.scan_iter(f"{batch_stack.settings.namespace}:batch:*")]
 
 
+@pytest.mark.fault
 async def test_progress_is_exact_under_redelivery(settings: Settings, tmp_path: Path) -> None:
     """Only the store runs: the test plays the predict stage and publishes chunk 0's prediction twice."""
     async for stack in start_stack(settings, "batch", stages=["store"]):
@@ -300,6 +301,7 @@ def cli(*args: str, settings: Settings, timeout: float = 120):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.fault
 def test_cli_submit_wait_status_results_with_stages_killed_mid_batch(
     amqp_url: str, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:

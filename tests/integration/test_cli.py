@@ -93,6 +93,7 @@ def test_up_serves_the_readme_requests_and_stops_cleanly_on_ctrl_c(
         up.stop()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("stage", ["predict"])
 def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace: str, tmp_path: Path,
                                        stage: str) -> None:

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_direct_amqp import dead_letters
 from tests.support.crashing_worker import CRASH_EXIT_CODE, POISON
@@ -22,6 +24,9 @@ from toposerve.brokers.connections import connect_redis
 from toposerve.brokers.settings import Settings
 from toposerve.consumers.crash_guard import RedeliveryGuard
 from toposerve.deploy.local_services import free_port
+
+# Kills and restarts services or stage processes: the slow part of the suite (`-m "not fault"` skips it).
+pytestmark = pytest.mark.fault
 
 LIMIT = 2
 
@@ -39,6 +44,7 @@ async def submit(stack: Stack, row: list[float]) -> str:
 async def test_a_message_that_keeps_killing_its_stage_is_dead_lettered_and_its_neighbours_succeed(
     settings: Settings, tmp_path: Path
 ) -> None:
+
     settings = settings.model_copy(update={"max_crash_redeliveries": LIMIT})
     async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
         # All queued before the stage starts, so they are in flight together (one prefetch window).

@@ -17,6 +17,9 @@ from tests.support.images import b64, sample_images
 from tests.support.processes import WorkerProcess
 from toposerve.brokers.settings import Settings
 
+# Kills and restarts services or stage processes: the slow part of the suite (`-m "not fault"` skips it).
+pytestmark = pytest.mark.fault
+
 ROWS = {"setosa": [5.1, 3.5, 1.4, 0.2], "versicolor": [5.9, 3.0, 4.2, 1.5], "virginica": [6.7, 3.0, 5.2, 2.3]}
 N_JOBS = 1000
 

@@ -39,6 +39,9 @@ from tests.support.processes import WorkerProcess, stage_processes
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.topology import exchange_name
 
+# Kills and restarts services or stage processes: the slow part of the suite (`-m "not fault"` skips it).
+pytestmark = pytest.mark.fault
+
 STAGES = ("preprocess", "predict", "store")
 
 

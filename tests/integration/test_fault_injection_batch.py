@@ -29,6 +29,9 @@ from tests.support.faults import NO_HANG_S, SteadyLoad, is_ready, readyz, summar
 from tests.support.processes import WorkerProcess, stage_processes
 from toposerve.brokers.settings import Settings
 
+# Kills and restarts services or stage processes: the slow part of the suite (`-m "not fault"` skips it).
+pytestmark = pytest.mark.fault
+
 BIG_ROWS, SMALL_ROWS, CHUNK_ROWS = 50_000, 20, 10
 
 

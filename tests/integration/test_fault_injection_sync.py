@@ -32,6 +32,9 @@ from tests.support.faults import (
 from tests.support.processes import WorkerProcess, stage_processes
 from toposerve.brokers.settings import Settings
 
+# Kills and restarts services or stage processes: the slow part of the suite (`-m "not fault"` skips it).
+pytestmark = pytest.mark.fault
+
 DEADLINE_S = 2.0
 # synchronous: rows (which skip its preprocess stage) and images (which do not).
 REQUESTS = {"synchronous": lambda: [*iris_requests(), *digit_requests()[:3]], "prep_pred": digit_requests}
