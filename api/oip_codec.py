@@ -8,13 +8,13 @@ transport of the protocol. Every problem raises ``OipError`` naming what was wro
 from __future__ import annotations
 
 import base64
-import json
 import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
+from toposerve.api.body import parse_json as parse_json_text
 from toposerve.brokers import RowPrediction
 from toposerve.models import ImagePreprocessing, ModelManifest
 
@@ -88,13 +88,9 @@ def parse_json(raw: bytes) -> object:
     if not raw.strip():
         raise OipError("the JSON header of the request is empty")
     try:
-        return json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise OipError(f"the request is not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise OipError(f"the request is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise OipError("the request is nested too deeply") from exc
+        return parse_json_text(raw)
+    except ValueError as exc:
+        raise OipError(str(exc).replace("the body", "the request", 1)) from exc
 
 
 def parse_infer_call(data: object) -> InferCall:

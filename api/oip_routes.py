@@ -165,9 +165,6 @@ async def model_version_meta(model: str, version: str, request: Request) -> Resp
 
 async def read_infer_body(request: Request, max_bytes: int) -> tuple[object, bytes | None]:
     """The JSON request, and the binary tensor data after it (Triton's extension) if any."""
-    if request.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
-        raise OipError(f"Content-Encoding {request.headers['content-encoding']!r} is not supported; "
-                       "send the request uncompressed")
     declared = request.headers.get(BINARY_HEADER)
     if declared is None:
         return await read_json(request, max_bytes), None

@@ -21,7 +21,7 @@ JSON = "application/json"
 
 class PublishRefused(RuntimeError):
     """The broker did not accept a message: ``reason`` is ``no_route``, ``rejected`` (a queue
-    at its bound, or a nack) or ``unavailable`` (no connection, timeout)."""
+    at its bound, or a nack), ``timeout`` (no confirm in time) or ``unavailable`` (no connection)."""
 
     def __init__(self, message: str, reason: str = "unavailable") -> None:
         super().__init__(message)
@@ -117,5 +117,7 @@ class Publisher:
         except DeliveryError as exc:
             raise PublishRefused(f"the broker refused the message for {routing_key!r} (queue full?)",
                                  "rejected") from exc
-        except (TimeoutError, AMQPError, ConnectionError, RuntimeError) as exc:
+        except TimeoutError as exc:
+            raise PublishRefused(f"no confirm for {routing_key!r} within {self.timeout_s:g} s", "timeout") from exc
+        except (AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishRefused(f"publishing to {routing_key!r} failed: {type(exc).__name__}: {exc}") from exc

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Request limits, checked at the ingress (HTTP) and again in the stages (AMQP),
     # because anyone can publish straight to the exchange.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A stage refuses (dead-letters, with the reason) a message body larger than this
+    # before parsing it: anyone can publish to the exchange, and parsing holds the loop.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_rows: int = Field(default=10_000, ge=1)
     max_image_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=16_000_000, ge=64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -54,6 +55,7 @@ from toposerve.brokers import (
     open_confirm_channel,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
+from toposerve.consumers.liveness import LoopStalls
 from toposerve.consumers.metrics import StageMetrics, stage_metrics
 from toposerve.models import InputError
 
@@ -64,6 +66,12 @@ REASON_HEADER = "x-toposerve-reason"
 # A retry goes straight to the stage's queue, which changes its routing key; the
 # original key travels here so a dead letter can be replayed where it came from.
 ROUTING_KEY_HEADER = "x-toposerve-routing-key"
+# A dead letter that keeps only the head of its body says how long the body was.
+TRUNCATED_HEADER = "x-toposerve-truncated-from"
+# Bodies above this are parsed one at a time (``StageRunner._decode``).
+HEAVY_MESSAGE_BYTES = 256 * 1024
+# Of a body refused for its size, this much is kept: enough for its id, model and a look.
+SALVAGE_HEAD_BYTES = 64 * 1024
 
 
 def original_routing_key(delivery: AbstractIncomingMessage) -> str:
@@ -89,6 +97,7 @@ class StageStats:
     handled: int = 0
     failed: int = 0
     retried: int = 0
+    requeued: int = 0  # put back because a dependency was unavailable (not counted as an attempt)
     dead_lettered: int = 0
     in_flight: set[asyncio.Task] = field(default_factory=set, repr=False)
 
@@ -178,6 +187,8 @@ class StageRunner:
         self._consumer_tag: str | None = None
         self.ready = asyncio.Event()
         self._closed = False
+        self._heavy = asyncio.Lock()
+        self.stalls = LoopStalls()
 
     async def start(self) -> None:
         await self.stage.start()
@@ -188,6 +199,7 @@ class StageRunner:
         self._dead = Publisher(topology.dead_exchange)
         self._retry = Publisher(channel.default_exchange)
         self._queue = topology.queues[self.queue_spec.name]
+        self.stalls.start()
         self._consumer_tag = await self._queue.consume(self._on_message)
         self.ready.set()
         log.info("stage %s consuming %s", self.stage.name, self.queue_spec.name)
@@ -207,6 +219,7 @@ class StageRunner:
         if pending:
             log.info("draining %d in-flight messages", len(pending))
             await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
+        await self.stalls.close()
         if self.connection is not None:
             await self.connection.close()
         if self.guard is not None:
@@ -272,13 +285,18 @@ class StageRunner:
         # This hop's span (same trace id, new span id): on its outputs and its log lines.
         headers = delivery.headers
         current_span.set(continue_trace(headers.get(TRACEPARENT) if headers else None))
+        size = len(delivery.body)
+        if size > self.settings.max_message_bytes:
+            await self._reject_oversized(delivery, size)
+            return
         try:
-            message = self.stage.decode(delivery.body)
+            message = await self._decode(delivery.body)
         except ValidationError as exc:
             await self._reject_undecodable(delivery, exc)
             return
 
         started = time.perf_counter()
+        publishing_since: float | None = None
         current_job.set((str(message.id), message.model, self.stage.name))
         if self.recorder is not None and delivery.app_id != INGRESS_APP_ID:
             await self._record_pending(message)
@@ -295,10 +313,20 @@ class StageRunner:
                     outputs = [outgoing(self.stage.failure(message, exc.code, exc.message))]
             for out in outputs:
                 out.body.timings[f"{self.stage.kind}_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            publishing_since = self.stalls.clock()
             await self._publish_all(outputs, delivery)
         except (TransientError, PublishRefused, RedisError, ConnectionError) as exc:
+            if (isinstance(exc, PublishRefused) and exc.reason == "timeout" and publishing_since is not None
+                    and self._stalled_itself(publishing_since)):
+                # Not an outage: this process held its own loop while the confirm waited
+                # (CPU-bound work). Count an attempt, so such a message cannot loop for ever.
+                log.warning("stage %s: %s while its own event loop was stalled; counting an attempt",
+                            self.stage.name, exc)
+                await self._retry_or_dead_letter(delivery, message, exc)
+                return
             # The message is fine, a dependency is not: requeue after a pause so we do not spin.
             log.warning("stage %s: dependency unavailable (%s); requeueing %s", self.stage.name, exc, message.id)
+            self.stats.requeued += 1
             await asyncio.sleep(1.0)
             await self._settle(delivery.nack(requeue=True))
             return
@@ -309,6 +337,35 @@ class StageRunner:
         self.metrics.handled.inc()
         self.metrics.processing_seconds.observe(time.perf_counter() - started)
         await self._settle(delivery.ack())
+
+    def _stalled_itself(self, publishing_since: float) -> bool:
+        """Was this loop held up for most of the publish timeout, since this message's publishing began?"""
+        assert self._publisher is not None
+        window = self._publisher.timeout_s
+        since = max(publishing_since, self.stalls.clock() - window)
+        return self.stalls.stalled_s(since) >= window / 2
+
+    async def _decode(self, body: bytes) -> Envelope:
+        if len(body) <= HEAVY_MESSAGE_BYTES:
+            return self.stage.decode(body)
+        # Parsing holds the event loop (pydantic keeps the GIL, so a thread would not help):
+        # about 60 ms per MiB of rows. Big bodies are parsed one at a time, so between two of
+        # them the loop serves confirms, acks and heartbeats; a prefetch window full of big
+        # messages can then never stall it for longer than one parse.
+        async with self._heavy:
+            await asyncio.sleep(0)
+            return self.stage.decode(body)
+
+    async def _reject_oversized(self, delivery: AbstractIncomingMessage, size: int) -> None:
+        """Too large to parse: fail its job (when its id is in the first bytes) and dead-letter its head."""
+        limit = self.settings.max_message_bytes
+        reason = (f"message is {size} bytes, more than stage {self.stage.name!r}'s limit of {limit} "
+                  "(TOPOSERVE_MAX_MESSAGE_BYTES); refused before parsing")
+        ident = _salvage_identity_from_head(delivery.body[:SALVAGE_HEAD_BYTES])
+        failure = None if ident is None else Failure(id=ident[0], model=ident[1], stage=self.stage.name,
+                                                     code=FailureCode.TOO_LARGE, message=reason)
+        log.warning("stage %s: %s", self.stage.name, reason)
+        await self._end_and_dead_letter(delivery, failure, reason, keep_bytes=SALVAGE_HEAD_BYTES)
 
     async def _record_pending(self, message: Envelope) -> None:
         """Best effort: the job's outcome is stored either way, this only makes it known sooner."""
@@ -412,13 +469,13 @@ class StageRunner:
         return Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=code, message=reason)
 
     async def _end_and_dead_letter(self, delivery: AbstractIncomingMessage, failure: Failure | None, reason: str,
-                                   best_effort_outcomes: bool = False) -> bool:
+                                   best_effort_outcomes: bool = False, keep_bytes: int | None = None) -> bool:
         """End the job with ``failure`` (when whose job it is is known, so its caller learns
         why), dead-letter the message, then ack; True once acked, False when requeued."""
         try:
             if failure is not None:
                 await self._publish_all([outgoing(failure)], delivery, best_effort_outcomes=best_effort_outcomes)
-            await self._dead_letter(delivery, reason)
+            await self._dead_letter(delivery, reason, keep_bytes)
         except PublishRefused:
             await asyncio.sleep(1.0)
             await self._settle(delivery.nack(requeue=True))
@@ -426,18 +483,23 @@ class StageRunner:
         await self._settle(delivery.ack())
         return True
 
-    async def _dead_letter(self, delivery: AbstractIncomingMessage, reason: str) -> None:
+    async def _dead_letter(self, delivery: AbstractIncomingMessage, reason: str, keep_bytes: int | None = None) -> None:
+        """Copy the message to ``{ns}.dead`` with the reason; ``keep_bytes``: keep only the body's head."""
         assert self._dead is not None
-        dead = self._copy(delivery, {REASON_HEADER: reason[:1000], "x-toposerve-stage": self.stage.name,
-                                     "x-toposerve-queue": self.queue_spec.name})
+        extra: dict[str, object] = {REASON_HEADER: reason[:1000], "x-toposerve-stage": self.stage.name,
+                                    "x-toposerve-queue": self.queue_spec.name}
+        if keep_bytes is not None and len(delivery.body) > keep_bytes:
+            extra[TRUNCATED_HEADER] = len(delivery.body)
+        dead = self._copy(delivery, extra, body=delivery.body[:keep_bytes] if keep_bytes is not None else None)
         await self._dead.publish_raw(dead, original_routing_key(delivery))
         self.stats.dead_lettered += 1
         self.metrics.dead_lettered.inc()
 
     @staticmethod
-    def _copy(delivery: AbstractIncomingMessage, extra_headers: dict[str, object]) -> aio_pika.Message:
+    def _copy(delivery: AbstractIncomingMessage, extra_headers: dict[str, object],
+              body: bytes | None = None) -> aio_pika.Message:
         return aio_pika.Message(
-            body=delivery.body,
+            body=delivery.body if body is None else body,
             headers={**(delivery.headers or {}), **extra_headers},
             content_type=delivery.content_type,
             correlation_id=delivery.correlation_id,
@@ -453,6 +515,21 @@ class StageRunner:
             await coro
         except Exception as exc:  # channel gone: the broker requeues the message itself
             log.warning("could not settle a delivery (%s); the broker will redeliver it", exc)
+
+
+_HEAD_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Fa-f-]{32,36})"')
+_HEAD_MODEL = re.compile(rb'"model"\s*:\s*"([a-z0-9][a-z0-9_]{0,63})"')
+
+
+def _salvage_identity_from_head(head: bytes) -> tuple[uuid.UUID, str] | None:
+    """``id`` and ``model`` from the first bytes of a body too large to parse (where envelopes put them)."""
+    found_id, found_model = _HEAD_ID.search(head), _HEAD_MODEL.search(head)
+    if found_id is None or found_model is None:
+        return None
+    try:
+        return uuid.UUID(found_id.group(1).decode()), found_model.group(1).decode()
+    except ValueError:
+        return None
 
 
 def _salvage_identity(body: bytes) -> tuple[uuid.UUID, str] | None:

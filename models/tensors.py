@@ -24,6 +24,10 @@ def encode_tensor(array: np.ndarray) -> Tensor:
 
 
 def decode_tensor(tensor: Tensor, max_elements: int = 50_000_000) -> np.ndarray:
+    # Each dimension on its own too: a zero anywhere makes the product 0, and a huge
+    # neighbour (``[0, 10**30]``) would still overflow numpy's shape.
+    if any(dim > max_elements for dim in tensor.shape):
+        raise TensorError(f"tensor shape {tensor.shape} has a dimension over the limit of {max_elements} elements")
     count = math.prod(tensor.shape)
     if count > max_elements:
         raise TensorError(f"tensor has {count} elements, more than the limit of {max_elements}")

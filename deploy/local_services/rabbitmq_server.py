@@ -32,6 +32,10 @@ from toposerve.deploy.local_services.server_process import (
     wait_gone,
 )
 
+# The broker's own cap on a message body (RabbitMQ's default is 128 MiB in 3.x): twice the
+# stages' default limit, so the stages' clearer refusal is what a caller normally meets.
+MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+
 
 def _unwrap_rabbitmq_script(path: Path) -> Path:
     """Debian's /usr/sbin/rabbitmq-* are a wrapper that ``su``s to rabbitmq and
@@ -135,6 +139,8 @@ class RabbitMQService(LocalService):
             "# throwaway node written by toposerve (deploy/local_services)\n"
             "# never block publishers because the disk is fullish\n"
             "disk_free_limit.absolute = 1MB\n"
+            "# refuse absurd bodies at the door (the stages refuse past TOPOSERVE_MAX_MESSAGE_BYTES)\n"
+            f"max_message_size = {MAX_MESSAGE_SIZE}\n"
             "log.console = false\n"
             "log.file.level = info\n" + self._tls_config()
         )

@@ -102,6 +102,8 @@ async def test_bad_feature_tensors_fail_their_job(async_stack: Stack) -> None:
         "bytes do not match shape": Tensor(dtype="float32", shape=[1, 4], data=b"\x00" * 12),
         "wrong width": encode_tensor(np.zeros((1, 3), dtype=np.float32)),
         "nan": encode_tensor(np.array([[np.nan, 1, 2, 3]], dtype=np.float32)),
+        # No bytes needed (a zero dimension), and a neighbour numpy cannot even hold.
+        "zero by huge": Tensor(dtype="float32", shape=[0, 10**30], data=b""),
     }
     ids = {}
     for name, tensor in cases.items():
@@ -113,6 +115,8 @@ async def test_bad_feature_tensors_fail_their_job(async_stack: Stack) -> None:
         assert job["status"] == "failed", name
         assert job["error"]["code"] == "invalid_message", name
         assert job["error"]["stage"] == "predict"
+    # At once: not after bounded retries of an "internal" error.
+    assert async_stack.runners["predict"].stats.retried == 0
 
 
 async def test_work_whose_deadline_passes_in_the_queue_is_dropped(async_stack: Stack) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import AsyncIterator
 
 import pytest
@@ -72,6 +73,17 @@ CASES = [
      422, "invalid_input", ["truncated or corrupt"]),
     ("decompression-bomb", DIGITS, {"json": {"image": b64(png_bomb())}}, 413, "too_large", ["pixels", "limit"]),
     ("empty-image", DIGITS, {"json": {"image": ""}}, 422, "invalid_input", ["empty"]),
+    # An integer literal past Python's 4,300-digit conversion limit (a ValueError, not a JSONDecodeError).
+    ("huge-integer", IRIS, {"content": b'{"instances": [[' + b"9" * 5000 + b', 1, 2, 3]]}'},
+     400, "invalid_json", ["cannot be read"]),
+    ("gzip-bomb", IRIS, {"content": gzip.compress(b'{"instances": [' + b" " * 2_000_000 + b"]}"),
+                         "headers": {"content-encoding": "gzip"}}, 413, "body_too_large", ["decompressed"]),
+    ("not-gzip", IRIS, {"content": b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}', "headers": {"content-encoding": "gzip"}},
+     400, "invalid_body", ["not valid gzip"]),
+    ("truncated-gzip", IRIS, {"content": gzip.compress(b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}')[:-12],
+                              "headers": {"content-encoding": "gzip"}}, 400, "invalid_body", ["truncated"]),
+    ("unknown-encoding", IRIS, {"content": b"{}", "headers": {"content-encoding": "br"}},
+     415, "unsupported_media_type", ["'br'", "gzip"]),
 ]
 
 
@@ -138,3 +150,13 @@ async def test_curl_style_form_content_type_and_data_urls_are_accepted(async_sta
     assert response.status_code == 202
     job = (await async_stack.client.get(response.headers["location"], params={"wait": 10})).json()
     assert job["status"] == "succeeded"
+
+
+async def test_a_gzip_body_is_read_like_a_plain_one(async_stack: Stack) -> None:
+    body = gzip.compress(b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
+    response = await async_stack.client.post(IRIS, content=body, headers={"content-encoding": "gzip",
+                                                                           "content-type": "application/json"})
+    assert response.status_code == 202, response.text
+    job = (await async_stack.client.get(response.headers["location"], params={"wait": 10})).json()
+    assert job["status"] == "succeeded" and job["predictions"][0]["label"] == "setosa"
+

@@ -7,9 +7,10 @@ import threading
 import time
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
-from toposerve.consumers.liveness import LoopHeartbeat
+from toposerve.consumers.liveness import LoopHeartbeat, LoopStalls
 from toposerve.consumers.metrics import serve_metrics
 
 
@@ -58,3 +59,29 @@ def test_without_a_heartbeat_healthz_is_just_another_metrics_path() -> None:
         server.shutdown()
         server.server_close()
     assert response.status_code == 200 and "text/plain" in response.headers["content-type"]
+
+
+def test_stalls_are_summed_over_the_window_asked_about() -> None:
+    now = [100.0]
+    stalls = LoopStalls(clock=lambda: now[0])
+    stalls._last_wake = now[0]  # the watcher has just woken: nothing is stalling now
+    stalls.record(ended=90.0, lasted=2.0)  # long before the window
+    stalls.record(ended=99.0, lasted=3.0)  # began at 96: only its part after 97 counts
+    stalls.record(ended=99.5, lasted=0.5)
+    assert stalls.stalled_s(since=97.0) == pytest.approx(2.0 + 0.5)
+    assert stalls.stalled_s(since=99.9) == 0.0
+
+
+async def test_a_blocked_loop_is_measured_and_a_free_one_is_not() -> None:
+    stalls = LoopStalls(tick_s=0.02)
+    stalls.start()
+    try:
+        since = stalls.clock()
+        await asyncio.sleep(0.3)
+        assert stalls.stalled_s(since) < 0.1
+        since = stalls.clock()
+        time.sleep(0.5)  # a CPU-bound parse, say: the loop cannot turn
+        await asyncio.sleep(0.1)
+        assert 0.35 < stalls.stalled_s(since) < 0.7
+    finally:
+        await stalls.close()

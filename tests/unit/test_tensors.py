@@ -123,6 +123,12 @@ def test_absurd_shape_is_refused_without_allocating() -> None:
         decode_tensor(tensor)
 
 
+@pytest.mark.parametrize("shape", [[0, 10**30], [10**30, 0], [1, 0, 2**70]])
+def test_a_zero_dimension_beside_a_huge_one_is_refused_not_overflowed(shape: list[int]) -> None:
+    with pytest.raises(TensorError, match="dimension over the limit"):
+        decode_tensor(Tensor(dtype="float32", shape=shape, data=b""))
+
+
 @pytest.mark.parametrize(
     "fields",
     [
