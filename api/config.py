@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from toposerve.brokers import QueueSpec
+from toposerve.brokers import DeadLetterSpec, QueueSpec
 
 
 class IngressSpec(BaseModel):
@@ -61,6 +61,8 @@ class IngressConfig(BaseModel):
     item_ids: bool = False
     # The image /predict/test sends for image models (the book's bundled cat.jpg).
     sample_image: Path | None = None
+    # Bounds of the namespace's dead-letter queue, declared by the ingress too.
+    dead_letters: DeadLetterSpec = DeadLetterSpec()
 
     @property
     def mode(self) -> Literal["async", "sync", "sync_async"]:

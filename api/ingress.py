@@ -40,6 +40,7 @@ from toposerve.brokers import (
     Settings,
     connect_amqp,
     connect_redis,
+    declare_dead_letters,
     declare_topology,
     open_confirm_channel,
     prediction_key,
@@ -126,6 +127,7 @@ class Ingress:
 
     async def start(self) -> None:
         self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}")
+        await declare_dead_letters(self.connection, self.settings.namespace, self.config.dead_letters)
         channel = await open_confirm_channel(self.connection)
         # Declaring the stage queues here too means an accepted request is queued
         # even when its stage has not started yet.

@@ -41,6 +41,7 @@ from toposerve.brokers.messages import (
     decode_terminal,
     is_model_name,
     is_terminal,
+    read_identity,
     routing_key,
     utc_now,
 )
@@ -58,9 +59,11 @@ from toposerve.brokers.telemetry_messages import (
 from toposerve.brokers.telemetry_store import TelemetryStore
 from toposerve.brokers.topic import any_binding_matches, topic_matches
 from toposerve.brokers.topology import (
+    DeadLetterSpec,
     QueueSpec,
     dead_exchange_name,
     dead_queue_name,
+    declare_dead_letters,
     declare_topology,
     exchange_name,
     stage_queue_name,
@@ -92,6 +95,7 @@ __all__ = [
     "PredictionCache",
     "PublishRefused",
     "Publisher",
+    "DeadLetterSpec",
     "QueueSpec",
     "ResultStore",
     "RowPrediction",
@@ -111,6 +115,7 @@ __all__ = [
     "current_span",
     "dead_exchange_name",
     "dead_queue_name",
+    "declare_dead_letters",
     "declare_topology",
     "decode_terminal",
     "encode_chunk_error",
@@ -119,6 +124,7 @@ __all__ = [
     "feature_key",
     "is_model_name",
     "is_terminal",
+    "read_identity",
     "iter_results",
     "latency_bucket",
     "new_batch_id",

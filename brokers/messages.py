@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import uuid
 from datetime import UTC, datetime
@@ -209,3 +210,36 @@ def routing_key(kind: str, model: str, part: str | None = None) -> str:
 def is_terminal(message: Envelope) -> bool:
     """A job's final answer: a prediction or failure that is not one part of a group's."""
     return isinstance(message, Prediction | Failure) and message.part is None
+
+
+# Where envelopes put their identity (near the start): for bodies too large to parse.
+_HEAD_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Fa-f-]{32,36})"')
+_HEAD_MODEL = re.compile(rb'"model"\s*:\s*"([a-z0-9][a-z0-9_]{0,63})"')
+IDENTITY_PARSE_LIMIT = 1024 * 1024
+IDENTITY_HEAD_BYTES = 64 * 1024
+
+
+def read_identity(body: bytes) -> tuple[uuid.UUID, str] | None:
+    """The ``id`` and ``model`` of a body that is not a valid message (bad, dead-lettered, too large).
+
+    Bodies up to ``IDENTITY_PARSE_LIMIT`` are parsed as JSON; larger ones are only
+    searched in their first ``IDENTITY_HEAD_BYTES``, never parsed. None when either is
+    missing or unsound.
+    """
+    if len(body) > IDENTITY_PARSE_LIMIT:
+        head = body[:IDENTITY_HEAD_BYTES]
+        found_id, found_model = _HEAD_ID.search(head), _HEAD_MODEL.search(head)
+        if found_id is None or found_model is None:
+            return None
+        raw_id, model = found_id.group(1).decode(), found_model.group(1).decode()
+    else:
+        try:
+            data = json.loads(body)
+            raw_id, model = str(data["id"]), str(data["model"])
+        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
+            return None
+    try:
+        job_id = uuid.UUID(raw_id)
+    except ValueError:
+        return None
+    return (job_id, model) if is_model_name(model) else None

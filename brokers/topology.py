@@ -7,13 +7,17 @@ startup and the start order of processes does not matter.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import ChannelPreconditionFailed
 from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
 
 
 def exchange_name(namespace: str) -> str:
@@ -63,6 +67,46 @@ class QueueSpec(BaseModel):
         return args
 
 
+class DeadLetterSpec(BaseModel):
+    """Bounds of ``{ns}.dead``: poison or huge messages must not fill the broker's disk or memory.
+
+    Past a bound the oldest dead letters are dropped (``drop-head``), so the newest,
+    the ones an operator is looking at, stay listable and replayable.
+    """
+
+    max_length: int | None = Field(default=100_000, ge=1, description="Dead letters kept at most")
+    max_bytes: int | None = Field(default=256 * 1024 * 1024, ge=1024, description="Bytes of bodies kept at most")
+
+    def arguments(self) -> dict[str, object]:
+        args: dict[str, object] = {"x-overflow": "drop-head"}
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+        if self.max_bytes is not None:
+            args["x-max-length-bytes"] = self.max_bytes
+        return args
+
+
+async def declare_dead_letters(connection: AbstractConnection, namespace: str, spec: DeadLetterSpec) -> None:
+    """Declare ``{ns}.dead`` (bounded by ``spec``) and bind it to the dead-letter exchange.
+
+    On a channel of its own: a queue that exists with other bounds (declared by an older
+    release, or by a profile with other bounds) makes the broker close the channel; that
+    queue is then kept as it is, with a warning, and nothing else is disturbed.
+    """
+    channel = await connection.channel()
+    try:
+        dead_exchange = await channel.declare_exchange(dead_exchange_name(namespace), aio_pika.ExchangeType.TOPIC,
+                                                       durable=True)
+        queue = await channel.declare_queue(dead_queue_name(namespace), durable=True, arguments=spec.arguments())
+        await queue.bind(dead_exchange, routing_key="#")
+    except ChannelPreconditionFailed as exc:
+        log.warning("dead-letter queue %s exists with other bounds than %s; keeping it as it is (%s)",
+                    dead_queue_name(namespace), spec.arguments(), exc)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 @dataclass(frozen=True)
 class DeclaredTopology:
     exchange: AbstractExchange
@@ -74,12 +118,11 @@ async def declare_topology(
     channel: AbstractChannel, namespace: str, queues: Sequence[QueueSpec] = ()
 ) -> DeclaredTopology:
     exchange = await channel.declare_exchange(exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True)
+    # The dead-letter queue itself is declared, with its bounds, by the processes that know
+    # their profile (``declare_dead_letters``): stages and the ingress.
     dead_exchange = await channel.declare_exchange(
         dead_exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True
     )
-    # Dead letters are kept in one durable queue so they can be listed and replayed.
-    dead_queue = await channel.declare_queue(dead_queue_name(namespace), durable=True)
-    await dead_queue.bind(dead_exchange, routing_key="#")
 
     declared: dict[str, AbstractQueue] = {}
     for spec in queues:

@@ -20,11 +20,8 @@ A ``Stage`` only turns one input message into output messages (or raises). The
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -37,6 +34,7 @@ from redis.exceptions import RedisError
 from toposerve.brokers import (
     INGRESS_APP_ID,
     TRACEPARENT,
+    DeadLetterSpec,
     Envelope,
     Failure,
     FailureCode,
@@ -49,10 +47,11 @@ from toposerve.brokers import (
     continue_trace,
     current_job,
     current_span,
+    declare_dead_letters,
     declare_topology,
-    is_model_name,
     is_terminal,
     open_confirm_channel,
+    read_identity,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
 from toposerve.consumers.liveness import LoopStalls
@@ -161,6 +160,7 @@ class StageRunner:
         guard: RedeliveryGuard | None = None,
         outcomes_kept: bool = True,
         recorder: ResultStore | None = None,
+        dead_letters: DeadLetterSpec | None = None,
     ) -> None:
         self.stage = stage
         self.guard = guard
@@ -176,6 +176,7 @@ class StageRunner:
         stage.instrument(self.metrics)
         self.settings = settings
         self.queue_spec = queue
+        self.dead_letters = dead_letters or DeadLetterSpec()
         self.prefetch = prefetch
         self.connection_name = connection_name or f"toposerve-{stage.name}"
         self.stats = StageStats()
@@ -193,6 +194,7 @@ class StageRunner:
     async def start(self) -> None:
         await self.stage.start()
         self.connection = await connect_amqp(self.settings.amqp_url, self.connection_name)
+        await declare_dead_letters(self.connection, self.settings.namespace, self.dead_letters)
         channel = await open_confirm_channel(self.connection, prefetch=self.prefetch)
         topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec, *self.stage.extra_queues])
         self._publisher = Publisher(topology.exchange)
@@ -361,7 +363,7 @@ class StageRunner:
         limit = self.settings.max_message_bytes
         reason = (f"message is {size} bytes, more than stage {self.stage.name!r}'s limit of {limit} "
                   "(TOPOSERVE_MAX_MESSAGE_BYTES); refused before parsing")
-        ident = _salvage_identity_from_head(delivery.body[:SALVAGE_HEAD_BYTES])
+        ident = read_identity(delivery.body)
         failure = None if ident is None else Failure(id=ident[0], model=ident[1], stage=self.stage.name,
                                                      code=FailureCode.TOO_LARGE, message=reason)
         log.warning("stage %s: %s", self.stage.name, reason)
@@ -463,7 +465,7 @@ class StageRunner:
 
     def _salvaged_failure(self, delivery: AbstractIncomingMessage, code: FailureCode, reason: str) -> Failure | None:
         """A ``Failure`` for a message that does not decode, when its ``id`` and ``model`` can be read."""
-        ident = _salvage_identity(delivery.body)
+        ident = read_identity(delivery.body)
         if ident is None:
             return None
         return Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=code, message=reason)
@@ -515,29 +517,3 @@ class StageRunner:
             await coro
         except Exception as exc:  # channel gone: the broker requeues the message itself
             log.warning("could not settle a delivery (%s); the broker will redeliver it", exc)
-
-
-_HEAD_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Fa-f-]{32,36})"')
-_HEAD_MODEL = re.compile(rb'"model"\s*:\s*"([a-z0-9][a-z0-9_]{0,63})"')
-
-
-def _salvage_identity_from_head(head: bytes) -> tuple[uuid.UUID, str] | None:
-    """``id`` and ``model`` from the first bytes of a body too large to parse (where envelopes put them)."""
-    found_id, found_model = _HEAD_ID.search(head), _HEAD_MODEL.search(head)
-    if found_id is None or found_model is None:
-        return None
-    try:
-        return uuid.UUID(found_id.group(1).decode()), found_model.group(1).decode()
-    except ValueError:
-        return None
-
-
-def _salvage_identity(body: bytes) -> tuple[uuid.UUID, str] | None:
-    """Read ``id`` and ``model`` from a message that failed validation, when they are sound."""
-    try:
-        data = json.loads(body)
-        job_id = uuid.UUID(str(data["id"]))
-        model = str(data["model"])
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-        return None
-    return (job_id, model) if is_model_name(model) else None

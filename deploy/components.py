@@ -65,6 +65,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         guard=guard,
         outcomes_kept=outcomes_kept,
         recorder=_pending_recorder(profile, stage_name, settings) if outcomes_kept else None,
+        dead_letters=profile.dead_letters,
     )
 
 
@@ -97,6 +98,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
                        if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         item_ids=profile.item_ids,
         sample_image=SAMPLE_IMAGE,
+        dead_letters=profile.dead_letters,
     )
 
 

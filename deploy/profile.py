@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toposerve.api import IngressSpec
-from toposerve.brokers import QueueSpec, any_binding_matches, stage_queue_name
+from toposerve.brokers import DeadLetterSpec, QueueSpec, any_binding_matches, stage_queue_name
 
 DEPLOY_DIR = Path(__file__).parent
 PROFILES_DIR = DEPLOY_DIR / "profiles"
@@ -119,6 +119,8 @@ class Profile(_Strict):
     models: list[str] = Field(min_length=1)
     ingress: IngressSpec = IngressSpec()
     groups: dict[str, GroupSpec] = Field(default_factory=dict, description="Model groups (scatter-gather)")
+    # Bounds of the namespace's dead-letter queue (the oldest are dropped past them).
+    dead_letters: DeadLetterSpec = DeadLetterSpec()
     stages: dict[StageName, StageSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -13,12 +13,12 @@ only after the confirm: a crash in between leaves the dead letter where it was.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from toposerve.brokers import (
     Publisher,
@@ -28,6 +28,7 @@ from toposerve.brokers import (
     dead_queue_name,
     declare_topology,
     open_confirm_channel,
+    read_identity,
 )
 
 ATTEMPTS_HEADER = "x-toposerve-attempts"
@@ -44,6 +45,7 @@ DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, REASON_HEADER, STAGE_HEADER, QUEUE_HEADER,
 class DeadLetter:
     routing_key: str
     job_id: str | None
+    message_id: str | None
     reason: str
     stage: str | None
     queue: str | None
@@ -51,7 +53,8 @@ class DeadLetter:
     size: int
 
     def as_dict(self) -> dict[str, object]:
-        return {"routing_key": self.routing_key, "job_id": self.job_id, "reason": self.reason,
+        return {"routing_key": self.routing_key, "job_id": self.job_id, "message_id": self.message_id,
+                "reason": self.reason,
                 "stage": self.stage, "queue": self.queue, "attempts": self.attempts, "bytes": self.size}
 
 
@@ -69,14 +72,9 @@ def _text(value: object) -> str:
 
 
 def job_id_of(message: AbstractIncomingMessage) -> str | None:
-    """The message id, else the ``id`` field of a JSON body (a direct publish has no message id)."""
-    if message.message_id:
-        return message.message_id
-    try:
-        data = json.loads(message.body)
-        return str(data["id"]) if isinstance(data, dict) and "id" in data else None
-    except (ValueError, UnicodeDecodeError):
-        return None
+    """The job id in the body (its ``id``); the AMQP message id is the publisher's own and may differ."""
+    identity = read_identity(message.body)
+    return None if identity is None else str(identity[0])
 
 
 def original_routing_key(message: AbstractIncomingMessage) -> str | None:
@@ -108,6 +106,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     return DeadLetter(
         routing_key=original_routing_key(message) or message.routing_key or "",
         job_id=job_id_of(message),
+        message_id=message.message_id,
         reason=_text(reason),
         stage=None if stage is None else _text(stage),
         queue=None if queue is None else _text(queue),
@@ -132,16 +131,21 @@ class DeadLetters:
             await self._connection.close()
 
     async def _channel(self):
+        """A channel, the topology, and ``{ns}.dead`` as it is (passive: its bounds belong to the profile)."""
         assert self._connection is not None
         channel = await open_confirm_channel(self._connection)
+        try:
+            queue = await channel.declare_queue(dead_queue_name(self.settings.namespace), passive=True)
+        except ChannelNotFoundEntity:  # no stage ever ran in this namespace: no dead letters
+            channel = await open_confirm_channel(self._connection)
+            queue = None
         topology = await declare_topology(channel, self.settings.namespace)
-        queue = await channel.declare_queue(dead_queue_name(self.settings.namespace), durable=True)
         return channel, topology, queue
 
     async def count(self) -> int:
         channel, _, queue = await self._channel()
         try:
-            return queue.declaration_result.message_count or 0
+            return 0 if queue is None else queue.declaration_result.message_count or 0
         finally:
             await channel.close()
 
@@ -149,7 +153,7 @@ class DeadLetters:
         """Up to ``limit`` dead letters, oldest first; all stay in the queue."""
         channel, _, queue = await self._channel()
         try:
-            total = queue.declaration_result.message_count or 0
+            total = 0 if queue is None else queue.declaration_result.message_count or 0
             wanted = total if limit is None else min(limit, total)
             found: list[DeadLetter] = []
             while len(found) < wanted:
@@ -162,7 +166,7 @@ class DeadLetters:
             await channel.close()  # every unacked get goes back to the queue
 
     async def replay(self, ids: Iterable[str] | None = None) -> ReplayReport:
-        """Re-publish the dead letters with these job ids (``None``: all of them)."""
+        """Re-publish the dead letters with these job ids or message ids (``None``: all of them)."""
         wanted = None if ids is None else set(ids)
         channel, topology, queue = await self._channel()
         publisher = Publisher(topology.exchange)
@@ -170,15 +174,16 @@ class DeadLetters:
         seen: set[str] = set()
         try:
             # Only what is there now: a replayed message that dies again is not replayed twice.
-            total = queue.declaration_result.message_count or 0
+            total = 0 if queue is None else queue.declaration_result.message_count or 0
             for _ in range(total):
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
                 job_id = job_id_of(message)
-                if wanted is not None and job_id not in wanted:
+                names = {job_id, message.message_id} - {None}
+                if wanted is not None and not names & wanted:
                     continue  # left unacked: back to the queue when the channel closes
-                seen.add(job_id or "-")
+                seen |= names or {"-"}
                 key = original_routing_key(message)
                 if key is None:
                     report.refused.append((job_id or "-", "its original routing key cannot be known"))

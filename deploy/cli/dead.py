@@ -20,7 +20,7 @@ def dead() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most this many")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line")
 def list_dead(limit: int, as_json: bool) -> None:
-    """Show each dead letter's routing key, job id, reason, stage, queue and attempts (nothing is removed)."""
+    """Show each dead letter's job id, message id, routing key, stage, queue, attempts and reason (nothing is removed)."""
     from toposerve.producers import DeadLetters
 
     settings = Settings()
@@ -37,7 +37,8 @@ def list_dead(limit: int, as_json: bool) -> None:
         if as_json:
             click.echo(orjson.dumps(letter.as_dict()).decode())
         else:
-            click.echo(f"{letter.job_id or '-'}  key={letter.routing_key or '-'}  stage={letter.stage or '-'}  "
+            click.echo(f"job={letter.job_id or '-'}  message={letter.message_id or '-'}  "
+                       f"key={letter.routing_key or '-'}  stage={letter.stage or '-'}  "
                        f"queue={letter.queue or '-'}  attempts={letter.attempts if letter.attempts is not None else '-'}"
                        f"  reason={letter.reason}")
     say(f"{len(found)} of {total} dead letters in {settings.namespace}.dead shown")
@@ -45,7 +46,7 @@ def list_dead(limit: int, as_json: bool) -> None:
 
 @dead.command()
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter")
-@click.option("--id", "ids", multiple=True, help="Job id (message id) to replay; repeat for several")
+@click.option("--id", "ids", multiple=True, help="Job id or AMQP message id to replay; repeat for several")
 def replay(replay_all: bool, ids: tuple[str, ...]) -> None:
     """Re-publish dead letters to the inference exchange with their routing key; ack each after its confirm."""
     from toposerve.producers import DeadLetters

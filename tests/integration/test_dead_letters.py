@@ -119,3 +119,77 @@ async def test_replay_all_republishes_with_the_original_routing_key_without_atte
 
 async def _count_is(letters: DeadLetters, n: int) -> bool:
     return await letters.count() == n
+
+
+async def test_a_dead_letter_shows_its_job_id_and_its_message_id_and_replays_by_either(async_stack: Stack) -> None:
+    """Many AMQP clients give every publish a message id of their own: the job id is the body's."""
+    import aio_pika
+
+    from toposerve.brokers.topology import exchange_name
+
+    settings = async_stack.settings
+    preprocess = async_stack.runners["preprocess"].stage  # the stage that gets the client's own message
+    real_handle = preprocess.handle
+
+    async def broken(message):
+        raise RuntimeError("simulated bug in preprocessing")
+
+    preprocess.handle = broken
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(exchange_name(settings.namespace))
+        for job_id in ids:
+            body = json.dumps({"id": str(job_id), "model": "iris", "instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+            await exchange.publish(aio_pika.Message(body, message_id=f"client-msg-{job_id.hex[:8]}"), "request.iris")
+    async with DeadLetters(settings) as letters:
+        await wait_for(lambda: _count_is(letters, 2))
+    preprocess.handle = real_handle
+    shown = await asyncio.to_thread(toposerve, settings, "dead", "list")
+    for job_id in ids:
+        assert f"job={job_id}  message=client-msg-{job_id.hex[:8]}" in shown.stdout, shown.stdout
+    by_job = await asyncio.to_thread(toposerve, settings, "dead", "replay", "--id", str(ids[0]))
+    by_message = await asyncio.to_thread(toposerve, settings, "dead", "replay", "--id", f"client-msg-{ids[1].hex[:8]}")
+    assert by_job.returncode == 0 and by_message.returncode == 0, by_job.stdout + by_message.stdout
+    async with DeadLetters(settings) as letters:
+        await wait_for(lambda: _count_is(letters, 0))
+
+
+async def test_the_dead_letter_queue_is_bounded_and_keeps_the_newest(settings, tmp_path: Path) -> None:
+    """Ten 40 kB poison messages into a queue bounded at 100 kB: the oldest are dropped, the newest stay."""
+    from tests.integration.conftest import start_stack
+    from tests.integration.test_load_shedding import variant
+
+    profile = variant(tmp_path, "asynchronous", "bounded_dead", dead_letters={"max_length": 1000, "max_bytes": 100_000})
+    async for stack in start_stack(settings, profile):
+        for index in range(10):
+            garbage = json.dumps({"n": index, "pad": "x" * 40_000}).encode()  # not a request: dead at once
+            await publish(stack, "request.iris", garbage)
+        async with DeadLetters(settings) as letters:
+            await wait_for(lambda: _at_least_dead_lettered(stack, 10))
+            kept = await letters.list()
+        assert 1 <= len(kept) <= 2 and sum(letter.size for letter in kept) <= 100_000
+        async with DeadLetters(settings) as letters:
+            channel, _, queue = await letters._channel()
+            message = await queue.get(no_ack=True)
+            await channel.close()
+        assert json.loads(message.body)["n"] >= 8  # drop-head: the newest survive
+
+
+async def _at_least_dead_lettered(stack: Stack, n: int) -> bool:
+    return stack.runners["preprocess"].stats.dead_lettered >= n
+
+
+async def test_a_dead_letter_queue_declared_with_other_bounds_is_kept_and_the_stage_still_starts(
+        settings, tmp_path: Path) -> None:
+    from tests.integration.conftest import start_stack
+    from tests.integration.test_load_shedding import variant
+
+    async for _ in start_stack(settings, "asynchronous", stages=[]):
+        pass  # the default bounds are declared by the ingress
+    profile = variant(tmp_path, "asynchronous", "other_bounds", dead_letters={"max_length": 7, "max_bytes": None})
+    async for stack in start_stack(settings, profile):
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        job = (await stack.client.get(response.headers["location"], params={"wait": 10})).json()
+        assert job["status"] == "succeeded"

@@ -18,8 +18,11 @@ from toposerve.deploy.profile import PROFILES_DIR
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 
 
-def variant(tmp_path: Path, base: str, name: str, ingress: dict | None = None, stages: dict | None = None) -> str:
+def variant(tmp_path: Path, base: str, name: str, ingress: dict | None = None, stages: dict | None = None,
+            **fields: object) -> str:
+    """A copy of profile ``base`` named ``name``, with some ingress, stage or top-level fields changed."""
     data = yaml.safe_load((PROFILES_DIR / f"{base}.yaml").read_text())
+    data.update(fields)
     data["name"] = name
     data["ingress"].update(ingress or {})
     for stage, fields in (stages or {}).items():

@@ -8,6 +8,7 @@ nothing is downloaded and the editable install of the checkout is not visible th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,8 +25,12 @@ PACKAGES = ("brokers", "models", "consumers", "producers", "api", "deploy")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the fresh environment's python, its site-packages), with the wheel installed."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ into the source tree, and a stale one
+    # there could smuggle deleted modules into the wheel.
+    source = shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "bench-results"))
     wheels = root / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
                    check=True, cwd=root, capture_output=True)
     (wheel,) = wheels.glob("toposerve-*.whl")
     env_dir = root / "env"
