@@ -40,20 +40,39 @@ def _check_broker(ingress: Ingress) -> tuple[bool, str, dict[str, int]]:
     return True, "ok", monitor.consumers
 
 
-async def readiness(ingress: Ingress) -> tuple[bool, dict]:
+async def _check_stages(ingress: Ingress, among: list[str] | None) -> tuple[bool, str]:
+    """Every stage queue (of ``among``; None: of the profile) has a consumer."""
+    monitor = ingress.monitor
+    if monitor is None:
+        return False, "not started"
+    if monitor.without_consumers(among):
+        # The monitor's view is up to a second old: look again before saying "not ready".
+        await monitor.refresh()
+    idle = monitor.without_consumers(among)
+    if monitor.error is not None:
+        return False, redact(monitor.error)
+    if idle:
+        return False, f"no consumer on {', '.join(idle)}"
+    return True, "ok"
+
+
+async def readiness(ingress: Ingress, among: list[str] | None = None) -> tuple[bool, dict]:
+    """Ready means a request of each kind this profile serves would be handled now: the broker
+    and Redis answer, the models are loaded, and every stage of the topology (or of
+    ``among``, the queues one model's requests pass through) is consuming."""
     redis_ok, redis_detail = await _check_redis(ingress)
+    stages_ok, stages_detail = await _check_stages(ingress, among)
     broker_ok, broker_detail, consumers = _check_broker(ingress)
     models_ok = bool(ingress.manifests)
-    ready = redis_ok and broker_ok and models_ok
+    ready = redis_ok and broker_ok and models_ok and stages_ok
     return ready, {
         "ready": ready,
         "checks": {
             "broker": {"ok": broker_ok, "detail": broker_detail},
             "redis": {"ok": redis_ok, "detail": redis_detail},
             "models": {"ok": models_ok, "detail": sorted(ingress.manifests)},
+            "stages": {"ok": stages_ok, "detail": stages_detail},
         },
-        # Reported, not required: an async profile accepts work before its stages start
-        # (a sync request to a stage without consumers is answered 503 at once).
         "stage_consumers": consumers,
     }
 

@@ -104,15 +104,14 @@ def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifes
 
 
 async def _ready(ingress: Ingress, model: str | None = None) -> bool:
-    """/readyz's checks, and (infer being synchronous) a consumer on every stage queue; for one
-    model, not on a preprocess queue its requests skip (tabular rows preprocessed in the ingress)."""
-    ready, _ = await readiness(ingress)
-    monitor = ingress.monitor
+    """/readyz's checks; for one model, over the stage queues its requests pass through (not a
+    preprocess queue that rows preprocessed in the ingress skip)."""
     among = None
     if model is not None:
         queues = ingress.config.queues
         among = queues_on_path(queues, [q.name for q in queues], ingress.entry_kind(model))
-    return ready and monitor is not None and not monitor.without_consumers(among)
+    ready, _ = await readiness(ingress, among)
+    return ready
 
 
 # -- health and metadata ------------------------------------------------------------------
