@@ -46,7 +46,7 @@ from toposerve.brokers.messages import (
     utc_now,
 )
 from toposerve.brokers.redaction import redact
-from toposerve.brokers.results import CompletionListener, JobRecord, JobStatus, ResultStore
+from toposerve.brokers.results import CompletionListener, JobError, JobRecord, JobStatus, ResultStore
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.telemetry_messages import (
     CLIENT_ID_PATTERN,
@@ -86,6 +86,7 @@ __all__ = [
     "InferenceRequest",
     "JobRecord",
     "JobStatus",
+    "JobError",
     "JoinStore",
     "JoinTick",
     "LatencyStats",

@@ -37,6 +37,20 @@ return followers
 """
 
 
+# A leader gives up (refused, timed out, found the answer already there): free the lock
+# if it is still its own, hand back the async jobs that followed it, and wake the waiters.
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {}
+end
+redis.call('DEL', KEYS[1])
+local followers = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return followers
+"""
+
+
 class PredictionCache:
     """Cached answers by ``cache_keys.prediction_key``, with single flight for misses."""
 
@@ -46,6 +60,7 @@ class PredictionCache:
         self.filled_channel = f"{namespace}:pred-filled"
         self._fill = client.register_script(_FILL_SCRIPT)
         self._abandon = client.register_script(_ABANDON_SCRIPT)
+        self._release = client.register_script(_RELEASE_SCRIPT)
 
     @staticmethod
     def _lock(key: str) -> str:
@@ -75,6 +90,12 @@ class PredictionCache:
         payload = _ROWS.dump_json(rows).decode()
         followers = await self._fill(keys=[key, self._lock(key), self._followers(key)],
                                      args=[payload, self.ttl_s, self.filled_channel])
+        return [f.decode() if isinstance(f, bytes) else str(f) for f in followers]
+
+    async def release(self, key: str, job_id: str) -> list[str]:
+        """The leader ``job_id`` gives the lock up (if it still holds it); returns the jobs that followed it."""
+        followers = await self._release(keys=[self._lock(key), self._followers(key)],
+                                        args=[job_id, self.filled_channel, key])
         return [f.decode() if isinstance(f, bytes) else str(f) for f in followers]
 
     async def abandon(self, key: str) -> list[str]:

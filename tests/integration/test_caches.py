@@ -239,3 +239,112 @@ async def test_book_route_takes_the_item_id_as_data(data_stack: Stack) -> None:
     path, label = sample_images()[1]
     response = await data_stack.client.post("/predict/label", json={"data": path.stem})
     assert response.status_code == 200 and response.json()["prediction"] == label
+
+
+async def _lock_keys(stack: Stack) -> list[str]:
+    return [k.decode() async for k in stack.results.client.scan_iter(match=f"{stack.settings.namespace}:pred:*:lock")]
+
+
+async def test_a_refused_leader_releases_its_lock_at_once(cache_stack: Stack) -> None:
+    """No predict consumer: the leader is refused (503) and the next identical call is refused at
+    once too, instead of being "coalesced" onto a lock that waits out the first caller's deadline."""
+    predict = cache_stack.runners["predict"]
+    await predict.drain_and_close()
+    await cache_stack.ingress.monitor.refresh()
+    row = {"instances": [[6.1, 2.8, 4.7, 1.2]]}
+    for _ in range(3):
+        started = asyncio.get_running_loop().time()
+        response = await cache_stack.client.post(IRIS, json=row, headers={"X-Request-Timeout": "20"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_consumer", response.text
+        assert response.headers["x-cache"] == "miss" and response.headers["retry-after"] == "1"
+        assert asyncio.get_running_loop().time() - started < 2
+        assert await _lock_keys(cache_stack) == []
+
+
+async def test_a_follower_past_its_deadline_gets_a_504_naming_its_own_timeout(cache_stack: Stack) -> None:
+    predict = cache_stack.runners["predict"].stage
+    original = predict.batcher.run_batch
+    predict.batcher.inline_max_rows = 0
+
+    def slow(model, features):
+        import time
+        time.sleep(1.5)
+        return original(model, features)
+
+    predict.batcher.run_batch = slow
+    row = {"instances": [[6.3, 2.5, 5.0, 1.9]]}
+    leader = asyncio.create_task(cache_stack.client.post(IRIS, json=row, params={"timeout": "10"}))
+    await asyncio.sleep(0.3)
+    follower = await cache_stack.client.post(IRIS, json=row, params={"timeout": "0.5"})
+    assert follower.status_code == 504 and follower.headers["x-cache"] == "coalesced"
+    assert "deadline of 0.5 s" in follower.json()["error"]["message"]
+    assert (await leader).status_code == 200
+
+
+async def test_bursts_of_identical_requests_are_computed_exactly_once_each(cache_stack: Stack) -> None:
+    """Ten bursts of twenty identical requests released together, a new input each burst."""
+    handled = cache_stack.runners["predict"].stats.handled
+    for burst in range(10):
+        row = {"instances": [[4.0 + burst / 10, 3.0, 1.5, 0.3]]}
+        responses = await asyncio.gather(*(cache_stack.client.post(IRIS, json=row) for _ in range(20)))
+        assert {r.status_code for r in responses} == {200}
+        how = [r.headers["x-cache"] for r in responses]
+        assert how.count("miss") == 1, how
+        assert len({json.dumps(r.json()["predictions"]) for r in responses}) == 1
+    assert cache_stack.runners["predict"].stats.handled - handled == 10
+
+
+async def test_an_async_leader_refused_by_a_full_queue_frees_the_lock(settings: Settings, tmp_path: Path) -> None:
+    from tests.integration.test_load_shedding import variant
+
+    profile = variant(tmp_path, "prediction_cache", "async_cache_bounded", ingress={"mode": "async"},
+                      stages={"predict": {"max_queue_length": 1}})
+    async for stack in start_stack(settings, profile):
+        await stack.runners["predict"].drain_and_close()  # nothing drains the one-message queue
+        first = await stack.client.post(IRIS, json={"instances": [[5.0, 3.4, 1.5, 0.2]]})
+        assert first.status_code == 202  # fills the queue
+        row = {"instances": [[6.9, 3.1, 5.4, 2.1]]}
+        for _ in range(2):
+            refused = await stack.client.post(IRIS, json=row)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded", refused.text
+            assert len(await _lock_keys(stack)) == 1  # only the first, queued job's lock
+
+
+async def test_a_miss_just_before_the_fill_does_not_compute_the_answer_again(cache_stack: Stack) -> None:
+    """The race behind duplicate work: a caller misses just before the leader's fill, then takes
+    the lock the fill has just freed. It must look again, find the answer, and not recompute it."""
+    predict = cache_stack.runners["predict"].stage
+    original_run = predict.batcher.run_batch
+    predict.batcher.inline_max_rows = 0
+
+    def slow(model, features):
+        import time
+        time.sleep(0.4)
+        return original_run(model, features)
+
+    predict.batcher.run_batch = slow
+    cache = cache_stack.ingress.prediction_cache
+    real_get = cache.get
+    late = {"armed": False}
+
+    async def get(key: str):
+        rows = await real_get(key)
+        if late["armed"] and rows is None:
+            late["armed"] = False
+            # This caller has missed; let the leader fill the cache and free its lock first.
+            for _ in range(200):
+                if await real_get(key) is not None and not await cache_stack.results.client.exists(f"{key}:lock"):
+                    break
+                await asyncio.sleep(0.02)
+        return rows
+
+    cache.get = get
+    row = {"instances": [[5.7, 2.9, 4.2, 1.3]]}
+    handled = cache_stack.runners["predict"].stats.handled
+    leader = asyncio.create_task(cache_stack.client.post(IRIS, json=row))
+    await asyncio.sleep(0.1)
+    late["armed"] = True
+    second = await cache_stack.client.post(IRIS, json=row)
+    assert (await leader).headers["x-cache"] == "miss"
+    assert second.status_code == 200 and second.headers["x-cache"] == "hit"
+    assert cache_stack.runners["predict"].stats.handled - handled == 1
