@@ -30,8 +30,7 @@ import json
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,11 +44,12 @@ import sklearn
 from PIL import Image
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from sklearn.svm import SVC
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +62,6 @@ TARGET_OPSET = 15  # old enough for any onnxruntime the project supports (>=1.17
 INPUT_NAME = "float_input"
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
-MODEL_VERSION = "1"
 
 IRIS_LABELS = ("setosa", "versicolor", "virginica")
 IRIS_FEATURES = ("sepal_length_cm", "sepal_width_cm", "petal_length_cm", "petal_width_cm")
@@ -82,24 +81,6 @@ DIGITS_PREPROCESSING: dict[str, Any] = {
     "scale": DIGIT_MAX / 255,
     "invert": False,
 }
-
-# SVC(probability=True) is deprecated since scikit-learn 1.9 (removal planned for
-# 1.11) in favour of CalibratedClassifierCV. We keep it on purpose: skl2onnx
-# converts libsvm's Platt scaling + pairwise coupling exactly, and the served
-# probabilities then match scikit-learn's. Only these specific warnings are muted.
-_SVC_PROBABILITY_DEPRECATIONS = (
-    r"The `probability` parameter was deprecated",
-    r"Attribute `prob[AB]_` was deprecated",
-)
-
-
-@contextmanager
-def _svc_probability_deprecations_muted() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message in _SVC_PROBABILITY_DEPRECATIONS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        yield
-
 
 # --------------------------------------------------------------------------- data
 
@@ -150,11 +131,25 @@ def one_vs_rest_target(y: np.ndarray, positive: int) -> np.ndarray:
     return np.where(y == positive, 0, 1).astype(np.int64)
 
 
-def scaled_svc() -> Pipeline:
+def scaled_logreg() -> Pipeline:
+    # A label that is the most probable class by construction (softmax of the same scores),
+    # unlike an SVC whose decision function and Platt-scaled probabilities can disagree.
     return Pipeline(
         [
             ("scaler", StandardScaler()),
-            ("svc", SVC(kernel="rbf", probability=True, random_state=RANDOM_STATE)),
+            ("logreg", LogisticRegression(max_iter=1000, random_state=RANDOM_STATE)),
+        ]
+    )
+
+
+def quadratic_logreg() -> Pipeline:
+    # One-vs-rest for a class in the middle (versicolor lies between the other two) is not
+    # linearly separable: pairwise products of the scaled measurements make it so.
+    return Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            ("quadratic", PolynomialFeatures(degree=2)),
+            ("logreg", LogisticRegression(max_iter=5000, random_state=RANDOM_STATE)),
         ]
     )
 
@@ -172,8 +167,11 @@ def digits_fast_pipeline() -> Pipeline:
 def digits_accurate_pipeline() -> Pipeline:
     # No scaler on purpose: all 64 features share one unit (ink intensity), and
     # standardising would blow up the near-constant border pixels; the raw-pixel
-    # RBF SVC is the more accurate (and ~50x larger, slower) of the two.
-    return Pipeline([("svc", SVC(kernel="rbf", probability=True, random_state=RANDOM_STATE))])
+    # RBF SVC is the more accurate (and ~50x larger, slower) of the two. Its
+    # probabilities come from a sigmoid calibration fitted on cross-validated
+    # decisions, and the label is their argmax, so answer and probabilities agree.
+    svc = SVC(kernel="rbf", random_state=RANDOM_STATE)
+    return Pipeline([("calibrated_svc", CalibratedClassifierCV(svc, method="sigmoid", cv=5, ensemble=False))])
 
 
 @dataclass(frozen=True)
@@ -186,32 +184,39 @@ class ModelSpec:
     preprocessing: Mapping[str, Any]
     build: Callable[[], Pipeline]
     target: Callable[[np.ndarray], np.ndarray]  # dataset targets -> class indices
+    # Bumped whenever the trained model changes: cache keys and answers carry it. Version 1
+    # of the iris models and digits_accurate were RBF SVCs whose label could contradict
+    # their probabilities; version 2 replaced them.
+    version: str = "1"
 
 
 def _iris_binary_spec(index: int) -> ModelSpec:
     species = IRIS_LABELS[index]
     return ModelSpec(
         name=f"iris_{species}",
-        description=f"Iris one-vs-rest: is this flower an Iris {species}? (StandardScaler + RBF SVC)",
+        description=f"Iris one-vs-rest: is this flower an Iris {species}? "
+                    "(StandardScaler + degree-2 features + LogisticRegression)",
         split="iris",
         labels=(species, f"not_{species}"),
         features=IRIS_FEATURES,
         preprocessing=TABULAR_PREPROCESSING,
-        build=scaled_svc,
+        build=quadratic_logreg,
         target=partial(one_vs_rest_target, positive=index),
+        version="2",
     )
 
 
 MODEL_SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="iris",
-        description="Iris species from 4 flower measurements in cm (StandardScaler + RBF SVC)",
+        description="Iris species from 4 flower measurements in cm (StandardScaler + LogisticRegression)",
         split="iris",
         labels=IRIS_LABELS,
         features=IRIS_FEATURES,
         preprocessing=TABULAR_PREPROCESSING,
-        build=scaled_svc,
+        build=scaled_logreg,
         target=identity_target,
+        version="2",
     ),
     *(_iris_binary_spec(i) for i in range(len(IRIS_LABELS))),
     ModelSpec(
@@ -226,13 +231,15 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
     ),
     ModelSpec(
         name="digits_accurate",
-        description="Handwritten digit 0-9 from an 8x8 greyscale image; more accurate, larger and slower (RBF SVC)",
+        description="Handwritten digit 0-9 from an 8x8 greyscale image; more accurate, larger and slower "
+                    "(RBF SVC, sigmoid-calibrated)",
         split="digits",
         labels=DIGIT_LABELS,
         features=DIGIT_FEATURES,
         preprocessing=DIGITS_PREPROCESSING,
         build=digits_accurate_pipeline,
         target=identity_target,
+        version="2",
     ),
 )
 
@@ -240,18 +247,25 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
 # --------------------------------------------------------------------------- ONNX
 
 
+def _convert(pipeline: Pipeline, spec: ModelSpec, classifier: Any) -> onnx.ModelProto:
+    return convert_sklearn(
+        pipeline,
+        name=spec.name,
+        initial_types=[(INPUT_NAME, FloatTensorType([None, len(spec.features)]))],
+        # zipmap=False: probabilities as a float tensor, not a list of dicts.
+        options={type(classifier): {"zipmap": False}},
+        target_opset=TARGET_OPSET,
+    )
+
+
 def export_onnx(pipeline: Pipeline, spec: ModelSpec) -> bytes:
     """Convert a fitted pipeline to ONNX bytes that are identical from run to run."""
     classifier = pipeline.steps[-1][1]
-    with _svc_probability_deprecations_muted():
-        model = convert_sklearn(
-            pipeline,
-            name=spec.name,
-            initial_types=[(INPUT_NAME, FloatTensorType([None, len(spec.features)]))],
-            # zipmap=False: probabilities as a float tensor, not a list of dicts.
-            options={type(classifier): {"zipmap": False}},
-            target_opset=TARGET_OPSET,
-        )
+    with warnings.catch_warnings():
+        # skl2onnx's SVC converter reads SVC.probA_/probB_, deprecated with probability=True
+        # (not used here: the calibration is CalibratedClassifierCV's).
+        warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated", category=FutureWarning)
+        model = _convert(pipeline, spec, classifier)
     # skl2onnx collects opset imports in a set, so their order follows Python's
     # per-process hash seed; sort them. Set the free-text fields explicitly so no
     # default (or a future default) can make the bytes vary.
@@ -261,7 +275,7 @@ def export_onnx(pipeline: Pipeline, spec: ModelSpec) -> bytes:
     model.producer_name = "skl2onnx"
     model.producer_version = skl2onnx.__version__
     model.domain = "ai.toposerve"
-    model.model_version = int(MODEL_VERSION)
+    model.model_version = int(spec.version)
     model.doc_string = spec.description
     model.graph.name = spec.name
     model.graph.doc_string = ""
@@ -303,6 +317,18 @@ def check_contract(session: ort.InferenceSession, spec: ModelSpec) -> None:
 # ----------------------------------------------------------------------- training
 
 
+def consistency_grid(dataset: str, split: Split) -> np.ndarray:
+    """Inputs spread over what callers send: for iris a 480-row grid over the measured ranges,
+    for digits the test images and blends of pairs of them (where classes meet)."""
+    if dataset == "iris":
+        axes = [np.linspace(4.3, 7.9, 6), np.linspace(2.0, 4.4, 5), np.linspace(1.0, 6.9, 4), np.linspace(0.1, 2.5, 4)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 4).astype(np.float32)
+    rng = np.random.default_rng(RANDOM_STATE)
+    a, b = rng.integers(0, len(split.X_test), (2, 500))
+    weights = rng.uniform(0.3, 0.7, (500, 1)).astype(np.float32)
+    return np.concatenate([split.X_test, weights * split.X_test[a] + (1 - weights) * split.X_test[b]])
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     spec: ModelSpec
@@ -321,9 +347,8 @@ class TrainedModel:
 def train_model(spec: ModelSpec, split: Split) -> TrainedModel:
     y_train, y_test = spec.target(split.y_train), spec.target(split.y_test)
     pipeline = spec.build()
-    with _svc_probability_deprecations_muted():
-        pipeline.fit(split.X_train, y_train)
-        sklearn_labels = pipeline.predict(split.X_test)
+    pipeline.fit(split.X_train, y_train)
+    sklearn_labels = pipeline.predict(split.X_test)
     onnx_bytes = export_onnx(pipeline, spec)
 
     session = onnx_session(onnx_bytes)
@@ -335,6 +360,14 @@ def train_model(spec: ModelSpec, split: Split) -> TrainedModel:
         raise AssertionError(f"{spec.name}: ONNX and scikit-learn disagree on {disagree} test rows")
     if not np.allclose(onnx_probabilities.sum(axis=1), 1.0, atol=1e-4):
         raise AssertionError(f"{spec.name}: ONNX probabilities do not sum to 1")
+    # An answer must not contradict itself: the label is the most probable class, on the
+    # test rows and on a grid of inputs around them (tests/unit/test_models.py checks it too).
+    grid_labels, grid_probabilities = run_onnx(session, consistency_grid(spec.split, split))
+    for name, labels, probabilities in (("test rows", onnx_labels, onnx_probabilities),
+                                        ("grid", grid_labels, grid_probabilities)):
+        contradicting = int(np.sum(labels != probabilities.argmax(axis=1)))
+        if contradicting:
+            raise AssertionError(f"{spec.name}: the label is not the most probable class on {contradicting} {name}")
 
     return TrainedModel(
         spec=spec,
@@ -357,7 +390,7 @@ def manifest_entry(trained: TrainedModel, split: Split) -> dict[str, Any]:
     spec = trained.spec
     return {
         "name": spec.name,
-        "version": MODEL_VERSION,
+        "version": spec.version,
         "file": f"{spec.name}.onnx",
         "sha256": trained.sha256,
         "description": spec.description,

@@ -10,8 +10,12 @@ from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.components import build_stage_runner
+from toposerve.deploy.profile import MODELS_DIR
+from toposerve.models import load_manifests
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+
+IRIS_VERSION = load_manifests(MODELS_DIR)["iris"].version
 
 
 async def wait_job(stack: Stack, location: str) -> dict:
@@ -41,7 +45,7 @@ async def test_iris_job_goes_pending_then_succeeds_with_one_prediction_per_row(s
         finally:
             await predict.drain_and_close()
         assert job["status"] == "succeeded"
-        assert job["model_version"] == "1"
+        assert job["model_version"] == IRIS_VERSION  # the manifest's, the one that answered
         assert [row["label"] for row in job["predictions"]] == ["setosa", "virginica", "versicolor"]
         for row in job["predictions"]:
             assert len(row["probabilities"]) == 3

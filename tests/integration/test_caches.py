@@ -69,7 +69,8 @@ async def test_a_miss_goes_through_the_pipeline_and_a_hit_skips_the_queue(cache_
     assert first.status_code == 200 and first.headers["x-cache"] == "miss"
     assert first.json()["cached"] is False
     keys = await cache_filled(cache_stack)
-    assert keys[0].startswith(f"{cache_stack.settings.namespace}:pred:iris:1:")
+    version = json.loads((MODELS_DIR / "manifest.json").read_text())["models"]["iris"]["version"]
+    assert keys[0].startswith(f"{cache_stack.settings.namespace}:pred:iris:{version}:")
     assert 0 < await cache_stack.results.client.ttl(keys[0]) <= 600
     predicted = cache_stack.runners["predict"].stats.handled
 
@@ -135,15 +136,15 @@ async def test_a_new_model_version_never_serves_the_old_versions_answer(settings
         assert (await stack.client.post(IRIS, json=ROW)).headers["x-cache"] == "miss"
         await cache_filled(stack)
         assert (await stack.client.post(IRIS, json=ROW)).headers["x-cache"] == "hit"
-    # The same model retrained as version 2 (same file here; only the version matters).
+    # The same model retrained as a new version (same file here; only the version matters).
     models = tmp_path / "models"
     shutil.copytree(MODELS_DIR, models, ignore=shutil.ignore_patterns("*.py"))
     manifest = json.loads((models / "manifest.json").read_text())
-    manifest["models"]["iris"]["version"] = "2"
+    manifest["models"]["iris"]["version"] = new_version = manifest["models"]["iris"]["version"] + "-retrained"
     (models / "manifest.json").write_text(json.dumps(manifest))
     async for stack in start_stack(settings.model_copy(update={"models_dir": str(models)}), "prediction_cache"):
         response = await stack.client.post(IRIS, json=ROW)
-        assert response.headers["x-cache"] == "miss" and response.json()["model_version"] == "2"
+        assert response.headers["x-cache"] == "miss" and response.json()["model_version"] == new_version
 
 
 async def test_async_profile_hit_is_a_succeeded_job_at_once_and_misses_coalesce(

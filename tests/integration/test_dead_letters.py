@@ -167,7 +167,7 @@ async def test_the_dead_letter_queue_is_bounded_and_keeps_the_newest(settings, t
             garbage = json.dumps({"n": index, "pad": "x" * 40_000}).encode()  # not a request: dead at once
             await publish(stack, "request.iris", garbage)
         async with DeadLetters(settings) as letters:
-            await wait_for(lambda: _at_least_dead_lettered(stack, 10))
+            await wait_for(lambda stack=stack: _at_least_dead_lettered(stack, 10))
             kept = await letters.list()
         assert 1 <= len(kept) <= 2 and sum(letter.size for letter in kept) <= 100_000
         async with DeadLetters(settings) as letters:

@@ -261,7 +261,8 @@ async def test_local_inference_equals_the_servers_for_every_sample(edge_stack: S
                 assert local.status_code == 200, local.text
                 assert set(local.json()) == set(server.json())
                 assert local.json()["predictions"] == server.json()["predictions"]
-                assert local.json()["status"] == "succeeded" and local.json()["model_version"] == "1"
+                assert local.json()["status"] == "succeeded"
+                assert local.json()["model_version"] == server.json()["model_version"] == runtime.manifest(model).version
                 if model == "digits_accurate":
                     assert offline.rows[0].label == label
 
