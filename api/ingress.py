@@ -331,6 +331,7 @@ FAILURE_STATUS = {
     FailureCode.UNKNOWN_MODEL: 404,
     FailureCode.UNKNOWN_ITEM: 404,
     FailureCode.TOO_LARGE: 413,
+    FailureCode.INCOMPLETE: 502,  # members of a model group did not answer
     FailureCode.DEADLINE_EXCEEDED: 504,
     FailureCode.INTERNAL: 500,
 }

@@ -306,14 +306,20 @@ def read_model_input(call: InferCall, manifest: ModelManifest, binary: bytes | N
     return ModelInput(rows=values.reshape(shape).tolist())
 
 
+# A partial model-group answer in tensors: an undecided row's label and class, and a member's
+# missing probability (JSON has no NaN, and 0 would be an invented probability).
+UNDECIDED_LABEL = ""
+MISSING = -1
+
+
 def infer_outputs(rows: list[RowPrediction], n_classes: int, wanted: list[str] | None) -> list[dict]:
     n = len(rows)
     tensors = {
-        "label": {"name": "label", "datatype": "BYTES", "shape": [n], "data": [r.label for r in rows]},
+        "label": {"name": "label", "datatype": "BYTES", "shape": [n],
+                  "data": [UNDECIDED_LABEL if r.label is None else r.label for r in rows]},
         "class_index": {"name": "class_index", "datatype": "INT64", "shape": [n],
-                        "data": [r.class_index for r in rows]},
+                        "data": [MISSING if r.class_index is None else r.class_index for r in rows]},
         "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, n_classes],
-                          "data": [p for r in rows for p in r.probabilities]},
+                          "data": [MISSING if p is None else p for r in rows for p in r.probabilities]},
     }
     return [tensors[name] for name in (wanted or OUTPUT_NAMES)]
-

@@ -201,6 +201,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     jobs = _jobs(ingress, manifest, model_input, input_name(manifest))
     outcomes = await asyncio.gather(*(ingress.predict_sync(job, timeout_s) for job in jobs), return_exceptions=True)
     rows: list[RowPrediction] = []
+    missing: set[str] = set()
     version_used = manifest.version
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -210,12 +211,18 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         assert isinstance(outcome, Prediction)
         rows.extend(outcome.rows)
         version_used = outcome.model_version
-    return json_response({
+        if outcome.partial:
+            missing |= {member for member, part in (outcome.parts or {}).items() if part.status != "succeeded"}
+    answer = {
         "model_name": manifest.name,
         "model_version": version_used,
         "id": call.id if call.id is not None else str(jobs[0].id),
         "outputs": infer_outputs(rows, len(manifest.labels), call.outputs),
-    })
+    }
+    if missing:
+        # A model group answered without some members: said here, and -1 / "" in the tensors.
+        answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(missing))}
+    return json_response(answer)
 
 
 @router.post("/models/{model}/infer")

@@ -135,10 +135,13 @@ class Features(Envelope):
 
 
 class RowPrediction(BaseModel):
-    label: str
-    class_index: int
-    probabilities: list[float] = Field(description="One per class, in the order of the model's labels")
-    scores: dict[str, float] | None = Field(default=None, description="Model groups: each member's score")
+    label: str | None = Field(description="The most probable class; null only in a partial group answer "
+                                          "where no member that answered claims the row")
+    class_index: int | None = Field(description="Index of ``label`` in the model's labels (null with it)")
+    probabilities: list[float | None] = Field(
+        description="One per class, in the order of the model's labels; null for a group member that did not answer")
+    scores: dict[str, float] | None = Field(default=None, description="Model groups: the score of each member "
+                                                                      "that answered")
 
 
 class PartResult(BaseModel):
@@ -157,6 +160,7 @@ class Prediction(Envelope):
     rows: list[RowPrediction]
     part: str | None = Field(default=None, description="Model groups: the member model of this partial answer")
     parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
+    partial: bool = Field(default=False, description="Model groups: some members did not answer (see parts)")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
 
     def routing_key(self) -> str:
@@ -169,6 +173,7 @@ class FailureCode(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_ITEM = "unknown_item"
     TOO_LARGE = "too_large"
+    INCOMPLETE = "incomplete"  # a model group's members did not all answer, and partial answers are off
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
 

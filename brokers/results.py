@@ -48,6 +48,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     cached: bool = Field(default=False, description="Answered from the prediction cache")
     parts: dict[str, PartResult] | None = Field(default=None, description="Model groups: each member's status")
+    partial: bool = Field(default=False, description="Model groups: some members did not answer; scores and "
+                                                     "probabilities of those are missing (null), see parts")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
     trace_id: str | None = Field(default=None, description="W3C trace id of the request (traceparent header)")
     # The API key id that created the job (authentication on), never serialized: it lives
@@ -68,6 +70,7 @@ class JobRecord(BaseModel):
                 predictions=message.rows,
                 timings=timings,
                 parts=message.parts,
+                partial=message.partial,
                 answered_by=message.answered_by,
             )
         return cls(

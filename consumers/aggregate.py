@@ -34,9 +34,18 @@ _INPUT = TypeAdapter(Prediction | Failure | JoinTick)
 
 
 def combine(
-    message: Envelope, members: list[str], species: list[str], parts: dict[str, Prediction | Failure], stage: str
+    message: Envelope, members: list[str], species: list[str], parts: dict[str, Prediction | Failure], stage: str,
+    partial_answers: bool = False,
 ) -> Prediction | Failure:
-    """Pure: members' parts -> the group's answer; each row's label is the most confident member's species."""
+    """Pure: members' parts -> the group's answer.
+
+    Each row's label is the species of the most confident member. With every member
+    answered that is the answer. When some did not: with ``partial_answers`` off the
+    job fails (``incomplete``); on, the answer says ``partial``, the missing members'
+    probabilities are null (never an invented 0), and a row is labelled only when a
+    member that answered claims it (class-0 probability of at least 0.5), else its
+    label is null: the member that did not answer may be the one it belongs to.
+    """
     status: dict[str, PartResult] = {}
     answered: dict[str, Prediction] = {}
     for member in members:
@@ -49,19 +58,27 @@ def combine(
         else:
             status[member] = PartResult(status="missing", error="no answer within the join timeout")
     fields = {**message.carried(), "part": None}
+    summary = "; ".join(f"{m}: {s.status}" + (f" ({s.error})" if s.error else "")
+                        for m, s in status.items() if s.status != "succeeded")
     if not answered:
-        summary = "; ".join(f"{m}: {s.status}" + (f" ({s.error})" if s.error else "") for m, s in status.items())
         return Failure(**fields, stage=stage, code=FailureCode.INTERNAL, message=f"no member model answered: {summary}")
+    partial = len(answered) < len(members)
+    if partial and not partial_answers:
+        return Failure(**fields, stage=stage, code=FailureCode.INCOMPLETE,
+                       message=f"{len(members) - len(answered)} of {len(members)} member models did not answer "
+                               f"({summary}); this group does not give partial answers")
     first = next(iter(answered.values()))
     rows = []
     for index in range(len(first.rows)):
         # Members are binary with class 0 = their species (see deploy/models/manifest.json).
         scores = {m: p.rows[index].probabilities[0] for m, p in answered.items()}
         best = max(scores, key=scores.__getitem__)
-        rows.append(RowPrediction(label=species[members.index(best)], class_index=members.index(best),
-                                  probabilities=[scores.get(m, 0.0) for m in members], scores=scores))
+        claimed = not partial or scores[best] >= 0.5
+        rows.append(RowPrediction(label=species[members.index(best)] if claimed else None,
+                                  class_index=members.index(best) if claimed else None,
+                                  probabilities=[scores.get(m) for m in members], scores=scores))
     version = "+".join(f"{m}:{p.model_version}" for m, p in answered.items())
-    return Prediction(**fields, model_version=version, rows=rows, parts=status)
+    return Prediction(**fields, model_version=version, rows=rows, parts=status, partial=partial)
 
 
 def delay_queue(namespace: str, stage_queue: str, group: str, join_timeout_s: float) -> QueueSpec:
@@ -81,8 +98,9 @@ class AggregateStage(Stage):
     honours_deadline: ClassVar[bool] = False  # a join must end even when its caller has gone
 
     def __init__(self, name: str, group: str, members: list[str], species: list[str], joins: JoinStore,
-                 extra_queues: list[QueueSpec]) -> None:
+                 extra_queues: list[QueueSpec], partial_answers: bool = False) -> None:
         super().__init__(name)
+        self.partial_answers = partial_answers
         self.group = group
         self.members = members
         self.species = species
@@ -114,7 +132,7 @@ class AggregateStage(Stage):
         timed_out = isinstance(message, JoinTick)
         if not timed_out and len(parts) < len(self.members):
             return outputs
-        combined = combine(message, self.members, self.species, parts, self.name)
+        combined = combine(message, self.members, self.species, parts, self.name, self.partial_answers)
         kept = await self.joins.decide(message.id, combined.model_dump_json())
         outputs.append(outgoing(decode_terminal(kept.encode())))
         return outputs

@@ -103,6 +103,10 @@ class GroupSpec(_Strict):
 
     models: list[str] = Field(min_length=2)
     join_timeout_s: float = Field(default=2.0, gt=0, le=600)
+    # When a member fails or misses the join timeout: answer with the members that did
+    # (the answer says ``partial: true``, the missing members' scores are null), or fail
+    # the job (``incomplete``, naming the missing members).
+    partial_answers: bool = Field(default=False, description="Answer with the members that answered, marked partial")
 
 
 StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec | BatchStoreSpec,

@@ -110,7 +110,8 @@ def _aggregate(ctx: StageContext, spec: AggregateSpec) -> Stage:
                       ttl_s=max(60, int(group.join_timeout_s * 10), profile.ingress.result_ttl_s))
     species = [ctx.registry.manifests[m].labels[0] for m in group.models]  # class 0 = the member's species
     return AggregateStage(ctx.stage_name, spec.group, group.models, species, joins,
-                          extra_queues=[delay_queue(settings.namespace, queue.name, spec.group, group.join_timeout_s)])
+                          extra_queues=[delay_queue(settings.namespace, queue.name, spec.group, group.join_timeout_s)],
+                          partial_answers=group.partial_answers)
 
 
 def _batch_store(ctx: StageContext, spec: BatchStoreSpec) -> Stage:

@@ -60,10 +60,50 @@ async def test_a_slow_part_past_the_join_timeout_leaves_a_partial_answer(group_s
     assert record["parts"]["iris_setosa"]["status"] == "succeeded"
     assert record["predictions"][0]["label"] == "setosa"
     assert set(record["predictions"][0]["scores"]) == {"iris_setosa", "iris_versicolor"}
+    # It says it is partial, and the missing member's probability is null, not an invented 0.
+    assert record["partial"] is True
+    assert record["predictions"][0]["probabilities"][2] is None
     gate.open()
     await asyncio.sleep(0.5)  # the late part arrives: the answer does not change
     again = (await group_stack.client.get(f"/v1/jobs/{record['id']}")).json()
     assert again["parts"]["iris_virginica"]["status"] == "missing"
+
+
+async def test_a_row_only_the_missing_member_could_claim_is_left_undecided(group_stack: Stack) -> None:
+    """A clear virginica row with the virginica member missing: the members that answered both say
+    "not mine", so the partial answer labels it null instead of the least unlikely of them."""
+    gate = Gate(group_stack, "predict_virginica")
+    gate.close()
+    record = await job(group_stack, await group_stack.client.post(GROUP, json={"instances": [ROWS[2]]}))
+    gate.open()
+    assert record["status"] == "succeeded" and record["partial"] is True
+    row = record["predictions"][0]
+    assert row["label"] is None and row["class_index"] is None
+    assert row["probabilities"][2] is None and all(p < 0.5 for p in row["probabilities"][:2])
+
+
+async def test_a_complete_answer_is_not_partial(group_stack: Stack) -> None:
+    record = await job(group_stack, await group_stack.client.post(GROUP, json={"instances": ROWS[:1]}))
+    assert record["partial"] is False and None not in record["predictions"][0]["probabilities"]
+
+
+async def test_a_group_without_partial_answers_fails_the_job_naming_the_missing_member(
+        settings: Settings, tmp_path: Path) -> None:
+    import yaml
+
+    from toposerve.deploy.profile import PROFILES_DIR
+    data = yaml.safe_load((PROFILES_DIR / "horizontal_microservice.yaml").read_text())
+    data["name"] = "horizontal_strict"
+    data["groups"]["iris_species"]["partial_answers"] = False
+    path = tmp_path / "horizontal_strict.yaml"
+    path.write_text(yaml.safe_dump(data))
+    async for stack in start_stack(settings, str(path)):
+        gate = Gate(stack, "predict_versicolor")
+        gate.close()
+        record = await job(stack, await stack.client.post(GROUP, json={"instances": ROWS[:1]}))
+        gate.open()
+        assert record["status"] == "failed" and record["error"]["code"] == "incomplete"
+        assert "iris_versicolor: missing" in record["error"]["message"]
 
 
 async def test_a_failing_part_is_reported_and_the_others_still_answer(group_stack: Stack) -> None:
