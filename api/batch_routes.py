@@ -22,6 +22,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 
+from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import current_owner, may_read
 from toposerve.api.errors import ApiError
 from toposerve.api.ingress import Ingress
@@ -98,7 +99,7 @@ def _multipart_file(raw: bytes, content_type: str) -> tuple[bytes, str, dict[str
     return found[0], found[1], fields
 
 
-@router.post("/batches")
+@router.post("/batches", dependencies=ADMITTED)
 async def create_batch(
     request: Request,
     model: str | None = Query(None, description="Model to run every row through"),

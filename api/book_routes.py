@@ -17,6 +17,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import may_read
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached
@@ -155,29 +156,29 @@ def book_router(mode: str) -> APIRouter:
 
     if mode == "sync":
 
-        @router.get("/predict/test")
+        @router.get("/predict/test", dependencies=ADMITTED)
         async def predict_test(request: Request) -> Response:
             ingress = _ingress(request)
             return json_response(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
 
-        @router.get("/predict/test/label")
+        @router.get("/predict/test/label", dependencies=ADMITTED)
         async def predict_test_label(request: Request) -> Response:
             ingress = _ingress(request)
             return json_response(_labels(await _sync_outcome(ingress, _sample_request(ingress))))
 
-        @router.post("/predict")
+        @router.post("/predict", dependencies=ADMITTED)
         async def predict(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
             return json_response(_probabilities(await _sync_outcome(ingress, inference)))
 
-        @router.post("/predict/label")
+        @router.post("/predict/label", dependencies=ADMITTED)
         async def predict_label(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
             return json_response(_labels(await _sync_outcome(ingress, inference)))
 
-        @router.post("/v1/models/{model}:predict")
+        @router.post("/v1/models/{model}:predict", dependencies=ADMITTED)
         async def tf_serving_predict(model: str, request: Request) -> Response:
             """TF Serving's REST shape (the book's synchronous pattern): images in, labels out."""
             ingress = _ingress(request)
@@ -211,12 +212,12 @@ def book_router(mode: str) -> APIRouter:
                               "error": {"code": exc.code, "message": exc.message}}, status=202)
             return json_response({"job_id": str(job.id), fast_model: _rows(fast)[0].label})
 
-        @router.get("/predict/test")
+        @router.get("/predict/test", dependencies=ADMITTED)
         async def predict_test_job(request: Request) -> Response:
             ingress = _ingress(request)
             return await _submit(ingress, _sample_request(ingress))
 
-        @router.post("/predict")
+        @router.post("/predict", dependencies=ADMITTED)
         async def predict_job(request: Request) -> Response:
             ingress = _ingress(request)
             return await _submit(ingress, await _parse(request, ingress, _book_manifest(ingress)))

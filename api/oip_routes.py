@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
+from toposerve.api.admission import ADMITTED
 from toposerve.api.body import check_content_type, read_body, read_json
 from toposerve.api.entry import queues_on_path
 from toposerve.api.errors import ApiError, describe_validation_errors
@@ -225,11 +226,11 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     return json_response(answer)
 
 
-@router.post("/models/{model}/infer")
+@router.post("/models/{model}/infer", dependencies=ADMITTED)
 async def infer(model: str, request: Request) -> Response:
     return await _infer(request, model, None)
 
 
-@router.post("/models/{model}/versions/{version}/infer")
+@router.post("/models/{model}/versions/{version}/infer", dependencies=ADMITTED)
 async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from redis.exceptions import RedisError
 
+from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import may_read
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached, submit_async_cached
@@ -86,7 +87,7 @@ async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
     return {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": inference.model, "location": location}
 
 
-@router.post("/models/{model}/predict")
+@router.post("/models/{model}/predict", dependencies=ADMITTED)
 async def predict(
     model: str,
     request: Request,
@@ -95,8 +96,7 @@ async def predict(
     """Async profiles answer 202 with a job; sync profiles wait for the prediction; sync_async do both."""
     ingress = ingress_of(request)
     ingress.manifest(model)  # 404 for an unknown model before reading the body
-    with ingress.admission():
-        return await _predict(ingress, model, request, timeout)
+    return await _predict(ingress, model, request, timeout)
 
 
 async def _predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:

@@ -126,3 +126,33 @@ async def test_a_quorum_profile_declares_quorum_queues_and_serves(settings: Sett
             name = stack.profile.queue_spec(settings.namespace, "predict").name
             with pytest.raises(ChannelPreconditionFailed):
                 await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "classic"})
+
+
+async def test_every_transport_passes_the_one_admission_gate(settings: Settings, tmp_path: Path) -> None:
+    """With one request in flight allowed, a held /v1 call sheds the Open Inference Protocol's infer,
+    the book's routes and a batch upload alike (30 concurrent attempts each: every one refused)."""
+    from tests.integration.test_open_inference_protocol import model_input
+
+    profile = variant(tmp_path, "load_shedding", "one_in_flight", ingress={"max_in_flight": 1})
+    async for stack in start_stack(settings, profile):
+        gate = Gate(stack, "predict")
+        gate.close()
+        held = asyncio.create_task(stack.client.post("/v1/models/iris/predict", json=ROW, params={"timeout": 10}))
+        await asyncio.sleep(0.3)
+        name = (await model_input(stack, "iris"))["name"]
+        infer = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": ROW["instances"][0]}]}
+        attempts = {
+            "/v1": lambda: stack.client.post("/v1/models/iris/predict", json=ROW),
+            "/v2 infer": lambda: stack.client.post("/v2/models/iris/infer", json=infer),
+            "GET /predict/test": lambda: stack.client.get("/predict/test"),
+            "POST /predict/label": lambda: stack.client.post("/predict/label", json={"data": ROW["instances"]}),
+        }
+        for transport, attempt in attempts.items():
+            responses = await asyncio.gather(*(attempt() for _ in range(30)))
+            assert [r.status_code for r in responses] == [503] * 30, transport
+            assert all(r.headers["retry-after"] == "1" for r in responses), transport
+        gate.open()
+        assert (await held).status_code == 200
+        shed = (await stack.client.get("/v1/stats")).json()["load"]
+        assert shed["shed"] == 120 and shed["in_flight"] == 0
+        assert (await stack.client.get("/predict/test")).status_code == 200  # and it serves again

@@ -270,8 +270,7 @@ def test_committed_compose_file_is_what_render_compose_writes() -> None:
     result = CliRunner().invoke(render, ["compose"])
     assert result.exit_code == 0, result.output
     assert result.output == COMPOSE_FILE.read_text(), (
-        "deploy/compose.yaml is stale: regenerate it with `toposerve render compose -o deploy/compose.yaml` "
-        "(`toposerve render compose -o deploy/compose.yaml`)")
+        "deploy/compose.yaml is stale: regenerate it with `toposerve render compose -o deploy/compose.yaml`")
 
 
 def test_compose_brokers() -> None:
