@@ -59,6 +59,9 @@ class IngressConfig(BaseModel):
     answer_queues: list[str] = Field(default_factory=list)
     # data_cache profiles: requests may name an item instead of sending data.
     item_ids: bool = False
+    # A stage stores outcomes (a store): then sync answers are readable at /v1/jobs too,
+    # and belong to the key that asked, like async jobs.
+    outcomes_kept: bool = False
     # The image /predict/test sends for image models (the book's bundled cat.jpg).
     sample_image: Path | None = None
     # Bounds of the namespace's dead-letter queue, declared by the ingress too.

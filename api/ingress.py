@@ -289,6 +289,7 @@ class Ingress:
         request.deadline = request.created_at + timedelta(seconds=timeout_s)
         message = self.entry_message(request)  # after the deadline is set: a Features copy carries it
         self.require_stages(message.kind)
+        await self._claim(request)
         correlation_id = str(request.id)
         future = self.replies.expect(correlation_id)
         try:
@@ -308,6 +309,18 @@ class Ingress:
                            f"no prediction within the deadline of {timeout_s:g} s; the request was dropped") from exc
         finally:
             self.replies.forget(correlation_id)
+
+    async def _claim(self, request: Envelope) -> None:
+        """With API keys on, in a profile whose store keeps outcomes: the answer belongs to this key."""
+        owner = current_owner()
+        if owner is None or not self.config.outcomes_kept:
+            return
+        try:
+            await self.results.claim(request.id, owner)
+        except RedisError as exc:
+            # Without the claim the stored answer would be readable by any key: refuse instead.
+            raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
+                           {"Retry-After": "1"}) from exc
 
     def accurate_model_for(self, model: str) -> str | None:
         return self.config.spec.sync_async.get(model)

@@ -129,6 +129,11 @@ class ResultStore:
             pipe.set(self.key(job_id), record.model_dump_json(), ex=self.ttl_s, nx=True)
             await pipe.execute()
 
+    async def claim(self, job_id: uuid.UUID, owner: str) -> None:
+        """Record who owns a job before anything about it is stored (a sync call whose answer
+        the store keeps): the terminal write then keeps this owner, so no other key reads it."""
+        await self.client.set(self.owner_key(job_id), owner, ex=self.ttl_s, nx=True)
+
     async def finish(self, record: JobRecord) -> bool:
         """Store a terminal record; False when the job had already ended (a redelivery)."""
         written = await self._finish(

@@ -97,6 +97,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()
                        if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         item_ids=profile.item_ids,
+        outcomes_kept=keeps_outcomes(profile),
         sample_image=SAMPLE_IMAGE,
         dead_letters=profile.dead_letters,
     )

@@ -34,9 +34,9 @@ async def stack(settings: Settings, request: pytest.FixtureRequest) -> AsyncIter
         yield started
 
 
-async def model_input(stack: Stack, model: str) -> dict:
+async def model_input(stack: Stack, model: str, headers: dict[str, str] | None = None) -> dict:
     """The model's one input, as its metadata describes it (what a generic client does)."""
-    response = await stack.client.get(f"/v2/models/{model}")
+    response = await stack.client.get(f"/v2/models/{model}", headers=headers)
     assert response.status_code == 200, response.text
     (tensor,) = response.json()["inputs"]
     return tensor

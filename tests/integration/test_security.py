@@ -216,3 +216,26 @@ async def test_tf_serving_route_limits_images_per_request(sync_stack: Stack) -> 
     too_many = ["aGVsbG8="] * (sync_stack.settings.max_rows + 1)
     response = await sync_stack.client.post(f"/v1/models/{model}:predict", json={"inputs": {"image": too_many}})
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_large", response.text
+
+
+async def test_answers_of_sync_calls_belong_to_their_key_too(secured_stack: Stack) -> None:
+    """An Open Inference Protocol infer in an async profile is answered at once, and the store keeps
+    the answer under its id: that record is the caller's, not readable with another key."""
+    import asyncio
+
+    from tests.integration.test_open_inference_protocol import model_input
+
+    client = secured_stack.client
+    name = (await model_input(secured_stack, "iris", headers=bearer(ALICE)))["name"]
+    body = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": IRIS["instances"][0]}]}
+    answer = await client.post("/v2/models/iris/infer", json=body, headers=bearer(ALICE))
+    assert answer.status_code == 200, answer.text
+    job_id = answer.json()["id"]
+    for _ in range(100):  # the store writes the record shortly after the answer
+        mine = await client.get(f"/v1/jobs/{job_id}", headers=bearer(ALICE))
+        if mine.status_code == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert mine.status_code == 200 and mine.json()["status"] == "succeeded"
+    theirs = await client.get(f"/v1/jobs/{job_id}", headers=bearer(BOB))
+    assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "unknown_job"
