@@ -107,6 +107,12 @@ async def create_batch(
 ) -> Response:
     """Accept a CSV/JSONL file for bulk inference: 202 with the batch id once every chunk is published."""
     ingress = _ingress(request)
+    if not ingress.config.batches:
+        # Refused before the upload is read: nothing would ever process its chunks here.
+        runs = ", ".join(ingress.config.batch_profiles) or "one with a batch_store stage"
+        raise ApiError(404, "batches_not_served",
+                       f"profile {ingress.config.profile!r} has no batch stage, so it takes no batches; "
+                       f"the profile that runs them: {runs} (toposerve up --profile {runs.split(', ')[0]})")
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     descriptor, path = tempfile.mkstemp(prefix="toposerve-batch-", suffix=".upload")

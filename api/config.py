@@ -62,6 +62,10 @@ class IngressConfig(BaseModel):
     # A stage stores outcomes (a store): then sync answers are readable at /v1/jobs too,
     # and belong to the key that asked, like async jobs.
     outcomes_kept: bool = False
+    # The profile has a batch_store stage (POST /v1/batches); if not, the shipped profiles
+    # that do, named in the refusal.
+    batches: bool = False
+    batch_profiles: list[str] = Field(default_factory=list)
     # The image /predict/test sends for image models (the book's bundled cat.jpg).
     sample_image: Path | None = None
     # Bounds of the namespace's dead-letter queue, declared by the ingress too.

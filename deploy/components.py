@@ -26,9 +26,11 @@ from toposerve.deploy.profile import (
     MODELS_DIR,
     SAMPLE_IMAGE,
     AggregateSpec,
+    BatchStoreSpec,
     PredictSpec,
     PreprocessSpec,
     Profile,
+    available_profiles,
     load_profile,
 )
 from toposerve.deploy.stage_builders import StageContext, build_stage
@@ -79,6 +81,15 @@ def _pending_recorder(profile: Profile, stage_name: str, settings: Settings) -> 
                        profile.ingress.result_ttl_s)
 
 
+def runs_batches(profile: Profile) -> bool:
+    return any(isinstance(spec, BatchStoreSpec) for spec in profile.stages.values())
+
+
+def shipped_batch_profiles() -> list[str]:
+    """The shipped profiles that run batches (named when another profile refuses one)."""
+    return [name for name in available_profiles() if runs_batches(load_profile(name))]
+
+
 def keeps_outcomes(profile: Profile) -> bool:
     """Whether a stage of ``profile`` consumes predictions or failures (a store, an aggregate)."""
     keys = [f"{kind}.{model}" for kind in ("prediction", "failure") for model in [*profile.models, *profile.groups]]
@@ -98,6 +109,8 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
                        if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         item_ids=profile.item_ids,
         outcomes_kept=keeps_outcomes(profile),
+        batches=runs_batches(profile),
+        batch_profiles=[] if runs_batches(profile) else shipped_batch_profiles(),
         sample_image=SAMPLE_IMAGE,
         dead_letters=profile.dead_letters,
     )

@@ -11,15 +11,15 @@ import orjson
 
 from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
 from toposerve.deploy.cli.common import say
-from toposerve.deploy.components import load_checked_profile, models_dir
-from toposerve.deploy.profile import BatchStoreSpec, Profile, ProfileError
+from toposerve.deploy.components import load_checked_profile, models_dir, runs_batches
+from toposerve.deploy.profile import Profile, ProfileError
 
 DEFAULT_PROFILE = "batch"
 
 
 def batch_ttl(profile: Profile) -> int:
     """The TTL of batch keys: the profile's ``ingress.result_ttl_s`` (it needs a batch_store stage)."""
-    if any(isinstance(stage, BatchStoreSpec) for stage in profile.stages.values()):
+    if runs_batches(profile):
         return profile.ingress.result_ttl_s
     raise ProfileError(f"profile {profile.name!r} has no batch_store stage; use --profile batch")
 

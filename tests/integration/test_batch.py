@@ -384,3 +384,15 @@ async def test_the_batch_store_stores_ordinary_jobs_too(settings: Settings) -> N
                 await asyncio.sleep(0.05)
             assert record is not None and record.status == "succeeded"
             assert record.predictions == rows
+
+
+@pytest.mark.parametrize("profile_name", ["asynchronous", "synchronous"])
+async def test_a_profile_without_a_batch_stage_refuses_batches_naming_the_one_that_runs_them(
+        settings: Settings, profile_name: str) -> None:
+    async for stack in start_stack(settings, profile_name):
+        response = await stack.client.post("/v1/batches", params={"model": "iris"},
+                                           content=b"5.1,3.5,1.4,0.2\n", headers={"content-type": "text/csv"})
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["code"] == "batches_not_served" and profile_name in error["message"]
+        assert "toposerve up --profile batch" in error["message"]
