@@ -121,6 +121,13 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, last refill)
 
+    def wait_s(self, caller: str) -> float:
+        """Seconds until ``caller`` has a token (0: now), taking none."""
+        now = self.clock()
+        tokens, last = self._buckets.get(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def take(self, caller: str) -> float:
         """0 when admitted, else the seconds until a token is there."""
         now = self.clock()
@@ -169,10 +176,14 @@ async def _reply(send: Callable, status: int, code: str, message: str, headers: 
 class SecurityMiddleware:
     """API keys (when configured) and the rate limit (when configured), before any route runs."""
 
-    def __init__(self, app: Callable, keys: ApiKeys, limiter: RateLimiter | None) -> None:
+    def __init__(self, app: Callable, keys: ApiKeys, limiter: RateLimiter | None,
+                 failures: RateLimiter | None = None) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
+        # Invalid keys per client address: past the burst, that address is refused (429)
+        # before its key is even looked at, so keys cannot be guessed at line speed.
+        self.failures = failures or RateLimiter(rate=1.0, burst=20)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or is_open(scope.get("path", "")):
@@ -180,6 +191,15 @@ class SecurityMiddleware:
             return
         key_id = None
         if self.keys.enabled:
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            locked_s = self.failures.wait_s(address)
+            if locked_s > 0:
+                await _reply(send, 429, "rate_limited",
+                             f"too many invalid API keys from this address ({self.failures.burst} at once, then "
+                             f"{self.failures.rate:g} per second); retry later",
+                             {"Retry-After": str(max(1, math.ceil(locked_s)))})
+                return
             key = presented_key(scope)
             if key is None:
                 await _reply(send, 401, "unauthenticated",
@@ -188,6 +208,7 @@ class SecurityMiddleware:
                 return
             key_id = self.keys.identify(key)
             if key_id is None:
+                self.failures.take(address)
                 await _reply(send, 403, "forbidden", "the API key is not valid", {})
                 return
         if self.limiter is not None:
@@ -212,7 +233,8 @@ def security_options(settings: Settings) -> dict:
     if settings.rate_limit_per_s:
         burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
         limiter = RateLimiter(settings.rate_limit_per_s, burst)
-    return {"keys": ApiKeys.from_settings(settings), "limiter": limiter}
+    failures = RateLimiter(settings.auth_failures_per_s, settings.auth_failures_burst)
+    return {"keys": ApiKeys.from_settings(settings), "limiter": limiter, "failures": failures}
 
 
 def may_read(owner: str | None) -> bool:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from toposerve.api.admission import ADMITTED
-from toposerve.api.auth import may_read
+from toposerve.api.auth import current_owner
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached
 from toposerve.api.errors import ApiError, error_response
@@ -118,10 +118,10 @@ def _health_all(ingress: Ingress) -> dict:
 
 async def _job_entry(ingress: Ingress, job_id: str) -> Response:
     try:
-        record = await ingress.results.get(uuid.UUID(job_id))
+        record = await ingress.results.get_for(uuid.UUID(job_id), current_owner())
     except ValueError:
         record = None
-    if record is None or not may_read(record.owner):
+    if record is None:
         return error_response(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
     if record.status is JobStatus.PENDING:
         return json_response({job_id: {"prediction": ""}}, status=202)

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from toposerve.api.admission import ADMITTED
-from toposerve.api.auth import may_read
+from toposerve.api.auth import current_owner
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached, submit_async_cached
 from toposerve.api.errors import ApiError, error_response
@@ -173,11 +173,11 @@ async def get_job(
     while True:
         with ingress.completions.watch(parsed) as announced:
             try:
-                record = await ingress.results.get(parsed)
+                record = await ingress.results.get_for(parsed, current_owner())
             except RedisError as exc:
                 raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                                {"Retry-After": "1"}) from exc
-            if record is None or not may_read(record.owner):
+            if record is None:
                 raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
             remaining = until - loop.time()
             if record.status is not JobStatus.PENDING or remaining <= 0:

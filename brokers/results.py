@@ -101,12 +101,24 @@ return 1
 """
 
 
+# A record for one reader: nothing of it leaves Redis unless the reader may see it (the
+# owner check comes first, so another key's job costs no more than an unknown id).
+_READ_SCRIPT = """
+local owner = redis.call('GET', KEYS[2])
+if ARGV[1] ~= '' and owner and owner ~= ARGV[1] then
+  return false
+end
+return {redis.call('GET', KEYS[1]), owner}
+"""
+
+
 class ResultStore:
     def __init__(self, client: redis.Redis, namespace: str, ttl_s: int) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
         self._finish = client.register_script(_FINISH_SCRIPT)
+        self._read = client.register_script(_READ_SCRIPT)
 
     def key(self, job_id: uuid.UUID) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -147,6 +159,21 @@ class ResultStore:
 
     async def get(self, job_id: uuid.UUID) -> JobRecord | None:
         raw, owner = await self.client.mget(self.key(job_id), self.owner_key(job_id))
+        return self._record(raw, owner)
+
+    async def get_for(self, job_id: uuid.UUID, reader: str | None) -> JobRecord | None:
+        """The record if ``reader`` (a key id; None: authentication off) may read it, else None.
+
+        A job with no owner is everyone's; one with an owner only its owner's.
+        """
+        found = await self._read(keys=[self.key(job_id), self.owner_key(job_id)], args=[reader or ""])
+        if not found:
+            return None
+        raw, owner = found
+        return self._record(raw, owner)
+
+    @staticmethod
+    def _record(raw: bytes | None, owner: bytes | str | None) -> JobRecord | None:
         if raw is None:
             return None
         record = JobRecord.model_validate_json(raw)

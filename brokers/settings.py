@@ -53,5 +53,9 @@ class Settings(BaseSettings):
     # Requests per second per API key (per client address without keys); None: no limit.
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     rate_limit_burst: int | None = Field(default=None, ge=1)
+    # Invalid API keys a client address may present: a burst, then so many per second;
+    # past that the address gets 429 whatever key it sends, until it is under the rate.
+    auth_failures_per_s: float = Field(default=1.0, gt=0)
+    auth_failures_burst: int = Field(default=20, ge=1)
     # Clients (edge agent): the key sent to an ingress that requires one.
     api_key: str | None = Field(default=None, repr=False)

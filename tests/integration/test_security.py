@@ -239,3 +239,39 @@ async def test_answers_of_sync_calls_belong_to_their_key_too(secured_stack: Stac
     assert mine.status_code == 200 and mine.json()["status"] == "succeeded"
     theirs = await client.get(f"/v1/jobs/{job_id}", headers=bearer(BOB))
     assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "unknown_job"
+
+
+async def test_wrong_keys_are_throttled_per_address_before_any_key_is_checked(secured: Settings) -> None:
+    """1,000 guesses used to cost 0.58 s: past a small burst the address is refused at once, a valid
+    key included (so a lucky guess is not confirmed), until it is back under the rate."""
+    import asyncio
+    import time
+
+    settings = secured.model_copy(update={"auth_failures_burst": 5, "auth_failures_per_s": 2.0})
+    async for stack in start_stack(settings, "asynchronous"):
+        statuses = [(await stack.client.get("/v1/models", headers=bearer(f"guess-{n}"))).status_code
+                    for n in range(50)]
+        assert statuses[:5] == [403] * 5 and set(statuses[5:]) == {429}
+        locked = await stack.client.get("/v1/models", headers=bearer(ALICE))
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
+        assert "invalid API keys" in locked.json()["error"]["message"]
+        started = time.monotonic()
+        while (await stack.client.get("/v1/models", headers=bearer(ALICE))).status_code == 429:
+            assert time.monotonic() - started < 5
+            await asyncio.sleep(0.1)
+        assert (await stack.client.get("/v1/models", headers=bearer(ALICE))).status_code == 200
+        # Health stays open throughout.
+        assert (await stack.client.get("/healthz")).status_code == 200
+
+
+async def test_reading_another_keys_job_reveals_nothing_more_than_an_unknown_id(secured_stack: Stack) -> None:
+    client = secured_stack.client
+    created = await client.post("/v1/models/iris/predict", json=IRIS, headers=bearer(ALICE))
+    job = created.json()["id"]
+    theirs = await client.get(f"/v1/jobs/{job}", headers=bearer(BOB))
+    unknown = await client.get(f"/v1/jobs/{uuid.uuid4()}", headers=bearer(BOB))
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"] == "unknown_job"
+    # The owner is checked in Redis, before the record is fetched: nothing of it is read.
+    assert await secured_stack.results.get_for(uuid.UUID(job), "bob") is None
+    assert (await secured_stack.results.get_for(uuid.UUID(job), "env-1")).id == uuid.UUID(job)
