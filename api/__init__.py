@@ -6,11 +6,13 @@ from toposerve.api.app import create_app
 from toposerve.api.auth import key_file_line
 from toposerve.api.config import IngressConfig, IngressSpec
 from toposerve.api.edge_local import create_edge_app
+from toposerve.api.http_protocol import guarded_protocol
 
 __all__ = [
     "IngressConfig",
     "IngressSpec",
     "create_app",
     "create_edge_app",
+    "guarded_protocol",
     "key_file_line",
 ]

@@ -67,13 +67,21 @@ async def _readable_manifest(ingress: Ingress, batch_id: str) -> BatchManifest:
     return manifest
 
 
-async def _spool(request: Request, handle, limit: int) -> int:
+async def _spool(request: Request, handle, limit: int, idle_s: float) -> int:
+    """Copy the upload to ``handle``; an upload may be long, but not silent for ``idle_s`` (408)."""
     size = 0
-    async for block in request.stream():
-        size += len(block)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the upload is more than the limit of {limit} bytes")
-        await asyncio.to_thread(handle.write, block)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + idle_s) as deadline:
+            async for block in request.stream():
+                deadline.reschedule(loop.time() + idle_s)
+                size += len(block)
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"the upload is more than the limit of {limit} bytes")
+                await asyncio.to_thread(handle.write, block)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"the upload sent nothing for {idle_s:g} s",
+                       {"Connection": "close"}) from None
     return size
 
 
@@ -126,13 +134,13 @@ async def create_batch(
                     def write(block: bytes) -> None:
                         buffer.extend(block)
 
-                await _spool(request, _Sink, MAX_MULTIPART_BYTES)
+                await _spool(request, _Sink, MAX_MULTIPART_BYTES, ingress.settings.body_timeout_s)
                 data, suffix, fields = _multipart_file(bytes(buffer), content_type)
                 model = model or fields.get("model")
                 handle.write(data)
                 kind = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
             else:
-                await _spool(request, handle, MAX_UPLOAD_BYTES)
+                await _spool(request, handle, MAX_UPLOAD_BYTES, ingress.settings.body_timeout_s)
                 kind = _KINDS.get(media_type)
         if not model:
             raise ApiError(422, "invalid_request", "name the model: ?model=iris")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from toposerve.api.errors import ApiError
 
@@ -35,12 +37,25 @@ def _decoder(request: Request) -> zlib._Decompress | None:
     return zlib.decompressobj(_ENCODINGS[encoding])
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, decoded (gzip, deflate); more than ``max_bytes`` on the wire or decoded is a 413.
+async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -> bytes:
+    """The body, decoded (gzip, deflate); more than ``max_bytes`` on the wire or decoded is a 413,
+    and a body that has not all arrived within ``timeout_s`` is a 408 (the connection is closed).
 
     The decoded size is counted as the body streams in, so a small compressed body that
     inflates without bound (a "zip bomb") is refused at the limit, not after it.
     """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, max_bytes)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s",
+                       {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away before sending the whole body",
+                       {"Connection": "close"}) from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"body is {declared} bytes, more than the limit of {max_bytes}")
@@ -89,9 +104,9 @@ def parse_json(body: bytes) -> object:
         raise ValueError(f"the body holds a value that cannot be read: {exc}") from exc
 
 
-async def read_json(request: Request, max_bytes: int) -> object:
+async def read_json(request: Request, max_bytes: int, timeout_s: float = 60.0) -> object:
     check_content_type(request)
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if not body.strip():
         raise ApiError(400, "invalid_json", "the body is empty; send a JSON object")
     try:

@@ -72,7 +72,7 @@ def _sample_request(ingress: Ingress) -> InferenceRequest:
 
 
 async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
-    data = await read_json(request, ingress.settings.max_body_bytes)
+    data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
     return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest, ingress.config.item_ids))
 
 
@@ -183,7 +183,7 @@ def book_router(mode: str) -> APIRouter:
             """TF Serving's REST shape (the book's synchronous pattern): images in, labels out."""
             ingress = _ingress(request)
             manifest = ingress.manifest(model)
-            data = await read_json(request, ingress.settings.max_body_bytes)
+            data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
             inputs = data.get("inputs") if isinstance(data, dict) else None
             images = inputs.get("image") if isinstance(inputs, dict) else None
             if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):

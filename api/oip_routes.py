@@ -163,12 +163,12 @@ async def model_version_meta(model: str, version: str, request: Request) -> Resp
 
 # -- reading an inference request ---------------------------------------------------------
 
-async def read_infer_body(request: Request, max_bytes: int) -> tuple[object, bytes | None]:
+async def read_infer_body(request: Request, max_bytes: int, timeout_s: float) -> tuple[object, bytes | None]:
     """The JSON request, and the binary tensor data after it (Triton's extension) if any."""
     declared = request.headers.get(BINARY_HEADER)
     if declared is None:
-        return await read_json(request, max_bytes), None
-    raw = await read_body(request, max_bytes)
+        return await read_json(request, max_bytes, timeout_s), None
+    raw = await read_body(request, max_bytes, timeout_s)
     if not declared.strip().isdigit() or int(declared) > len(raw):
         raise OipError(f"Inference-Header-Content-Length is {declared!r}, the body has {len(raw)} bytes")
     split = int(declared)
@@ -195,7 +195,7 @@ def _jobs(ingress: Ingress, manifest: ModelManifest, model_input: ModelInput, na
 async def _infer(request: Request, model: str, version: str | None) -> Response:
     ingress = _ingress(request)
     manifest = _manifest(ingress, model, version)
-    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes)
+    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
     call = parse_infer_call(data)
     model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
     timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)

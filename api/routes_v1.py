@@ -100,7 +100,7 @@ async def predict(
 
 
 async def _predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
-    inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes))
+    inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
     cached = ingress.prediction_cache is not None and inference.item_id is None

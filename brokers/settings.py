@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Request limits, checked at the ingress (HTTP) and again in the stages (AMQP),
     # because anyone can publish straight to the exchange.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Seconds a client may take to send a request's headers, and then its body (408 past them).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
     # A stage refuses (dead-letters, with the reason) a message body larger than this
     # before parsing it: anyone can publish to the exchange, and parsing holds the loop.
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

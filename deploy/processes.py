@@ -9,6 +9,7 @@ import signal
 
 import uvicorn
 
+from toposerve.api import guarded_protocol
 from toposerve.brokers import Settings, configure_logs
 from toposerve.consumers import LoopHeartbeat, serve_metrics
 from toposerve.deploy.components import build_app, build_stage_runner
@@ -62,12 +63,18 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
     log.info("stage %s.%s replica %d stopped: %s", profile.name, stage, replica, runner.stats)
 
 
+def ingress_server_config(app: object, settings: Settings, host: str, port: int,
+                          access_log: bool = False) -> uvicorn.Config:
+    """uvicorn for the ingress: httptools with request deadlines (api/http_protocol.py), uvloop."""
+    # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, finishes requests, runs the lifespan exit.
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
+                          http=guarded_protocol(settings.header_timeout_s),
+                          loop="uvloop" if _has_uvloop() else "asyncio", timeout_graceful_shutdown=10)
+
+
 def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, access_log: bool = False) -> None:
     app = build_app(profile, settings, with_stages=profile.ingress.single_process)
-    # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, finishes requests, runs the lifespan exit.
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
-                            loop="uvloop" if _has_uvloop() else "asyncio", timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    uvicorn.Server(ingress_server_config(app, settings, host, port, access_log)).run()
 
 
 def _has_uvloop() -> bool:
