@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +41,7 @@ from toposerve.brokers import (
     connect_redis,
     declare_dead_letters,
     declare_topology,
+    issue_job_id,
     open_confirm_channel,
     prediction_key,
     routing_key,
@@ -180,7 +180,7 @@ class Ingress:
                     raise ApiError(400, "invalid_item_id", exc.message) from exc
         except InputError as exc:
             raise ApiError(INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
-        return InferenceRequest(id=uuid.uuid4(), model=model, created_at=utc_now(),
+        return InferenceRequest(id=issue_job_id(self.settings.namespace, current_owner()), model=model, created_at=utc_now(),
                                 instances=body.instances, image=body.image, item_id=body.item_id)
 
     def entry_kind(self, model: str) -> str:
@@ -327,7 +327,8 @@ class Ingress:
 
     def follow_up_request(self, request: InferenceRequest, model: str) -> InferenceRequest:
         """The same input for another model, as a job of its own."""
-        return request.model_copy(update={"id": uuid.uuid4(), "model": model, "deadline": None, "timings": {}})
+        return request.model_copy(update={"id": issue_job_id(self.settings.namespace, current_owner()), "model": model,
+                                          "deadline": None, "timings": {}})
 
 
 class Overloaded(ApiError):

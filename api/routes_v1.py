@@ -17,7 +17,7 @@ from toposerve.api.cached_predict import predict_sync_cached, submit_async_cache
 from toposerve.api.errors import ApiError, error_response
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
 from toposerve.api.responses import json_response
-from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
+from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction, issued_by
 from toposerve.models import ModelManifest
 
 router = APIRouter(prefix="/v1")
@@ -157,6 +157,15 @@ async def stats(request: Request) -> Response:
     })
 
 
+def job_not_found(ingress: Ingress, job_id: uuid.UUID) -> ApiError:
+    """410 for an id this namespace issued whose record is gone, 404 for any other."""
+    if issued_by(job_id, ingress.settings.namespace, current_owner()):
+        return ApiError(410, "job_gone", f"job {job_id} was accepted here, but its record is gone: results live "
+                                         f"{ingress.config.spec.result_ttl_s} s, and a result store that keeps "
+                                         "nothing on disk loses them when it restarts")
+    return ApiError(404, "unknown_job", f"no job {job_id}: it never existed here, or its result expired")
+
+
 @router.get("/jobs/{job_id}")
 async def get_job(
     job_id: str,
@@ -177,10 +186,12 @@ async def get_job(
             except RedisError as exc:
                 raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                                {"Retry-After": "1"}) from exc
-            if record is None:
-                raise ApiError(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
             remaining = until - loop.time()
-            if record.status is not JobStatus.PENDING or remaining <= 0:
+            if record is None and remaining <= 0:
+                raise job_not_found(ingress, parsed)
+            # A job published straight to the exchange has no record until its first stage
+            # takes it: with ``wait``, wait for it to appear as for it to end.
+            if record is not None and (record.status is not JobStatus.PENDING or remaining <= 0):
                 return job_response(record)
             # Woken by the store's announcement; re-read at least every second regardless.
             with contextlib.suppress(TimeoutError):

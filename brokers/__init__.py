@@ -24,6 +24,7 @@ from toposerve.brokers.connections import (
     connect_redis,
     open_confirm_channel,
 )
+from toposerve.brokers.job_ids import issue_job_id, issued_by
 from toposerve.brokers.joins import JoinStore
 from toposerve.brokers.logs import configure_logs, current_job
 from toposerve.brokers.messages import (
@@ -124,6 +125,8 @@ __all__ = [
     "exchange_name",
     "feature_key",
     "is_model_name",
+    "issue_job_id",
+    "issued_by",
     "is_terminal",
     "read_identity",
     "iter_results",

@@ -53,8 +53,10 @@ def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalS
     """The settings to run with, and the throwaway servers started for them (to stop later)."""
     started: list[LocalService] = []
     urls: dict[str, str] = {}
+    # The Redis it starts keeps an append-only file (fsync every second), so a restart of
+    # it loses at most a second of results instead of every one (README, "Configuration").
     wanted = (("amqp_url", "RabbitMQ", "rabbitmq-server", DEFAULT_AMQP_URL, start_rabbitmq),
-              ("redis_url", "Redis", "redis-server", DEFAULT_REDIS_URL, start_redis))
+              ("redis_url", "Redis", "redis-server", DEFAULT_REDIS_URL, persistent_redis))
     try:
         for field, what, binary, default, start in wanted:
             url = getattr(settings, field)
@@ -73,6 +75,10 @@ def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalS
             service.stop()
         raise
     return settings.model_copy(update=urls), started
+
+
+def persistent_redis() -> LocalService:
+    return start_redis(appendonly=True, appendfsync="everysec")
 
 
 def _redact(url: str) -> str:

@@ -121,3 +121,39 @@ async def test_readiness_fails_when_redis_is_unreachable(amqp_url: str, namespac
         response = await stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "store_unavailable"
+
+
+async def test_a_job_whose_record_vanished_is_gone_not_unknown(async_stack: Stack) -> None:
+    """Its id was issued here, so the ingress can tell a lost (or expired) record from a bad id."""
+    response = await async_stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
+    job_id = response.json()["id"]
+    (await async_stack.client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).raise_for_status()
+    await async_stack.results.delete(uuid.UUID(job_id))  # as a Redis restart without persistence would
+    gone = await async_stack.client.get(f"/v1/jobs/{job_id}")
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "job_gone"
+    assert "accepted here" in gone.json()["error"]["message"]
+    unknown = await async_stack.client.get(f"/v1/jobs/{uuid.uuid4()}")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_job"
+
+
+async def test_waiting_for_a_direct_publish_waits_for_its_record_to_appear(settings: Settings) -> None:
+    """A job published straight to the exchange has no record until a stage takes it; ?wait= waits."""
+    import asyncio
+    import json
+
+    from tests.integration.test_direct_amqp import publish
+
+    async for stack in start_stack(settings, "asynchronous", stages=["predict", "store"]):
+        job_id = uuid.uuid4()
+        await publish(stack, "request.iris",
+                      json.dumps({"id": str(job_id), "model": "iris", "instances": IRIS_ROWS[:1]}).encode())
+        waiting = asyncio.create_task(stack.client.get(f"/v1/jobs/{job_id}", params={"wait": 15}))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()  # no 404 at once
+        preprocess = build_stage_runner(stack.profile, "preprocess", settings)
+        await preprocess.start()
+        try:
+            answer = await waiting
+        finally:
+            await preprocess.drain_and_close()
+        assert answer.status_code == 200 and answer.json()["status"] == "succeeded"

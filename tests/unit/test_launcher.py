@@ -153,7 +153,7 @@ def test_servers_started_before_a_failure_are_stopped(monkeypatch, silent_defaul
     rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:1/")
     monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
 
-    def no_redis():
+    def no_redis(**options):
         raise ServiceUnavailable(f"redis-server not found. Install it with: {INSTALL_HINT}")
 
     monkeypatch.setattr(launcher, "start_redis", no_redis)
@@ -167,10 +167,13 @@ def test_throwaway_servers_replace_the_default_urls(monkeypatch, silent_defaults
     rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:40001/")
     redis_service = FakeService("redis", "redis://127.0.0.1:40002/0")
     monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
-    monkeypatch.setattr(launcher, "start_redis", lambda: redis_service)
+    redis_options: list[dict] = []
+    monkeypatch.setattr(launcher, "start_redis", lambda **options: redis_options.append(options) or redis_service)
     say = Said()
     resolved, started = ensure_services(Settings(amqp_url=amqp, redis_url=redis), say)
     assert started == [rabbit, redis_service]
+    # The Redis it starts keeps results across its own restart (an append-only file).
+    assert redis_options == [{"appendonly": True, "appendfsync": "everysec"}]
     assert resolved.amqp_url == rabbit.url and resolved.redis_url == redis_service.url
     assert rabbit.stopped == redis_service.stopped == 0  # the caller stops them later
     assert rabbit.url in say.text and redis_service.url in say.text
