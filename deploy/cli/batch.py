@@ -69,6 +69,7 @@ def submit(path: Path, model: str, chunk_rows: int, wait: bool, resume: str | No
 
 async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, model: str, chunk_rows: int,
                   wait: bool, resume: str | None, window: int) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from toposerve.producers import BatchInputError, wait_for_batch
@@ -84,7 +85,10 @@ async def _submit(settings: Settings, profile: Profile, ttl: int, path: Path, mo
             source = await asyncio.to_thread(submitter.open, path, model)
         except BatchInputError as exc:
             raise click.ClickException(str(exc)) from exc
-        with Progress(*columns, transient=False, console=None) as bar:
+        # Progress on stderr, and only on a terminal: stdout carries the batch id alone, so
+        # `B=$(toposerve batch submit ...)` captures just that.
+        console = Console(stderr=True)
+        with Progress(*columns, transient=False, console=console, disable=not console.is_terminal) as bar:
             sent = bar.add_task("published", total=source.total, rate="")
 
             def created(manifest) -> None:

@@ -396,3 +396,15 @@ async def test_a_profile_without_a_batch_stage_refuses_batches_naming_the_one_th
         error = response.json()["error"]
         assert error["code"] == "batches_not_served" and profile_name in error["message"]
         assert "toposerve up --profile batch" in error["message"]
+
+
+def test_cli_submit_prints_only_the_batch_id_on_stdout_when_it_is_not_a_terminal(
+        amqp_url: str, redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """`B=$(toposerve batch submit ...)` must capture the id alone: no progress bar on a pipe."""
+    settings = Settings(amqp_url=amqp_url, redis_url=redis_url, namespace=namespace)
+    path = write_csv(tmp_path / "in.csv", iris_rows(50, seed=3), True)
+    submitted = cli("submit", str(path), "--model", "iris", "--chunk-rows", "10", settings=settings)
+    assert submitted.returncode == 0, submitted.stderr
+    assert str(uuid.UUID(submitted.stdout.strip())) + "\n" == submitted.stdout  # one line: the id
+    assert "━" not in submitted.stderr and "rows/s" not in submitted.stderr  # no bar on stderr either
+    assert "chunks published" in submitted.stderr
