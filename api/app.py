@@ -9,7 +9,7 @@ from typing import Protocol
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from toposerve.api import book_routes, edge_routes, health, oip_routes, routes_v1
+from toposerve.api import book_routes, edge_routes, health, items_routes, oip_routes, routes_v1
 from toposerve.api.auth import SecurityMiddleware, security_options
 from toposerve.api.batch_routes import router as batch_router
 from toposerve.api.config import IngressConfig
@@ -70,4 +70,5 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.include_router(book_routes.book_router(config.mode))
     app.include_router(oip_routes.router)
     app.include_router(batch_router)
+    app.include_router(items_routes.router)
     return app

@@ -59,6 +59,8 @@ class IngressConfig(BaseModel):
     answer_queues: list[str] = Field(default_factory=list)
     # data_cache profiles: requests may name an item instead of sending data.
     item_ids: bool = False
+    # ... and items may be written to Redis, living this long (None: no Redis item source).
+    item_ttl_s: int | None = None
     # A stage stores outcomes (a store): then sync answers are readable at /v1/jobs too,
     # and belong to the key that asked, like async jobs.
     outcomes_kept: bool = False

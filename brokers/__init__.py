@@ -15,7 +15,7 @@ from toposerve.brokers.batches import (
     new_batch_id,
 )
 from toposerve.brokers.cache_keys import feature_key, prediction_key
-from toposerve.brokers.caches import FeatureCache, PredictionCache
+from toposerve.brokers.caches import FeatureCache, PredictionCache, flush_keys
 from toposerve.brokers.connections import (
     INGRESS_APP_ID,
     Publisher,
@@ -123,6 +123,7 @@ __all__ = [
     "encode_chunk_error",
     "encode_chunk_result",
     "exchange_name",
+    "flush_keys",
     "feature_key",
     "is_model_name",
     "issue_job_id",

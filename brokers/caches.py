@@ -104,6 +104,26 @@ class PredictionCache:
         return [f.decode() if isinstance(f, bytes) else str(f) for f in followers]
 
 
+async def flush_keys(client: redis.Redis, match: str, keep: tuple[str, ...] = ()) -> int:
+    """Delete every key matching ``match`` (a SCAN pattern) except those ending in ``keep``; the count.
+
+    For operators (``toposerve cache flush``): SCAN walks the keyspace in steps, so a large
+    Redis is not blocked, and keys written meanwhile may or may not be seen.
+    """
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=match, count=1000):
+        if keep and key.decode().endswith(keep):
+            continue
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += await client.unlink(*batch)
+    return deleted
+
+
 class FeatureCache:
     """Preprocessed tensors of data-cache items, stored binary (a hash: dtype, shape, data)."""
 

@@ -108,6 +108,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()
                        if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
         item_ids=profile.item_ids,
+        item_ttl_s=profile.item_ttl_s,
         outcomes_kept=keeps_outcomes(profile),
         batches=runs_batches(profile),
         batch_profiles=[] if runs_batches(profile) else shipped_batch_profiles(),

@@ -48,6 +48,8 @@ class DirectorySourceSpec(_Strict):
 
 class RedisSourceSpec(_Strict):
     kind: Literal["redis"]
+    # How long an item written through toposerve (PUT /v1/items/{id}, `toposerve items put`) lives.
+    ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="Seconds an item written through toposerve lives")
 
 
 DataSourceSpec = Annotated[DirectorySourceSpec | RedisSourceSpec, Field(discriminator="kind")]
@@ -185,6 +187,13 @@ class Profile(_Strict):
 
     def queue_specs(self, namespace: str) -> list[QueueSpec]:
         return [self.queue_spec(namespace, name) for name in self.stages]
+
+    @property
+    def item_ttl_s(self) -> int | None:
+        """The TTL of items written to Redis (None: no Redis item source, items cannot be written)."""
+        sources = [source for stage in self.stages.values() if isinstance(stage, PreprocessSpec)
+                   for source in stage.data_sources if isinstance(source, RedisSourceSpec)]
+        return sources[0].ttl_s if sources else None
 
     @property
     def item_ids(self) -> bool:

@@ -4,7 +4,7 @@ Pure where it can be; used by the stages, the ingress and the producers without 
 The ONNX files themselves are data in deploy/models/.
 """
 
-from toposerve.models.items import DirectorySource, ItemSource, RedisSource, check_item_id
+from toposerve.models.items import DirectorySource, ItemSource, RedisSource, check_item_id, item_key
 from toposerve.models.outputs import to_row_predictions
 from toposerve.models.preprocessing import (
     InputError,
@@ -51,6 +51,7 @@ __all__ = [
     "file_sha256",
     "image_b64_to_features",
     "image_to_features",
+    "item_key",
     "load_manifests",
     "open_image",
     "rows_to_features",

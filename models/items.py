@@ -62,14 +62,30 @@ class DirectorySource:
         return None
 
 
+def item_key(namespace: str, item_id: str) -> str:
+    return f"{namespace}:items:{check_item_id(item_id)}"
+
+
 class RedisSource:
-    """Items stored as bytes under ``{namespace}:items:<item_id>`` (put there by any producer)."""
+    """Items stored as bytes under ``{namespace}:items:<item_id>``.
+
+    Written with ``put``, which also drops the item's cached tensors, so a changed item is
+    never answered from its old pixels (``PUT /v1/items/{id}``, ``toposerve items put``).
+    A producer that writes the key itself must flush them (``toposerve cache flush``).
+    """
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.name = "redis"
         self.client = client
-        self.prefix = f"{namespace}:items:"
+        self.namespace = namespace
 
     async def load(self, item_id: str) -> bytes | None:
-        check_item_id(item_id)
-        return await self.client.get(self.prefix + item_id)
+        return await self.client.get(item_key(self.namespace, item_id))
+
+    async def put(self, item_id: str, data: bytes, ttl_s: int, cached: list[str]) -> None:
+        """Store the item (with a TTL) and delete ``cached``, its tensors' keys, in one transaction."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(item_key(self.namespace, item_id), data, ex=ttl_s)
+            if cached:
+                pipe.delete(*cached)
+            await pipe.execute()

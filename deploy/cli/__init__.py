@@ -1,7 +1,7 @@
 """The ``toposerve`` command line: one module per command group, gathered here.
 
 serve (up, worker, ingress), describe (topology, asyncapi, profiles), bench, batch,
-dead, edge, keys, render; common holds what they share.
+dead, cache (cache, items), edge, keys, render; common holds what they share.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import click
 
 from toposerve.deploy.cli.batch import batch
 from toposerve.deploy.cli.bench import bench
+from toposerve.deploy.cli.cache import cache, items
 from toposerve.deploy.cli.dead import dead
 from toposerve.deploy.cli.describe import asyncapi, profiles, topology
 from toposerve.deploy.cli.edge import edge
@@ -23,7 +24,8 @@ def main() -> None:
     """Serve ONNX models through RabbitMQ topologies (one deploy profile per serving pattern)."""
 
 
-for command in (up, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, edge, keys, render):
+for command in (up, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items, edge, keys,
+                render):
     main.add_command(command)
 
 

@@ -349,3 +349,69 @@ async def test_a_miss_just_before_the_fill_does_not_compute_the_answer_again(cac
     assert (await leader).headers["x-cache"] == "miss"
     assert second.status_code == 200 and second.headers["x-cache"] == "hit"
     assert cache_stack.runners["predict"].stats.handled - handled == 1
+
+
+async def test_writing_an_item_drops_its_cached_tensor(data_stack: Stack) -> None:
+    """An item overwritten through PUT /v1/items/{id} is answered from its new pixels at once,
+    not from the tensor cached for 15 minutes."""
+    (zero, zero_label), (other, other_label) = [
+        next((p, lbl) for p, lbl in sample_images() if lbl == want) for want in ("0", "3")]
+    put = await data_stack.client.put("/v1/items/shelf-1", content=zero.read_bytes(),
+                                      headers={"content-type": "application/octet-stream"})
+    assert put.status_code == 201, put.text
+    assert put.json()["bytes"] == len(zero.read_bytes()) and put.headers["location"] == "/v1/items/shelf-1"
+    first = await data_stack.client.post(DIGITS, json={"item_id": "shelf-1"})
+    cached = await data_stack.client.post(DIGITS, json={"item_id": "shelf-1"})
+    assert first.json()["predictions"][0]["label"] == zero_label and "item_cache_hit_ms" in cached.json()["timings"]
+    await data_stack.client.put("/v1/items/shelf-1", content=other.read_bytes())
+    after = await data_stack.client.post(DIGITS, json={"item_id": "shelf-1"})
+    assert after.json()["predictions"][0]["label"] == other_label
+    assert "item_load_ms" in after.json()["timings"]
+    key = f"{data_stack.settings.namespace}:items:shelf-1"
+    assert 0 < await data_stack.results.client.ttl(key) <= 30 * 24 * 3600
+
+
+@pytest.mark.parametrize(("item_id", "body", "status", "code"), [
+    ("with space", b"\x89PNG", 400, "invalid_item_id"),
+    (".hidden", b"\x89PNG", 400, "invalid_item_id"),
+    ("ok-1", b"not an image at all", 422, "invalid_input"),
+    ("ok-2", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 422, "invalid_input"),
+])
+async def test_a_bad_item_write_is_refused_and_stores_nothing(data_stack: Stack, item_id: str, body: bytes,
+                                                              status: int, code: str) -> None:
+    response = await data_stack.client.put(f"/v1/items/{item_id}", content=body)
+    assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+    keys = [k async for k in data_stack.results.client.scan_iter(match=f"{data_stack.settings.namespace}:items:*")]
+    assert keys == []
+
+
+async def test_items_cannot_be_written_in_a_profile_that_reads_none(cache_stack: Stack) -> None:
+    response = await cache_stack.client.put("/v1/items/a", content=b"\x89PNG")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "items_not_served"
+
+
+async def test_cache_flush_empties_both_caches_and_items_put_invalidates(data_stack: Stack) -> None:
+    import os
+    import subprocess
+    import sys
+
+    settings = data_stack.settings
+    path, label = sample_images()[0]
+    await data_stack.client.post(DIGITS, json={"item_id": path.stem})
+    prefix = f"{settings.namespace}:features:"
+    assert [k async for k in data_stack.results.client.scan_iter(match=prefix + "*")]
+    env = {**os.environ, "TOPOSERVE_REDIS_URL": settings.redis_url, "TOPOSERVE_NAMESPACE": settings.namespace}
+
+    def toposerve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "toposerve", *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    flushed = await asyncio.to_thread(toposerve, "cache", "flush")
+    assert flushed.returncode == 0 and "1 cached features deleted" in flushed.stderr, flushed.stderr
+    assert [k async for k in data_stack.results.client.scan_iter(match=prefix + "*")] == []
+    put = await asyncio.to_thread(toposerve, "items", "put", "cli-item", str(path))
+    assert put.returncode == 0, put.stderr
+    answer = await data_stack.client.post(DIGITS, json={"item_id": "cli-item"})
+    assert answer.json()["predictions"][0]["label"] == label
+    refused = await asyncio.to_thread(toposerve, "items", "put", "../up", str(path))
+    assert refused.returncode != 0 and "not valid" in refused.stderr

@@ -1,0 +1,54 @@
+"""``PUT /v1/items/{item_id}``: write an item of the data-cache pattern, and forget its cached tensors.
+
+Only in profiles whose preprocess stage reads items from Redis. The body is the image
+file itself (PNG or JPEG, ``--data-binary @file``); it is checked like a request's image
+(format, size, pixels) before anything is stored. The item's preprocessed tensors are
+deleted in the same transaction, so the next request for it sees the new pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from redis.exceptions import RedisError
+
+from toposerve.api.body import read_body
+from toposerve.api.errors import ApiError
+from toposerve.api.ingress import INPUT_STATUS, Ingress
+from toposerve.api.responses import json_response
+from toposerve.brokers import feature_key
+from toposerve.models import ImagePreprocessing, InputError, RedisSource, check_item_id, open_image
+
+router = APIRouter(prefix="/v1", tags=["items"])
+
+
+@router.put("/items/{item_id}", status_code=201)
+async def put_item(item_id: str, request: Request) -> Response:
+    ingress: Ingress = request.app.state.ingress
+    ttl_s = ingress.config.item_ttl_s
+    if ttl_s is None:
+        raise ApiError(404, "items_not_served", f"profile {ingress.config.profile!r} reads no items from Redis; "
+                                                "items are written in a data-cache profile (toposerve up "
+                                                "--profile data_cache)")
+    try:
+        check_item_id(item_id)
+    except InputError as exc:
+        raise ApiError(400, "invalid_item_id", exc.message) from exc
+    raw = await read_body(request, ingress.settings.max_image_bytes, ingress.settings.body_timeout_s)
+    try:
+        # The format, the size and the pixel count, before storing it (decoding is CPU work).
+        await asyncio.to_thread(open_image, raw, ingress.limits)
+    except InputError as exc:
+        raise ApiError(INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
+    namespace = ingress.settings.namespace
+    cached = [feature_key(namespace, m.name, m.version, item_id) for m in ingress.manifests.values()
+              if isinstance(m.preprocessing, ImagePreprocessing)]
+    try:
+        await RedisSource(ingress.results.client, namespace).put(item_id, raw, ttl_s, cached)
+    except RedisError as exc:
+        raise ApiError(503, "store_unavailable", "the item store is unavailable; retry later",
+                       {"Retry-After": "1"}) from exc
+    return json_response({"item_id": item_id, "bytes": len(raw), "ttl_s": ttl_s}, 201,
+                         headers={"Location": f"/v1/items/{item_id}"})
