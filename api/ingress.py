@@ -256,12 +256,17 @@ class Ingress:
                        {"Retry-After": "1"}) from exc
 
     def timeout_for(self, requested: float | None) -> float:
-        """The caller's timeout (query or header), else the profile's; capped, never <= 0."""
+        """The caller's timeout (query or header), else the profile's; past the profile's cap a 422."""
         if requested is None:
             return self.config.spec.timeout_s
         if not requested > 0:  # also refuses NaN
             raise ApiError(422, "invalid_request", f"timeout must be a positive number of seconds, got {requested}")
-        return min(requested, self.config.spec.max_timeout_s)
+        limit = self.config.spec.max_timeout_s
+        if requested > limit:
+            # Said, not silently shortened: the caller would otherwise get a 504 it did not ask for.
+            raise ApiError(422, "invalid_request", f"timeout {requested:g} s is more than this profile's limit "
+                                                   f"of {limit:g} s (ingress.max_timeout_s)")
+        return requested
 
     def answer_queues(self, entry_kind: str) -> list[str] | None:
         """The queues an answer to a message of ``entry_kind`` passes through (None: every queue)."""

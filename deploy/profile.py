@@ -8,7 +8,7 @@ at start with the file, the field and the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -222,6 +222,22 @@ class ProfileError(ValueError):
     pass
 
 
+# Each stage spec's ``kind`` literal: the tags of the StageSpec union.
+STAGE_KINDS = frozenset(get_args(spec.model_fields["kind"].annotation)[0] for spec in get_args(get_args(StageSpec)[0]))
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the YAML reads: ``stages.predict.max_batch_size``.
+
+    Pydantic puts a discriminated union's tag into the location (``stages.predict.predict...``,
+    the stage's name then its kind); the file has no such level, so it is left out.
+    """
+    parts = [str(part) for part in loc]
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KINDS:
+        del parts[2]
+    return ".".join(parts)
+
+
 def profile_path(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
@@ -244,9 +260,7 @@ def load_profile(name_or_path: str, known_models: set[str] | None = None) -> Pro
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{field_path(err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors())
         raise ProfileError(f"{path}: {problems}") from exc
     if known_models is not None:
         unknown = sorted(set(profile.models) - known_models)

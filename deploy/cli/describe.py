@@ -6,7 +6,8 @@ import click
 
 from toposerve.brokers import Settings, dead_exchange_name, dead_queue_name, exchange_name
 from toposerve.deploy.cli.common import checked_profile
-from toposerve.deploy.profile import available_profiles
+from toposerve.deploy.components import keeps_outcomes
+from toposerve.deploy.profile import Profile, available_profiles
 
 
 @click.command()
@@ -19,15 +20,20 @@ def topology(profile_name: str) -> None:
     click.echo(f"profile {profile.name}: {profile.description}")
     publishes = ("features.<model> for rows (preprocessed in the ingress), request.<model> for images and items"
                  if profile.ingress.preprocess_tabular_in_ingress else "request.<model>")
+    kept = (f"; results live {profile.ingress.result_ttl_s}s" if keeps_outcomes(profile)
+            else "; answers go to the caller's reply queue and are not kept")
     click.echo(f"  ingress: mode={profile.ingress.mode} http://{profile.ingress.host}:{profile.ingress.port} "
-               f"publishes {publishes}; results live {profile.ingress.result_ttl_s}s")
+               f"publishes {publishes}{kept}")
     click.echo(f"  models: {', '.join(profile.models)}")
     for group, spec in profile.groups.items():
         click.echo(f"  group {group}: {', '.join(spec.models)} (one request to all; joined within "
                    f"{spec.join_timeout_s:g}s by an aggregate stage)")
     click.echo("exchanges:")
     click.echo(f"  {exchange_name(ns)} (topic, durable)")
-    click.echo(f"  {dead_exchange_name(ns)} (topic, durable, dead letters) -> queue {dead_queue_name(ns)} [#]")
+    bounds = profile.dead_letters
+    click.echo(f"  {dead_exchange_name(ns)} (topic, durable, dead letters) -> queue {dead_queue_name(ns)} [#] "
+               f"(at most {bounds.max_length or 'any number of'} messages, {bounds.max_bytes or 'any number of'} "
+               "bytes; the oldest dropped past them)")
     click.echo("stages (queue <- bindings):")
     for name, stage in profile.stages.items():
         spec = profile.queue_spec(ns, name)
@@ -39,10 +45,28 @@ def topology(profile_name: str) -> None:
             knobs.append(f"max_queue_length={spec.max_length}")
         click.echo(f"  {name}: {spec.name} ({spec.queue_type}) <- {', '.join(spec.binding_keys)}")
         click.echo(f"      {' '.join(knobs)}")
-    click.echo("flow: request.<model> -> preprocess -> features.<model> -> predict -> prediction.<model> "
-               "| failure.<model> -> store -> Redis")
+    click.echo(f"flow: {flow(profile)}")
     if profile.ingress.preprocess_tabular_in_ingress:
         click.echo("      rows: ingress -> features.<model> -> predict -> ... (the preprocess stage is skipped)")
+
+
+def flow(profile: Profile) -> str:
+    """The path of a request through this profile's stage kinds, as far as it goes."""
+    kinds = {stage.kind for stage in profile.stages.values()}
+    steps = ["request.<model>"]
+    if "preprocess" in kinds:
+        steps += ["preprocess", "features.<model>"]
+    if "predict" in kinds:
+        steps += ["predict", "prediction.<model> | failure.<model>"]
+    if "aggregate" in kinds:
+        steps += ["aggregate", "prediction.<group>"]
+    if "store" in kinds or "batch_store" in kinds:
+        steps += ["store", "Redis"]
+    if profile.ingress.mode != "async":
+        steps.append("the caller's reply queue")
+    if "telemetry" in kinds:
+        steps.append("(and telemetry.<model> -> telemetry -> Redis)")
+    return " -> ".join(steps)
 
 
 @click.command()

@@ -42,7 +42,9 @@ def test_unknown_profile_and_broken_profile_fail_with_the_file_and_field(tmp_pat
     broken.write_text("name: broken\nmodels: [iris]\nstages:\n  p:\n    kind: predict\n    consumes: []\n")
     result = toposerve("topology", "--profile", str(broken))
     assert result.returncode != 0
-    assert str(broken) in result.stderr and "stages.p.predict.consumes" in result.stderr
+    # The path as the file reads (no repeated kind): stages.<stage>.<field>.
+    assert str(broken) in result.stderr and "stages.p.consumes" in result.stderr
+    assert "stages.p.predict" not in result.stderr
 
 
 def test_up_refuses_an_explicit_url_where_nothing_answers() -> None:
@@ -137,3 +139,12 @@ def test_up_starts_throwaway_servers_when_nothing_answers_at_the_defaults(monkey
     finally:
         for service in started:
             service.stop()
+
+
+def test_topology_says_what_the_profile_keeps() -> None:
+    sync = toposerve("topology", "--profile", "synchronous").stdout
+    assert "results live" not in sync and "-> store" not in sync and "not kept" in sync
+    assert "the caller's reply queue" in sync.split("flow:")[1]
+    asynchronous = toposerve("topology", "--profile", "asynchronous").stdout
+    assert "results live 3600s" in asynchronous and "-> store -> Redis" in asynchronous
+    assert "the oldest dropped past them" in asynchronous  # the dead-letter queue's bounds

@@ -110,6 +110,16 @@ async def test_a_bad_timeout_is_422(sync_stack: Stack, value: str) -> None:
     assert "timeout" in response.json()["error"]["message"].lower()
 
 
+@pytest.mark.parametrize("value", ["61", "inf", "1e9"])
+async def test_a_timeout_over_the_profiles_cap_is_refused_not_shortened(sync_stack: Stack, value: str) -> None:
+    response = await sync_stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS},
+                                            params={"timeout": value})
+    assert response.status_code == 422, response.text
+    assert "limit of 60 s" in response.json()["error"]["message"] and "max_timeout_s" in response.json()["error"]["message"]
+    assert (await sync_stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS},
+                                         params={"timeout": "60"})).status_code == 200
+
+
 async def test_a_reply_after_the_deadline_is_a_504_and_the_late_reply_is_dropped(sync_stack: Stack) -> None:
     gate = Gate(sync_stack, "predict")
     gate.close()
