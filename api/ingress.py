@@ -46,6 +46,8 @@ from toposerve.brokers import (
     prediction_key,
     routing_key,
     trace_headers,
+    trusted_producers,
+    url_user,
     utc_now,
 )
 from toposerve.models import (
@@ -132,13 +134,13 @@ class Ingress:
         # Declaring the stage queues here too means an accepted request is queued
         # even when its stage has not started yet.
         topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
-        self.publisher = Publisher(topology.exchange, app_id=INGRESS_APP_ID)
+        self.publisher = Publisher(topology.exchange, app_id=INGRESS_APP_ID, user_id=url_user(self.settings.amqp_url))
         self.completions.start()
         if self.cache_fills is not None:
             self.cache_fills.start()
         # Every mode can answer synchronously (sync profiles, and protocols that are
         # sync by nature, like the Open Inference Protocol's infer).
-        self.replies = ReplyRouter(self.connection, self.settings.namespace)
+        self.replies = ReplyRouter(self.connection, self.settings.namespace, trusted=self.trusted_producers())
         await self.replies.start()
         self.monitor = StageMonitor(self.connection, [q.name for q in self.config.queues])
         await self.monitor.start()
@@ -152,6 +154,12 @@ class Ingress:
         if self.connection is not None:
             await self.connection.close()
         await self.results.client.aclose()
+
+    def trusted_producers(self) -> frozenset[str]:
+        """Whose answers a sync caller may be given: the namespace's stage accounts (and this
+        process's own account, when every role shares one)."""
+        own = url_user(self.settings.amqp_url)
+        return trusted_producers(self.settings.namespace) | ({own} if own else set())
 
     def manifest(self, model: str) -> ModelManifest:
         manifest = self.manifests.get(model)

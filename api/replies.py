@@ -21,11 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class ReplyRouter:
-    def __init__(self, connection: AbstractRobustConnection, namespace: str) -> None:
+    def __init__(self, connection: AbstractRobustConnection, namespace: str,
+                 trusted: frozenset[str] | None = None) -> None:
         self.connection = connection
         self.queue_name = f"{namespace}.reply.{uuid.uuid4().hex}"
+        # Accounts whose replies are believed (their AMQP user_id): stages. None: any.
+        self.trusted = trusted
         self._pending: dict[str, asyncio.Future[Prediction | Failure]] = {}
         self.late_replies = 0
+        self.refused_replies = 0
 
     async def start(self) -> None:
         channel = await self.connection.channel(publisher_confirms=False)
@@ -47,6 +51,11 @@ class ReplyRouter:
         return len(self._pending)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if self.trusted is not None and message.user_id not in self.trusted:
+            # Not from a stage (the broker already refuses clients this queue; a second lock).
+            self.refused_replies += 1
+            log.warning("reply from %r refused: replies are accepted from stage accounts only", message.user_id)
+            return
         future = self._pending.pop(message.correlation_id or "", None)
         if future is None or future.done():
             # The caller's deadline passed (it got a 504) or it left: drop the late reply.

@@ -3,6 +3,18 @@
 Imports nothing else of toposerve; every other package builds on what it lists here.
 """
 
+from toposerve.brokers.accounts import (
+    CLIENT_ROLES,
+    SINGLE_PROCESS,
+    STAGE_KINDS,
+    Account,
+    client_account,
+    ingress_account,
+    single_process_account,
+    stage_account,
+    trusted_producers,
+    url_user,
+)
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.batches import (
     BatchManifest,
@@ -72,6 +84,16 @@ from toposerve.brokers.topology import (
 from toposerve.brokers.tracing import TRACEPARENT, continue_trace, current_span, trace_headers
 
 __all__ = [
+    "CLIENT_ROLES",
+    "SINGLE_PROCESS",
+    "STAGE_KINDS",
+    "Account",
+    "client_account",
+    "ingress_account",
+    "single_process_account",
+    "stage_account",
+    "trusted_producers",
+    "url_user",
     "BatchManifest",
     "BatchStore",
     "CLIENT_ID_PATTERN",

@@ -62,6 +62,7 @@ def amqp_message(
     body: Envelope,
     *,
     app_id: str | None = None,
+    user_id: str | None = None,
     reply_to: str | None = None,
     correlation_id: str | None = None,
     headers: dict[str, object] | None = None,
@@ -81,16 +82,24 @@ def amqp_message(
         correlation_id=correlation_id,
         headers=headers or {},
         app_id=app_id,
+        # The publishing account; RabbitMQ refuses a user_id that is not the connection's
+        # own, so consumers can trust it (brokers/accounts.py: results only stages write).
+        user_id=user_id,
     )
 
 
 class Publisher:
-    """Publishes envelopes to the inference exchange and waits for the broker's confirm."""
+    """Publishes envelopes to the inference exchange and waits for the broker's confirm.
 
-    def __init__(self, exchange: AbstractExchange, timeout_s: float = 10.0, app_id: str | None = None) -> None:
+    ``user_id``: the connection's user, set on every message it publishes (None: not set).
+    """
+
+    def __init__(self, exchange: AbstractExchange, timeout_s: float = 10.0, app_id: str | None = None,
+                 user_id: str | None = None) -> None:
         self.exchange = exchange
         self.timeout_s = timeout_s
         self.app_id = app_id
+        self.user_id = user_id
 
     async def publish(
         self,
@@ -104,8 +113,9 @@ class Publisher:
         expiration_s: float | None = None,
         mandatory: bool = True,
     ) -> None:
-        message = amqp_message(body, app_id=self.app_id, reply_to=reply_to, correlation_id=correlation_id,
-                               headers=headers, persistent=persistent, expiration_s=expiration_s)
+        message = amqp_message(body, app_id=self.app_id, user_id=self.user_id, reply_to=reply_to,
+                               correlation_id=correlation_id, headers=headers, persistent=persistent,
+                               expiration_s=expiration_s)
         await self.publish_raw(message, routing_key, mandatory=mandatory)
 
     async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     namespace: str = Field(default="toposerve", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     models_dir: str | None = None  # None: the models shipped in deploy/models
+    # A file of per-role logins (written by `toposerve up`, 0600): each process then logs
+    # in as its role (deploy/accounts.py); None: every process uses the two URLs above.
+    accounts_file: str | None = None
 
     # Request limits, checked at the ingress (HTTP) and again in the stages (AMQP),
     # because anyone can publish straight to the exchange.

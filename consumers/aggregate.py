@@ -96,6 +96,7 @@ class AggregateStage(Stage):
     kind: ClassVar[str] = "aggregate"
     input_type: ClassVar[type[Envelope]] = Prediction
     honours_deadline: ClassVar[bool] = False  # a join must end even when its caller has gone
+    outcomes_from_stages_only: ClassVar[bool] = True
 
     def __init__(self, name: str, group: str, members: list[str], species: list[str], joins: JoinStore,
                  extra_queues: list[QueueSpec], partial_answers: bool = False) -> None:

@@ -37,6 +37,7 @@ class BatchStoreStage(Stage):
     kind: ClassVar[str] = "batch_store"
     input_type: ClassVar[type[Envelope]] = Prediction
     honours_deadline: ClassVar[bool] = False
+    outcomes_from_stages_only: ClassVar[bool] = True
 
     def __init__(self, name: str, batches: BatchStore, results: ResultStore) -> None:
         super().__init__(name)

@@ -20,7 +20,7 @@ from toposerve.consumers.liveness import LoopHeartbeat
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-OUTCOMES = ("handled", "failed", "retried", "dead_lettered")
+OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "untrusted")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class StageMetrics:
     failed: Counter
     retried: Counter
     dead_lettered: Counter
+    untrusted: Counter  # outcomes refused: not published by a stage account
     processing_seconds: Histogram
     queue_seconds: Histogram
     batch_size: Histogram
@@ -43,7 +44,8 @@ class StageMetricSet:
         self.messages = Counter(
             "toposerve_stage_messages", "Messages a stage settled, by outcome "
             "(handled: acked after its outputs were confirmed; failed: a Failure was published; "
-            "retried: republished for another attempt; dead_lettered: sent to the dead-letter exchange)",
+            "retried: republished for another attempt; dead_lettered: sent to the dead-letter exchange; "
+            "untrusted: an outcome refused because no stage account published it)",
             ["stage", "outcome"], registry=registry)
         self.processing = Histogram(
             "toposerve_stage_processing_seconds", "Seconds from decoding a message to its outputs being confirmed",

@@ -52,6 +52,8 @@ from toposerve.brokers import (
     is_terminal,
     open_confirm_channel,
     read_identity,
+    trusted_producers,
+    url_user,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
 from toposerve.consumers.liveness import LoopStalls
@@ -109,6 +111,9 @@ class Stage(ABC):
     # Stages that compute drop work whose deadline passed; stages that record
     # outcomes (store) must not, or a late failure would never be recorded.
     honours_deadline: ClassVar[bool] = True
+    # Stages that record or join outcomes accept them only from stage accounts (the AMQP
+    # user_id RabbitMQ vouches for): a client must not be able to write another's result.
+    outcomes_from_stages_only: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -177,6 +182,10 @@ class StageRunner:
         self.settings = settings
         self.queue_spec = queue
         self.dead_letters = dead_letters or DeadLetterSpec()
+        # The account this process publishes as, and the accounts whose outcomes it accepts:
+        # the stage accounts of the namespace, and its own (every role on one account then).
+        self.user = url_user(settings.amqp_url)
+        self.trusted = trusted_producers(settings.namespace) | ({self.user} if self.user else set())
         self.prefetch = prefetch
         self.connection_name = connection_name or f"toposerve-{stage.name}"
         self.stats = StageStats()
@@ -197,9 +206,9 @@ class StageRunner:
         await declare_dead_letters(self.connection, self.settings.namespace, self.dead_letters)
         channel = await open_confirm_channel(self.connection, prefetch=self.prefetch)
         topology = await declare_topology(channel, self.settings.namespace, [self.queue_spec, *self.stage.extra_queues])
-        self._publisher = Publisher(topology.exchange)
-        self._dead = Publisher(topology.dead_exchange)
-        self._retry = Publisher(channel.default_exchange)
+        self._publisher = Publisher(topology.exchange, user_id=self.user)
+        self._dead = Publisher(topology.dead_exchange, user_id=self.user)
+        self._retry = Publisher(channel.default_exchange, user_id=self.user)
         self._queue = topology.queues[self.queue_spec.name]
         self.stalls.start()
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -287,6 +296,9 @@ class StageRunner:
         # This hop's span (same trace id, new span id): on its outputs and its log lines.
         headers = delivery.headers
         current_span.set(continue_trace(headers.get(TRACEPARENT) if headers else None))
+        if self.stage.outcomes_from_stages_only and delivery.user_id not in self.trusted:
+            await self._reject_untrusted(delivery)
+            return
         size = len(delivery.body)
         if size > self.settings.max_message_bytes:
             await self._reject_oversized(delivery, size)
@@ -357,6 +369,16 @@ class StageRunner:
         async with self._heavy:
             await asyncio.sleep(0)
             return self.stage.decode(body)
+
+    async def _reject_untrusted(self, delivery: AbstractIncomingMessage) -> None:
+        """An outcome not published by a stage account: forged, or from the wrong door. Its job is
+        not touched (that is what a forger would want); the message is dead-lettered with the reason."""
+        who = f"account {delivery.user_id!r}" if delivery.user_id else "a publisher that did not say who it is"
+        reason = (f"outcomes are accepted only from stage accounts; this message came from {who} "
+                  f"(AMQP user_id), so stage {self.stage.name!r} refused it")
+        log.warning("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
+        self.metrics.untrusted.inc()
+        await self._end_and_dead_letter(delivery, None, reason)
 
     async def _reject_oversized(self, delivery: AbstractIncomingMessage, size: int) -> None:
         """Too large to parse: fail its job (when its id is in the first bytes) and dead-letter its head."""
@@ -497,9 +519,9 @@ class StageRunner:
         self.stats.dead_lettered += 1
         self.metrics.dead_lettered.inc()
 
-    @staticmethod
-    def _copy(delivery: AbstractIncomingMessage, extra_headers: dict[str, object],
+    def _copy(self, delivery: AbstractIncomingMessage, extra_headers: dict[str, object],
               body: bytes | None = None) -> aio_pika.Message:
+        """The message again (a retry, a dead letter), published by this stage's account."""
         return aio_pika.Message(
             body=delivery.body if body is None else body,
             headers={**(delivery.headers or {}), **extra_headers},
@@ -509,6 +531,7 @@ class StageRunner:
             message_id=delivery.message_id,
             type=delivery.type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user,
         )
 
     @staticmethod

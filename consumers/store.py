@@ -36,6 +36,7 @@ class StoreStage(Stage):
     kind: ClassVar[str] = "store"
     input_type: ClassVar[type[Envelope]] = Prediction
     honours_deadline: ClassVar[bool] = False
+    outcomes_from_stages_only: ClassVar[bool] = True
 
     def __init__(self, name: str, results: ResultStore, prediction_cache: PredictionCache | None = None) -> None:
         super().__init__(name)

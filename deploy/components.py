@@ -21,6 +21,7 @@ from toposerve.consumers import (
     StageMetricSet,
     StageRunner,
 )
+from toposerve.deploy.accounts import ingress_role, settings_for_role, stage_role
 from toposerve.deploy.asyncapi import asyncapi_document
 from toposerve.deploy.profile import (
     MODELS_DIR,
@@ -49,6 +50,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
                        metrics: StageMetrics | None = None) -> StageRunner:
     if stage_name not in profile.stages:
         raise KeyError(f"profile {profile.name!r} has no stage {stage_name!r}; stages: {', '.join(profile.stages)}")
+    settings = settings_for_role(settings, stage_role(profile, stage_name))
     spec = profile.stages[stage_name]
     queue = profile.queue_spec(settings.namespace, stage_name)
     guard = None
@@ -119,6 +121,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
 
 def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -> FastAPI:
     """The ingress app; ``with_stages`` runs every stage replica inside it (web_single)."""
+    settings = settings_for_role(settings, ingress_role(profile))
     companions = []
     registry = CollectorRegistry()  # this process's metrics: the ingress's, and its stages' (web_single)
     if with_stages:

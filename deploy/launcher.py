@@ -1,9 +1,10 @@
 """``toposerve up``: run a whole profile on this machine, one supervised process per part.
 
-Finds RabbitMQ and Redis (or starts throwaway local ones when nothing answers at
-the default URLs), starts the ingress and every stage replica as child processes,
-restarts a child that dies, and on Ctrl-C / SIGTERM stops the ingress first, then
-lets every stage drain, then stops what it started.
+Uses the RabbitMQ and Redis its URLs name, or, where a URL is not set, starts a
+throwaway local one with an account per role (brokers/accounts.py) and no guest or
+default user; starts the ingress and every stage replica as child processes, each
+logged in as its own role, restarts a child that dies, and on Ctrl-C / SIGTERM stops
+the ingress first, then lets every stage drain, then stops what it started.
 """
 
 from __future__ import annotations
@@ -16,11 +17,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
-from toposerve.brokers import Settings
+from toposerve.brokers import Account, Settings
+from toposerve.deploy.accounts import (
+    AccountsFile,
+    ingress_role,
+    logins,
+    new_passwords,
+    profile_accounts,
+    rabbitmq_definitions,
+    redis_acl,
+    stage_role,
+)
 from toposerve.deploy.local_services import (
     LocalService,
     ServiceUnavailable,
@@ -49,27 +61,33 @@ def _answers(url: str) -> bool:
     return port_answers(parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS.get(parsed.scheme, 5672))
 
 
-def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalService]]:
-    """The settings to run with, and the throwaway servers started for them (to stop later)."""
+def ensure_services(settings: Settings, say: Say, definitions: dict | None = None,
+                    acl: list[str] | None = None) -> tuple[Settings, list[LocalService]]:
+    """The settings to run with, and the throwaway servers started for them (to stop later).
+
+    A server whose URL is not set (``TOPOSERVE_AMQP_URL``, ``TOPOSERVE_REDIS_URL``) is a
+    throwaway one started here, with the accounts in ``definitions`` / ``acl`` and no guest
+    or default user; a URL that is set must answer, and is used as it is.
+    """
     started: list[LocalService] = []
     urls: dict[str, str] = {}
     # The Redis it starts keeps an append-only file (fsync every second), so a restart of
     # it loses at most a second of results instead of every one (README, "Configuration").
-    wanted = (("amqp_url", "RabbitMQ", "rabbitmq-server", DEFAULT_AMQP_URL, start_rabbitmq),
-              ("redis_url", "Redis", "redis-server", DEFAULT_REDIS_URL, persistent_redis))
+    wanted = (("amqp_url", "RabbitMQ", "rabbitmq-server", lambda: start_rabbitmq(definitions=definitions)),
+              ("redis_url", "Redis", "redis-server", lambda: persistent_redis(acl)))
     try:
-        for field, what, binary, default, start in wanted:
+        for field, what, binary, start in wanted:
             url = getattr(settings, field)
-            if _answers(url):
+            if field in settings.model_fields_set:
+                if not _answers(url):
+                    raise LaunchError(f"nothing answers at TOPOSERVE_{field.upper()}={_redact(url)}; start {what} "
+                                      "there, or unset the variable to let toposerve start a throwaway one")
                 continue
-            if url != default:
-                raise LaunchError(f"nothing answers at TOPOSERVE_{field.upper()}={_redact(url)}; start {what} there "
-                                  "or unset the variable to let toposerve start a local one")
-            say(f"no {what} answers at the default URL: starting a throwaway local {binary} ...")
+            say(f"TOPOSERVE_{field.upper()} is not set: starting a throwaway local {binary} ...")
             service = start()
             started.append(service)
             urls[field] = service.url
-            say(f"  {what} is up at {service.url} (data in {service.workdir}, removed on exit)")
+            say(f"  {what} is up at {_redact(service.url)} (data in {service.workdir}, removed on exit)")
     except (ServiceUnavailable, LaunchError):
         for service in reversed(started):
             service.stop()
@@ -77,8 +95,8 @@ def ensure_services(settings: Settings, say: Say) -> tuple[Settings, list[LocalS
     return settings.model_copy(update=urls), started
 
 
-def persistent_redis() -> LocalService:
-    return start_redis(appendonly=True, appendfsync="everysec")
+def persistent_redis(acl: list[str] | None = None) -> LocalService:
+    return start_redis(appendonly=True, appendfsync="everysec", acl=acl)
 
 
 def _redact(url: str) -> str:
@@ -92,6 +110,7 @@ def _redact(url: str) -> str:
 class Child:
     name: str
     argv: list[str]
+    role: str = "ingress"  # the account it logs in as (brokers/accounts.py)
     metrics_url: str | None = None  # where its Prometheus metrics are served
     process: subprocess.Popen | None = None
     restarts: int = 0
@@ -102,9 +121,11 @@ class Child:
 class Supervisor:
     """Keeps a set of child processes running until told to stop."""
 
-    def __init__(self, children: list[Child], env: dict[str, str], say: Say) -> None:
+    def __init__(self, children: list[Child], env: dict[str, str], say: Say,
+                 role_env: Callable[[str], dict[str, str]] = lambda role: {}) -> None:
         self.children = children
         self.env = env
+        self.role_env = role_env  # a child's own login (its role's URLs), on top of ``env``
         self.say = say
         self.stopping = False
 
@@ -115,7 +136,8 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         # A session of its own: Ctrl-C reaches only the launcher, which then stops
         # children in order instead of all of them at once.
-        child.process = subprocess.Popen(child.argv, env=self.env, start_new_session=True)
+        child.process = subprocess.Popen(child.argv, env={**self.env, **self.role_env(child.role)},
+                                         start_new_session=True)
         self.say(f"{child.name} started (pid {child.process.pid})")
 
     def poll(self) -> None:
@@ -159,7 +181,7 @@ def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
     its own from ``metrics_port()`` (loopback), the ingress at its ``/metrics``."""
     base = [sys.executable, "-m", "toposerve"]
     children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)],
-                      metrics_url=f"http://{host}:{port}/metrics")]
+                      role=ingress_role(profile), metrics_url=f"http://{host}:{port}/metrics")]
     if profile.ingress.single_process:
         return children  # the ingress runs every stage itself (and serves their metrics)
     for stage, spec in profile.stages.items():
@@ -167,7 +189,7 @@ def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
             mport = metrics_port()
             children.append(Child(f"{stage}[{replica}]", [*base, "worker", "--profile", profile_arg, "--stage", stage,
                                                           "--replica", str(replica), "--metrics-port", str(mport)],
-                                  metrics_url=f"http://127.0.0.1:{mport}/metrics"))
+                                  role=stage_role(profile, stage), metrics_url=f"http://127.0.0.1:{mport}/metrics"))
     return children
 
 
@@ -189,16 +211,28 @@ def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
 
 @contextmanager
 def running_profile(
-    profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say
+    profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
+    accounts_file: Path | None = None,
 ) -> Iterator[tuple[str, Supervisor]]:
     """Start services (if needed) and every process of the profile; stop them all on exit."""
     if port_answers(host, port):
         raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
-    settings, started = ensure_services(settings, say)
+    accounts = profile_accounts(settings.namespace, profile)
+    passwords = new_passwords(accounts)
+    settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
+                                        acl=redis_acl(accounts, passwords))
+    logins = role_logins(settings, started, accounts, passwords)
+    if logins is not None:
+        path = logins.save(accounts_file or AccountsFile.path_for(settings.namespace))
+        say(f"  an account per role; their URLs are in {path} (readable by you only). Direct publishers: "
+            f"`toposerve accounts url client --namespace {settings.namespace}`")
+    else:
+        say("  every role uses the account of TOPOSERVE_AMQP_URL: anyone with it can publish results. "
+            "Unset the URLs to let toposerve start servers with an account per role")
     env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
            "TOPOSERVE_NAMESPACE": settings.namespace}
     children = child_processes(profile, profile_arg, host, port)
-    supervisor = Supervisor(children, env, say)
+    supervisor = Supervisor(children, env, say, role_env=lambda role: logins.env(role) if logins else {})
     base_url = f"http://{host}:{port}"
     try:
         say(f"starting profile {profile.name!r}: {', '.join(c.name for c in children)}")
@@ -220,6 +254,22 @@ def running_profile(
         for service in reversed(started):
             say(f"stopping the throwaway {service.name} ...")
             service.stop()
+
+
+def role_logins(settings: Settings, started: list[LocalService], accounts: list[Account],
+                passwords: dict[str, str]) -> AccountsFile | None:
+    """Each role's URLs on the servers started here (with their accounts); a server whose URL
+    was given is used as given by every role. None when neither was started here."""
+    ours = {service.name for service in started}
+    if not ours:
+        return None
+    made = logins(accounts, passwords, settings.amqp_url, settings.redis_url, settings.namespace)
+    for login in made.roles.values():
+        if "rabbitmq" not in ours:
+            login.amqp_url = settings.amqp_url
+        if "redis" not in ours:
+            login.redis_url = settings.redis_url
+    return made
 
 
 def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say) -> int:

@@ -114,6 +114,15 @@ def _aggregate(ctx: StageContext, spec: AggregateSpec) -> Stage:
                           partial_answers=group.partial_answers)
 
 
+def extra_queue_names(profile: Profile, namespace: str, stage_name: str) -> list[str]:
+    """The queues a stage declares besides its own (an aggregate's delay queue)."""
+    spec = profile.stages[stage_name]
+    if not isinstance(spec, AggregateSpec):
+        return []
+    queue = profile.queue_spec(namespace, stage_name)
+    return [delay_queue(namespace, queue.name, spec.group, profile.groups[spec.group].join_timeout_s).name]
+
+
 def _batch_store(ctx: StageContext, spec: BatchStoreSpec) -> Stage:
     client = connect_redis(ctx.settings.redis_url)
     batches = BatchStore(client, ctx.settings.namespace, ctx.profile.ingress.result_ttl_s)

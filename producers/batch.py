@@ -40,6 +40,7 @@ from toposerve.brokers import (
     new_batch_id,
     open_confirm_channel,
     routing_key,
+    url_user,
 )
 from toposerve.models import InputLimits, ModelManifest, encode_tensor
 from toposerve.producers.batch_sources import BatchInputError, BatchSource, ParsedChunk, open_source
@@ -92,7 +93,7 @@ class BatchSubmitter:
             channel = await open_confirm_channel(self.connection)
             # Declared here too, so chunks are queued even before the stages start.
             topology = await declare_topology(channel, self.settings.namespace, self.queues)
-            self.publisher = Publisher(topology.exchange, timeout_s=60.0)
+            self.publisher = Publisher(topology.exchange, timeout_s=60.0, user_id=url_user(self.settings.amqp_url))
         return self.publisher
 
     async def close(self) -> None:

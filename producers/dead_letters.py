@@ -29,6 +29,7 @@ from toposerve.brokers import (
     declare_topology,
     open_confirm_channel,
     read_identity,
+    url_user,
 )
 
 ATTEMPTS_HEADER = "x-toposerve-attempts"
@@ -169,7 +170,7 @@ class DeadLetters:
         """Re-publish the dead letters with these job ids or message ids (``None``: all of them)."""
         wanted = None if ids is None else set(ids)
         channel, topology, queue = await self._channel()
-        publisher = Publisher(topology.exchange)
+        publisher = Publisher(topology.exchange, user_id=url_user(self.settings.amqp_url))
         report = ReplayReport(replayed=[], refused=[], not_found=[])
         seen: set[str] = set()
         try:

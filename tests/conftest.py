@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -279,10 +280,17 @@ def namespace() -> str:
 
 @dataclass(frozen=True)
 class FreshServices:
-    """A RabbitMQ and a Redis (append-only) that belong to one test, to kill and restart."""
+    """A RabbitMQ and a Redis (append-only) that belong to one test, to kill and restart.
+
+    They run as ``toposerve up`` runs them: an account per role for the test's namespace
+    (every shipped profile's stages), no guest and no default Redis user. ``amqp_url`` and
+    ``redis_url`` are the admin's (for the test itself); ``accounts_file`` holds each role's
+    login, which stages and ingresses built with it use (``Settings.accounts_file``).
+    """
 
     rabbitmq: LocalService
     redis: LocalService
+    accounts_file: Path
 
     @property
     def amqp_url(self) -> str:
@@ -294,13 +302,18 @@ class FreshServices:
 
 
 @pytest.fixture
-def fresh_services() -> Iterator[FreshServices]:
+def fresh_services(namespace: str, tmp_path: Path) -> Iterator[FreshServices]:
     """Private throwaway servers for fault-injection tests (about 5 s to start)."""
+    from toposerve.deploy.accounts import logins, new_passwords, profile_accounts, rabbitmq_definitions, redis_acl
+    from toposerve.deploy.profile import available_profiles, load_profile
+
+    accounts = profile_accounts(namespace, *(load_profile(name) for name in available_profiles()))
+    passwords = new_passwords(accounts)
     with ExitStack() as stack:
         error: ServiceUnavailable | None = None
         try:
-            rabbitmq = stack.enter_context(start_rabbitmq())
-            redis = stack.enter_context(start_redis(appendonly=True))
+            rabbitmq = stack.enter_context(start_rabbitmq(definitions=rabbitmq_definitions(accounts, passwords)))
+            redis = stack.enter_context(start_redis(appendonly=True, acl=redis_acl(accounts, passwords)))
         except ServiceUnavailable as exc:
             error = exc
         if error is not None:
@@ -308,4 +321,5 @@ def fresh_services() -> Iterator[FreshServices]:
                 "fresh_services needs local rabbitmq-server and redis-server processes, which it "
                 f"kills and restarts on the same ports:\n{error}"
             )
-        yield FreshServices(rabbitmq=rabbitmq, redis=redis)
+        accounts_file = logins(accounts, passwords, rabbitmq.url, redis.url, namespace).save(tmp_path / "accounts.json")
+        yield FreshServices(rabbitmq=rabbitmq, redis=redis, accounts_file=accounts_file)

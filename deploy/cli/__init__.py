@@ -1,13 +1,14 @@
 """The ``toposerve`` command line: one module per command group, gathered here.
 
 serve (up, worker, ingress), describe (topology, asyncapi, profiles), bench, batch,
-dead, cache (cache, items), edge, keys, render; common holds what they share.
+dead, cache (cache, items), accounts, edge, keys, render; common holds what they share.
 """
 
 from __future__ import annotations
 
 import click
 
+from toposerve.deploy.cli.accounts import accounts
 from toposerve.deploy.cli.batch import batch
 from toposerve.deploy.cli.bench import bench
 from toposerve.deploy.cli.cache import cache, items
@@ -24,8 +25,8 @@ def main() -> None:
     """Serve ONNX models through RabbitMQ topologies (one deploy profile per serving pattern)."""
 
 
-for command in (up, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items, edge, keys,
-                render):
+for command in (up, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items, accounts,
+                edge, keys, render):
     main.add_command(command)
 
 

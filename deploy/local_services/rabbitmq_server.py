@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import pwd
 import secrets
@@ -68,6 +71,10 @@ class RabbitMQService(LocalService):
     ctl_bin: Path = Path("rabbitmqctl")
     run_as: RunAs = field(default_factory=RunAs)
     tls: TlsFiles | None = None  # set: the AMQP port speaks TLS only (amqps://)
+    # Set: the node boots with this admin instead of guest, and imports these definitions
+    # (users, permissions, topic permissions) at boot: accounts without a rabbitmqctl call each.
+    admin: tuple[str, str] | None = None
+    definitions: dict | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -142,11 +149,37 @@ class RabbitMQService(LocalService):
             "# refuse absurd bodies at the door (the stages refuse past TOPOSERVE_MAX_MESSAGE_BYTES)\n"
             f"max_message_size = {MAX_MESSAGE_SIZE}\n"
             "log.console = false\n"
-            "log.file.level = info\n" + self._tls_config()
+            "log.file.level = info\n" + self._tls_config() + self._accounts_config()
         )
         (d / "rabbitmq-env.conf").write_text("# intentionally empty: ignore /etc/rabbitmq/rabbitmq-env.conf\n")
         (d / "enabled_plugins").write_text("[].\n")
         self.run_as.chown_tree(d)
+
+    def _accounts_config(self) -> str:
+        if self.admin is None:
+            return ""
+        user, password = self.admin
+        lines = [f"default_user = {user}", f"default_pass = {password}", "default_user_tags.administrator = true",
+                 "default_permissions.configure = .*", "default_permissions.read = .*",
+                 "default_permissions.write = .*"]
+        if self.definitions is not None:
+            # Definitions imported at boot replace the node's own first-boot setup (the default
+            # user and vhost are not made then): they carry the vhost and the admin too.
+            salt = os.urandom(4)
+            admin_hash = base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+            definitions = {
+                **self.definitions,
+                "vhosts": [{"name": "/"}, *self.definitions.get("vhosts", [])],
+                "users": [{"name": user, "password_hash": admin_hash, "tags": ["administrator"],
+                           "hashing_algorithm": "rabbit_password_hashing_sha256"}, *self.definitions.get("users", [])],
+                "permissions": [{"user": user, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
+                                *self.definitions.get("permissions", [])],
+            }
+            path = self.workdir / "definitions.json"
+            path.write_text(json.dumps(definitions))
+            path.chmod(0o600)
+            lines.append(f"load_definitions = {path}")
+        return "\n".join(lines) + "\n"
 
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run ``rabbitmqctl -n NODE ARGS`` against this node (as the right user)."""
@@ -231,8 +264,13 @@ def start_rabbitmq(
     dist_port: int | None = None,
     timeout: float = 90.0,
     tls: TlsFiles | None = None,
+    definitions: dict | None = None,
 ) -> LocalService:
     """Start a throwaway RabbitMQ node on loopback; returns once AMQP answers.
+
+    ``definitions`` (RabbitMQ's definitions format: users, permissions, topic permissions):
+    imported at boot, and the node has no guest account: an admin with a random password
+    instead, whom ``url`` names.
 
     ``url`` is ``amqp://guest:guest@127.0.0.1:PORT/``. Without ``workdir`` a temp dir
     is created and removed by ``stop()``; a given ``workdir`` is kept. With ``tls`` the
@@ -257,9 +295,11 @@ def start_rabbitmq(
     dport = dist_port if dist_port is not None else free_port()
     while dport == amqp_port:
         dport = free_port()
-    url = f"amqp://guest:guest@{LOOPBACK}:{amqp_port}/"
+    admin = ("toposerve-admin", secrets.token_urlsafe(18)) if definitions is not None else None
+    login = f"{admin[0]}:{admin[1]}" if admin else "guest:guest"
+    url = f"amqp://{login}@{LOOPBACK}:{amqp_port}/"
     if tls is not None:
-        url = f"amqps://guest:guest@{LOOPBACK}:{amqp_port}/?" + urlencode({"cafile": str(tls.ca)}, safe="/")
+        url = f"amqps://{login}@{LOOPBACK}:{amqp_port}/?" + urlencode({"cafile": str(tls.ca)}, safe="/")
     service = RabbitMQService(
         name="rabbitmq",
         url=url,
@@ -274,6 +314,8 @@ def start_rabbitmq(
         ctl_bin=_unwrap_rabbitmq_script(ctl),
         run_as=run_as,
         tls=tls,
+        admin=admin,
+        definitions=definitions,
     )
     return start_or_cleanup(service)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -41,10 +43,26 @@ class RedisService(LocalService):
     appendonly: bool = False
     appendfsync: Literal["always", "everysec", "no"] = "always"
     tls: TlsFiles | None = None  # set: the port speaks TLS only (rediss://)
+    # Set: ACL users (``user ...`` lines of an ACL file) and the admin the probe and ``url``
+    # use; the default user is switched off, so every connection must log in.
+    acl: list[str] | None = None
+    admin: tuple[str, str] | None = None
 
     @property
     def _pidfile(self) -> Path:
         return self.workdir / "redis.pid"
+
+    def _acl_args(self) -> list[str]:
+        if self.acl is None:
+            return []
+        assert self.admin is not None
+        user, password = self.admin
+        lines = [f"user {user} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all",
+                 *self.acl, "user default off"]
+        path = self.workdir / "users.acl"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+        return ["--aclfile", str(path)]
 
     def _listen_args(self) -> list[str]:
         if self.tls is None:
@@ -70,6 +88,7 @@ class RedisService(LocalService):
         args = [
             str(self.server_bin),
             *self._listen_args(),
+            *self._acl_args(),
             "--bind", self.host,
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -101,6 +120,11 @@ class RedisService(LocalService):
     def _ping(self) -> bytes:
         try:
             with self._connect() as sock:
+                if self.admin is not None:
+                    user, password = self.admin
+                    sock.sendall(f"AUTH {user} {password}\r\n".encode())
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return b""
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64)
         except OSError:  # ssl.SSLError included
@@ -139,8 +163,12 @@ def start_redis(
     appendfsync: Literal["always", "everysec", "no"] = "always",
     timeout: float = 30.0,
     tls: TlsFiles | None = None,
+    acl: list[str] | None = None,
 ) -> LocalService:
     """Start a throwaway redis-server on loopback; returns once PING answers.
+
+    ``acl``: ACL users (lines ``user NAME on #SHA256 ~keys ...``); then the default user is
+    off, an admin with a random password is made, and ``url`` logs in as that admin.
 
     ``url`` is ``redis://127.0.0.1:PORT/0``. ``appendonly=True`` keeps data across
     ``kill()`` + ``restart()`` (fsync on every write by default, so a SIGKILL
@@ -155,10 +183,12 @@ def start_redis(
         )
     path, owned = prepare_workdir(workdir, "toposerve-redis-")
     redis_port = port if port is not None else free_port()
-    url = f"redis://{LOOPBACK}:{redis_port}/0"
+    admin = ("toposerve-admin", secrets.token_urlsafe(18)) if acl is not None else None
+    login = f"{admin[0]}:{admin[1]}@" if admin else ""
+    url = f"redis://{login}{LOOPBACK}:{redis_port}/0"
     if tls is not None:
         query = urlencode({"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required"}, safe="/")
-        url = f"rediss://{LOOPBACK}:{redis_port}/0?{query}"
+        url = f"rediss://{login}{LOOPBACK}:{redis_port}/0?{query}"
     service = RedisService(
         name="redis",
         url=url,
@@ -171,6 +201,8 @@ def start_redis(
         appendonly=appendonly,
         appendfsync=appendfsync,
         tls=tls,
+        acl=acl,
+        admin=admin,
     )
     return start_or_cleanup(service)
 

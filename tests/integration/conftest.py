@@ -40,9 +40,11 @@ def settings(amqp_url: str, redis_url: str, namespace: str) -> Settings:
 
 @pytest.fixture
 def fault_settings(fresh_services: FreshServices, namespace: str) -> Settings:
-    """Settings for a test's own RabbitMQ and Redis, which it may kill."""
+    """Settings for a test's own RabbitMQ and Redis, which it may kill; its stages and ingress
+    log in with their roles' accounts (the URLs here are the admin's, for the test itself)."""
     return Settings(amqp_url=fresh_services.amqp_url, redis_url=fresh_services.redis_url, namespace=namespace,
-                    max_rows=100, max_body_bytes=256 * 1024, max_image_pixels=1_000_000, drain_timeout_s=5)
+                    max_rows=100, max_body_bytes=256 * 1024, max_image_pixels=1_000_000, drain_timeout_s=5,
+                    accounts_file=str(fresh_services.accounts_file))
 
 
 async def start_stack(

@@ -25,11 +25,12 @@ async def publish(stack: Stack, routing_key: str, body: bytes) -> None:
         await exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key)
 
 
-async def job_when_done(stack: Stack, job_id: uuid.UUID | str, timeout: float = 10) -> dict:
+async def job_when_done(stack: Stack, job_id: uuid.UUID | str, timeout: float = 10,
+                        headers: dict[str, str] | None = None) -> dict:
     """Poll until the job exists and is terminal (direct publishes have no pending record)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        response = await stack.client.get(f"/v1/jobs/{job_id}")
+        response = await stack.client.get(f"/v1/jobs/{job_id}", headers=headers)
         if response.status_code == 200:
             return response.json()
         await asyncio.sleep(0.05)

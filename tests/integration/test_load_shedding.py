@@ -141,14 +141,11 @@ async def test_every_transport_passes_the_one_admission_gate(settings: Settings,
         await asyncio.sleep(0.3)
         name = (await model_input(stack, "iris"))["name"]
         infer = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": ROW["instances"][0]}]}
-        attempts = {
-            "/v1": lambda: stack.client.post("/v1/models/iris/predict", json=ROW),
-            "/v2 infer": lambda: stack.client.post("/v2/models/iris/infer", json=infer),
-            "GET /predict/test": lambda: stack.client.get("/predict/test"),
-            "POST /predict/label": lambda: stack.client.post("/predict/label", json={"data": ROW["instances"]}),
-        }
-        for transport, attempt in attempts.items():
-            responses = await asyncio.gather(*(attempt() for _ in range(30)))
+        attempts = [("POST", "/v1/models/iris/predict", ROW), ("POST", "/v2/models/iris/infer", infer),
+                    ("GET", "/predict/test", None), ("POST", "/predict/label", {"data": ROW["instances"]})]
+        for method, path, body in attempts:
+            transport = f"{method} {path}"
+            responses = await asyncio.gather(*(stack.client.request(method, path, json=body) for _ in range(30)))
             assert [r.status_code for r in responses] == [503] * 30, transport
             assert all(r.headers["retry-after"] == "1" for r in responses), transport
         gate.open()

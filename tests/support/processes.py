@@ -33,7 +33,8 @@ class WorkerProcess:
         return {**os.environ, "TOPOSERVE_AMQP_URL": self.settings.amqp_url,
                 "TOPOSERVE_REDIS_URL": self.settings.redis_url, "TOPOSERVE_NAMESPACE": self.settings.namespace,
                 "TOPOSERVE_DRAIN_TIMEOUT_S": str(self.settings.drain_timeout_s),
-                "TOPOSERVE_MAX_CRASH_REDELIVERIES": str(self.settings.max_crash_redeliveries)}
+                "TOPOSERVE_MAX_CRASH_REDELIVERIES": str(self.settings.max_crash_redeliveries),
+                **({"TOPOSERVE_ACCOUNTS_FILE": self.settings.accounts_file} if self.settings.accounts_file else {})}
 
     def start(self) -> WorkerProcess:
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
