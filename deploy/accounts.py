@@ -15,7 +15,7 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import quote, urlparse, urlunparse
+from urllib.parse import quote, unquote, urlparse, urlunparse
 
 import platformdirs
 from pydantic import BaseModel, Field
@@ -148,8 +148,11 @@ class AccountsFile(BaseModel):
         return cls.model_validate_json(path.read_text())
 
 
-def new_passwords(accounts: list[Account]) -> dict[str, str]:
-    return {account.role: secrets.token_urlsafe(24) for account in accounts}
+def new_passwords(accounts: list[Account], keep: AccountsFile | None = None) -> dict[str, str]:
+    """A password per role: those ``keep`` has (provisioning again changes nothing), new ones else."""
+    kept = {} if keep is None else {role: unquote(urlparse(login.amqp_url).password or "")
+                                    for role, login in keep.roles.items()}
+    return {account.role: kept.get(account.role) or secrets.token_urlsafe(24) for account in accounts}
 
 
 def logins(accounts: list[Account], passwords: dict[str, str], amqp_url: str, redis_url: str,

@@ -212,23 +212,28 @@ def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
 @contextmanager
 def running_profile(
     profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
-    accounts_file: Path | None = None,
+    accounts_file: Path | None = None, provision: bool = False, management_url: str | None = None,
 ) -> Iterator[tuple[str, Supervisor]]:
     """Start services (if needed) and every process of the profile; stop them all on exit."""
     if port_answers(host, port):
         raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
     accounts = profile_accounts(settings.namespace, profile)
-    passwords = new_passwords(accounts)
+    path = accounts_file or AccountsFile.path_for(settings.namespace)
+    passwords = new_passwords(accounts, keep=AccountsFile.load(path) if provision and path.is_file() else None)
     settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
                                         acl=redis_acl(accounts, passwords))
-    logins = role_logins(settings, started, accounts, passwords)
+    provisioned = set()
+    if provision:
+        provisioned = provision_given(settings, started, accounts, passwords, management_url, say)
+    logins = role_logins(settings, {s.name for s in started} | provisioned, accounts, passwords)
     if logins is not None:
-        path = logins.save(accounts_file or AccountsFile.path_for(settings.namespace))
+        path = logins.save(path)
         say(f"  an account per role; their URLs are in {path} (readable by you only). Direct publishers: "
             f"`toposerve accounts url client --namespace {settings.namespace}`")
     else:
         say("  every role uses the account of TOPOSERVE_AMQP_URL: anyone with it can publish results. "
-            "Unset the URLs to let toposerve start servers with an account per role")
+            "Add --provision to make an account per role there, or unset the URLs to let toposerve start "
+            "servers with them")
     env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
            "TOPOSERVE_NAMESPACE": settings.namespace}
     children = child_processes(profile, profile_arg, host, port)
@@ -256,11 +261,34 @@ def running_profile(
             service.stop()
 
 
-def role_logins(settings: Settings, started: list[LocalService], accounts: list[Account],
-                passwords: dict[str, str]) -> AccountsFile | None:
-    """Each role's URLs on the servers started here (with their accounts); a server whose URL
-    was given is used as given by every role. None when neither was started here."""
+def provision_given(settings: Settings, started: list[LocalService], accounts: list[Account],
+                    passwords: dict[str, str], management_url: str | None, say: Say) -> set[str]:
+    """Create the accounts on the servers whose URLs were given (``--provision``); which ones."""
+    import asyncio
+
+    from toposerve.deploy.provision import ProvisionError, management_url_for, provision_rabbitmq, provision_redis
+
     ours = {service.name for service in started}
+    done = set()
+    try:
+        if "rabbitmq" not in ours:
+            api = management_url or management_url_for(settings.amqp_url)
+            asyncio.run(provision_rabbitmq(api, settings.amqp_url, rabbitmq_definitions(accounts, passwords)))
+            say(f"  accounts made on the broker through its management API ({api})")
+            done.add("rabbitmq")
+        if "redis" not in ours:
+            asyncio.run(provision_redis(settings.redis_url, accounts, passwords))
+            say("  Redis ACL users made for every role")
+            done.add("redis")
+    except ProvisionError as exc:
+        raise LaunchError(str(exc)) from exc
+    return done
+
+
+def role_logins(settings: Settings, ours: set[str], accounts: list[Account],
+                passwords: dict[str, str]) -> AccountsFile | None:
+    """Each role's URLs on the servers that have the accounts (``ours``: started here, or
+    provisioned); a server without them is used as given by every role. None: neither has."""
     if not ours:
         return None
     made = logins(accounts, passwords, settings.amqp_url, settings.redis_url, settings.namespace)
@@ -272,7 +300,8 @@ def role_logins(settings: Settings, started: list[LocalService], accounts: list[
     return made
 
 
-def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say) -> int:
+def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
+                provision: bool = False, management_url: str | None = None, accounts_file: Path | None = None) -> int:
     """``toposerve up``: run until Ctrl-C or SIGTERM."""
     stop_requested = False
 
@@ -283,7 +312,8 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with running_profile(profile, profile_arg, settings, host, port, say) as (base_url, supervisor):
+        with running_profile(profile, profile_arg, settings, host, port, say, accounts_file=accounts_file,
+                             provision=provision, management_url=management_url) as (base_url, supervisor):
             say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
             say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))
             say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import click
 
@@ -16,7 +17,15 @@ from toposerve.deploy.profile import available_profiles
 @click.option("--profile", "profile_name", required=True, help=f"Profile name or YAML path ({', '.join(available_profiles())})")
 @click.option("--host", default=None, help="Ingress address (default: the profile's, 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="Ingress port (default: the profile's, 8000)")
-def up(profile_name: str, host: str | None, port: int | None) -> None:
+@click.option("--provision", is_flag=True,
+              help="Make an account per role on the RabbitMQ and Redis of TOPOSERVE_AMQP_URL / TOPOSERVE_REDIS_URL "
+                   "(their users must be administrators); servers toposerve starts always have them")
+@click.option("--management-url", default=None,
+              help="RabbitMQ's management API, for --provision (default: the broker's host, port 15672)")
+@click.option("--accounts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the roles' URLs are kept (0600; default: the user's state directory)")
+def up(profile_name: str, host: str | None, port: int | None, provision: bool, management_url: str | None,
+       accounts_file: Path | None) -> None:
     """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
     from toposerve.deploy.launcher import LaunchError, run_profile
     from toposerve.deploy.local_services import ServiceUnavailable
@@ -27,7 +36,8 @@ def up(profile_name: str, host: str | None, port: int | None) -> None:
     profile = checked_profile(profile_name, settings)
     try:
         code = run_profile(profile, profile_name, settings, host or profile.ingress.host,
-                           port or profile.ingress.port, say)
+                           port or profile.ingress.port, say, provision=provision, management_url=management_url,
+                           accounts_file=accounts_file)
     except (LaunchError, ServiceUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)

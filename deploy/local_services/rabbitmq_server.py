@@ -75,6 +75,8 @@ class RabbitMQService(LocalService):
     # (users, permissions, topic permissions) at boot: accounts without a rabbitmqctl call each.
     admin: tuple[str, str] | None = None
     definitions: dict | None = None
+    # Set: the management plugin (HTTP API and UI) on this loopback port.
+    management_port: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -82,7 +84,7 @@ class RabbitMQService(LocalService):
         return self.workdir / "rabbitmq.pid"
 
     def _ports(self) -> list[int]:
-        return [self.port, self.dist_port]
+        return [self.port, self.dist_port, *([self.management_port] if self.management_port else [])]
 
     def _log_files(self) -> list[Path]:
         return [self.workdir / "startup.log", self.workdir / "log" / "rabbit.log"]
@@ -149,11 +151,20 @@ class RabbitMQService(LocalService):
             "# refuse absurd bodies at the door (the stages refuse past TOPOSERVE_MAX_MESSAGE_BYTES)\n"
             f"max_message_size = {MAX_MESSAGE_SIZE}\n"
             "log.console = false\n"
-            "log.file.level = info\n" + self._tls_config() + self._accounts_config()
+            "log.file.level = info\n" + self._tls_config() + self._accounts_config() + self._management_config()
         )
         (d / "rabbitmq-env.conf").write_text("# intentionally empty: ignore /etc/rabbitmq/rabbitmq-env.conf\n")
-        (d / "enabled_plugins").write_text("[].\n")
+        (d / "enabled_plugins").write_text("[rabbitmq_management].\n" if self.management_port else "[].\n")
         self.run_as.chown_tree(d)
+
+    def _management_config(self) -> str:
+        if self.management_port is None:
+            return ""
+        return f"management.tcp.port = {self.management_port}\nmanagement.tcp.ip = {self.host}\n"
+
+    @property
+    def management_url(self) -> str | None:
+        return None if self.management_port is None else f"http://{self.host}:{self.management_port}"
 
     def _accounts_config(self) -> str:
         if self.admin is None:
@@ -265,6 +276,7 @@ def start_rabbitmq(
     timeout: float = 90.0,
     tls: TlsFiles | None = None,
     definitions: dict | None = None,
+    management: bool = False,
 ) -> LocalService:
     """Start a throwaway RabbitMQ node on loopback; returns once AMQP answers.
 
@@ -316,6 +328,7 @@ def start_rabbitmq(
         tls=tls,
         admin=admin,
         definitions=definitions,
+        management_port=free_port() if management else None,
     )
     return start_or_cleanup(service)
 

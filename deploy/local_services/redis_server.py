@@ -44,7 +44,7 @@ class RedisService(LocalService):
     appendfsync: Literal["always", "everysec", "no"] = "always"
     tls: TlsFiles | None = None  # set: the port speaks TLS only (rediss://)
     # Set: ACL users (``user ...`` lines of an ACL file) and the admin the probe and ``url``
-    # use; the default user is switched off, so every connection must log in.
+    # use; the default user gets a password nobody knows, so every connection must log in.
     acl: list[str] | None = None
     admin: tuple[str, str] | None = None
 
@@ -57,8 +57,13 @@ class RedisService(LocalService):
             return []
         assert self.admin is not None
         user, password = self.admin
+        # No default user anyone can use: a random password nobody is given, and no admin rights.
+        # (It cannot be switched off: Redis 7.0 replays the append-only file's MULTI/EXEC blocks as
+        # the default user, and with no rights those writes would be lost at every restart.)
+        unusable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
         lines = [f"user {user} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all",
-                 *self.acl, "user default off"]
+                 *self.acl, f"user default on #{unusable} ~* &* -@all +@read +@write +@keyspace +@transaction "
+                            "+@scripting -@dangerous"]
         path = self.workdir / "users.acl"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
@@ -167,8 +172,8 @@ def start_redis(
 ) -> LocalService:
     """Start a throwaway redis-server on loopback; returns once PING answers.
 
-    ``acl``: ACL users (lines ``user NAME on #SHA256 ~keys ...``); then the default user is
-    off, an admin with a random password is made, and ``url`` logs in as that admin.
+    ``acl``: ACL users (lines ``user NAME on #SHA256 ~keys ...``); then no one can log in as the
+    default user, an admin with a random password is made, and ``url`` logs in as that admin.
 
     ``url`` is ``redis://127.0.0.1:PORT/0``. ``appendonly=True`` keeps data across
     ``kill()`` + ``restart()`` (fsync on every write by default, so a SIGKILL

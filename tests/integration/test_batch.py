@@ -23,6 +23,7 @@ from tests.support.batches import (
 )
 from tests.support.faults import summary
 from tests.support.images import png_bytes, sample_images, truncated
+from toposerve.brokers.accounts import url_user
 from toposerve.brokers.batches import chunk_id
 from toposerve.brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
 from toposerve.brokers.messages import Prediction, RowPrediction
@@ -178,7 +179,7 @@ async def test_progress_is_exact_under_redelivery(settings: Settings, tmp_path: 
                 for index, n in ((0, 10), (0, 10), (1, 5), (0, 10)):
                     prediction = Prediction(id=chunk_id(result.batch_id, index), model="iris", model_version="1",
                                             batch_id=result.batch_id, rows=rows * n)
-                    await publisher.publish_raw(amqp_message(prediction), "prediction.iris")
+                    await publisher.publish_raw(amqp_message(prediction, user_id=url_user(settings.amqp_url)), "prediction.iris")
             finally:
                 await connection.close()
             status = await wait_for_batch(submitter.store, result.batch_id, timeout_s=10)
@@ -373,7 +374,7 @@ async def test_the_batch_store_stores_ordinary_jobs_too(settings: Settings) -> N
             jobs = [Prediction(id=uuid.uuid4(), model="iris", model_version="1", batch_id=batch, rows=rows)
                     for batch in (None, "my-own-label")]
             for job in jobs:
-                await publisher.publish_raw(amqp_message(job), "prediction.iris")
+                await publisher.publish_raw(amqp_message(job, user_id=url_user(settings.amqp_url)), "prediction.iris")
         finally:
             await connection.close()
         for job in jobs:

@@ -168,3 +168,43 @@ async def test_redis_has_no_default_user_and_each_role_reaches_only_its_keys(
     with pytest.raises(NoPermissionError):
         await store.get("another-namespace:job:1")
     await store.aclose()
+
+
+def test_up_provision_makes_the_accounts_on_a_given_broker_and_redis(tmp_path) -> None:
+    """`toposerve up --provision` against servers it did not start: the accounts go in through the
+    management API and ACL SETUSER, every process logs in as its role, the client can only publish."""
+    import httpx
+
+    from tests.support.processes import RunningProfile
+    from toposerve.deploy.local_services import start_rabbitmq, start_redis
+
+    accounts_path = tmp_path / "accounts.json"
+    with start_rabbitmq(management=True) as mq, start_redis(acl=[]) as rd:
+        env = {"TOPOSERVE_AMQP_URL": mq.url, "TOPOSERVE_REDIS_URL": rd.url, "TOPOSERVE_NAMESPACE": "prov"}
+        up = RunningProfile("asynchronous", env, tmp_path / "up.log",
+                            extra=["--provision", "--management-url", mq.management_url,
+                                   "--accounts-file", str(accounts_path)])
+        try:
+            up.wait_ready(timeout=90)
+            assert "accounts made on the broker through its management API" in up.log()
+            response = httpx.post(f"{up.base_url}/v1/models/iris/predict", json={"instances": [ROW]})
+            job = httpx.get(f"{up.base_url}{response.headers['location']}", params={"wait": 10}).json()
+            assert job["status"] == "succeeded"
+            users = mq.ctl("list_users").stdout
+            assert "prov.ingress" in users and "prov.store" in users and "prov.client" in users
+            logins = AccountsFile.load(accounts_path)
+            assert logins.roles["store"].amqp_url.startswith("amqp://prov.store:")
+            assert (accounts_path.stat().st_mode & 0o777) == 0o600
+
+            async def client_cannot_bind() -> str:
+                connection = await aio_pika.connect(logins.roles["client"].amqp_url)
+                async with connection:
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue(exclusive=True)
+                    exchange = await channel.get_exchange("prov.inference", ensure=False)
+                    return await refused(queue.bind(exchange, "prediction.#"))
+
+            assert "ACCESS_REFUSED" in asyncio.run(client_cannot_bind())
+        finally:
+            up.stop()
+

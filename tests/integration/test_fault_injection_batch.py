@@ -37,7 +37,9 @@ BIG_ROWS, SMALL_ROWS, CHUNK_ROWS = 50_000, 20, 10
 
 @pytest.fixture
 async def stack(fault_settings: Settings) -> AsyncIterator[Stack]:
-    async for stack in start_stack(fault_settings, "batch", stages=[]):
+    # The preprocess stage runs in-process (batches skip it, single requests need it): a profile
+    # is ready only when every stage of it consumes.
+    async for stack in start_stack(fault_settings, "batch", stages=["preprocess"]):
         yield stack
 
 

@@ -98,14 +98,14 @@ def stage_processes(settings: Settings, profile: str, stages: Iterable[str],
 class RunningProfile:
     """A real `toposerve up --profile P` on a free port, its output in a log file."""
 
-    def __init__(self, profile: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, profile: str, env: dict[str, str], log_path: Path, extra: list[str] | None = None) -> None:
         from toposerve.deploy.local_services import free_port
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "toposerve", "up", "--profile", profile, "--port", str(self.port)],
+            [sys.executable, "-m", "toposerve", "up", "--profile", profile, "--port", str(self.port), *(extra or [])],
             cwd=REPO, env={**os.environ, **env}, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 
     def log(self) -> str:
