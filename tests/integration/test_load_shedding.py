@@ -141,11 +141,12 @@ async def test_every_transport_passes_the_one_admission_gate(settings: Settings,
         await asyncio.sleep(0.3)
         name = (await model_input(stack, "iris"))["name"]
         infer = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": ROW["instances"][0]}]}
+        # Defaults bind this iteration's client and body (ruff B023); each lambda is called right below.
         attempts = {
-            "/v1": lambda: stack.client.post("/v1/models/iris/predict", json=ROW),
-            "/v2 infer": lambda: stack.client.post("/v2/models/iris/infer", json=infer),
-            "GET /predict/test": lambda: stack.client.get("/predict/test"),
-            "POST /predict/label": lambda: stack.client.post("/predict/label", json={"data": ROW["instances"]}),
+            "/v1": lambda c=stack.client: c.post("/v1/models/iris/predict", json=ROW),
+            "/v2 infer": lambda c=stack.client, body=infer: c.post("/v2/models/iris/infer", json=body),
+            "GET /predict/test": lambda c=stack.client: c.get("/predict/test"),
+            "POST /predict/label": lambda c=stack.client: c.post("/predict/label", json={"data": ROW["instances"]}),
         }
         for transport, attempt in attempts.items():
             responses = await asyncio.gather(*(attempt() for _ in range(30)))
