@@ -6,6 +6,7 @@ Imports nothing else of toposerve; every other package builds on what it lists h
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.batches import (
     BatchManifest,
+    BatchStatus,
     BatchStore,
     ChunkMeta,
     chunk_id,
@@ -57,7 +58,7 @@ from toposerve.brokers.telemetry_messages import (
     Telemetry,
     latency_bucket,
 )
-from toposerve.brokers.telemetry_store import TelemetryStore
+from toposerve.brokers.telemetry_store import TelemetryStore, TelemetrySummary
 from toposerve.brokers.topic import any_binding_matches, topic_matches
 from toposerve.brokers.topology import (
     DeadLetterSpec,
@@ -73,6 +74,7 @@ from toposerve.brokers.tracing import TRACEPARENT, continue_trace, current_span,
 
 __all__ = [
     "BatchManifest",
+    "BatchStatus",
     "BatchStore",
     "CLIENT_ID_PATTERN",
     "ChunkMeta",
@@ -106,6 +108,7 @@ __all__ = [
     "TRACEPARENT",
     "Telemetry",
     "TelemetryStore",
+    "TelemetrySummary",
     "Tensor",
     "any_binding_matches",
     "chunk_id",
