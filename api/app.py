@@ -12,11 +12,13 @@ from prometheus_client import CollectorRegistry
 from toposerve.api import book_routes, edge_routes, health, items_routes, oip_routes, routes_v1
 from toposerve.api.auth import SecurityMiddleware, security_options
 from toposerve.api.batch_routes import router as batch_router
+from toposerve.api.batch_routes import submit_router
 from toposerve.api.config import IngressConfig
 from toposerve.api.errors import install_error_handlers
 from toposerve.api.ingress import Ingress
 from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import router as observability_router
+from toposerve.api.openapi import install_openapi
 from toposerve.brokers import Settings
 
 
@@ -61,14 +63,19 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     install_error_handlers(app)
     # API keys and the rate limit (both optional), inside the observability middleware so
     # refused requests are traced and counted too.
-    app.add_middleware(SecurityMiddleware, **security_options(settings))
+    security = security_options(settings)
+    app.add_middleware(SecurityMiddleware, **security)
+    install_openapi(app, api_keys=security["keys"].enabled, rate_limited=security["limiter"] is not None)
     app.add_middleware(ObservabilityMiddleware)
     app.include_router(observability_router)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
+    # Routes whose answers depend on the profile (its mode, its overload fallback) are built for it.
+    app.include_router(routes_v1.predict_router(config))
     app.include_router(edge_routes.router)
-    app.include_router(book_routes.book_router(config.mode))
+    app.include_router(book_routes.book_router(config))
     app.include_router(oip_routes.router)
+    app.include_router(submit_router(config))
     app.include_router(batch_router)
     app.include_router(items_routes.router)
     return app

@@ -5,6 +5,9 @@ part) goes through the same submitter as ``toposerve batch submit``: it is spool
 a temporary file, scanned (an empty or unreadable file, or an unknown model, is a
 4xx with nothing published), recorded, and published in chunks with confirms before
 the 202 answer. Batch keys live the profile's ``ingress.result_ttl_s``.
+
+``submit_router(config)`` adds ``POST /v1/batches`` per app: an admitted route, whose
+answers include the profile's overload fallback when it has one.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from redis.exceptions import RedisError
 
 from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import current_owner, may_read
-from toposerve.api.errors import ApiError
+from toposerve.api.config import IngressConfig
+from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import Ingress
+from toposerve.api.openapi import ADMISSION_ERRORS, BINARY_SCHEMA, LOCATION, codes, request_body, success, with_fallback
 from toposerve.api.responses import json_response
-from toposerve.brokers import BatchManifest, BatchStore, PublishRefused, iter_results
+from toposerve.api.schemas import BatchAccepted
+from toposerve.brokers import BatchManifest, BatchStatus, BatchStore, PublishRefused, iter_results
 from toposerve.models import load_manifests
 from toposerve.producers import DEFAULT_CHUNK_ROWS, BatchInputError, BatchSubmitter, bytes_source
 
@@ -107,7 +113,6 @@ def _multipart_file(raw: bytes, content_type: str) -> tuple[bytes, str, dict[str
     return found[0], found[1], fields
 
 
-@router.post("/batches", dependencies=ADMITTED)
 async def create_batch(
     request: Request,
     model: str | None = Query(None, description="Model to run every row through"),
@@ -171,7 +176,12 @@ async def create_batch(
     return json_response(body, 202, headers={"Location": location})
 
 
-@router.get("/batches/{batch_id}")
+_UNKNOWN_BATCH = {404: "unknown_batch: not a batch id, expired, or created with another API key",
+                  503: "store_unavailable"}
+
+
+@router.get("/batches/{batch_id}", responses={200: success(BatchStatus, "The batch's progress"),
+                                              **error_responses(_UNKNOWN_BATCH)})
 async def get_batch(batch_id: str, request: Request) -> Response:
     """Progress: total, done, failed, rate (rows/s), state running/succeeded/failed/partial."""
     ingress = _ingress(request)
@@ -185,7 +195,12 @@ async def get_batch(batch_id: str, request: Request) -> Response:
     return Response(status.model_dump_json(), media_type="application/json")
 
 
-@router.get("/batches/{batch_id}/results")
+@router.get("/batches/{batch_id}/results", response_class=StreamingResponse, responses={
+    200: {"description": "One JSON object per line and input row, in input order: row, status (succeeded, failed, "
+                         "pending), then label, class_index, probabilities, model_version, or error",
+          "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+    **error_responses(_UNKNOWN_BATCH),
+})
 async def get_batch_results(batch_id: str, request: Request) -> StreamingResponse:
     """JSONL, streamed: one line per input row in input order (prediction, error, or pending)."""
     ingress = _ingress(request)
@@ -197,3 +212,35 @@ async def get_batch_results(batch_id: str, request: Request) -> StreamingRespons
     known = ingress.manifests.get(manifest.model) or load_manifests(ingress.config.models_dir).get(manifest.model)
     labels = known.labels if known is not None else []
     return StreamingResponse(iter_results(store, manifest, labels), media_type="application/x-ndjson")
+
+
+_CSV_OR_JSONL = {"schema": {"type": "string"}}
+_SUBMIT_RESPONSES: dict[int | str, dict] = {
+    202: success(BatchAccepted, "Recorded, and every chunk published: follow Location", LOCATION),
+    **error_responses(codes(ADMISSION_ERRORS, {
+        404: "batches_not_served: this profile has no batch stage; unknown_model",
+        408: "request_timeout: the upload sent nothing for too long (the connection is closed)",
+        413: "body_too_large",
+        422: "invalid_request: no model named, chunk_rows out of range, a multipart body without a file part; "
+             "invalid_input: an empty or unreadable file, or a model that takes images",
+        503: "broker_unavailable; store_unavailable",
+    })),
+}
+_UPLOAD = request_body({
+    "text/csv": _CSV_OR_JSONL,
+    "application/x-ndjson": _CSV_OR_JSONL,
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {**BINARY_SCHEMA, "description": "The CSV or JSONL file (its name's suffix says which)"},
+        "model": {"type": "string", "description": "The model, when ?model= is not given"},
+    }}},
+}, "The rows: CSV (a header row, then one row of numbers per line) or JSON lines, as the body or as a multipart "
+   "'file' part. Other content types are read as JSON lines when they start with '[' or '{', else as CSV.")
+
+
+def submit_router(config: IngressConfig) -> APIRouter:
+    """``POST /v1/batches``, documented for ``config``'s profile."""
+    submit = APIRouter(prefix="/v1")
+    # status_code only names the main answer in the document: the route returns its Response itself.
+    submit.post("/batches", status_code=202, dependencies=ADMITTED, responses=with_fallback(config, _SUBMIT_RESPONSES),
+                openapi_extra=_UPLOAD)(create_batch)
+    return submit

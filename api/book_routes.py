@@ -13,18 +13,45 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from redis.exceptions import RedisError
 
 from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import current_owner
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached
-from toposerve.api.errors import ApiError, error_response
+from toposerve.api.config import IngressConfig
+from toposerve.api.errors import ApiError, error_response, error_responses
 from toposerve.api.health import readiness
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.openapi import (
+    ADMISSION_ERRORS,
+    ASYNC_ERRORS,
+    BODY_ERRORS,
+    INPUT_ERRORS,
+    SYNC_ERRORS,
+    codes,
+    json_body,
+    success,
+    with_fallback,
+)
 from toposerve.api.responses import json_response
+from toposerve.api.schemas import (
+    BookFastJob,
+    BookHealthy,
+    BookJob,
+    BookJobAnswer,
+    BookLabels,
+    BookMetadata,
+    BookPredictBody,
+    BookProbabilities,
+    BookUnhealthy,
+    TfServingAnswer,
+    TfServingRequest,
+)
 from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
 from toposerve.models import ImagePreprocessing, ModelManifest
 
@@ -121,6 +148,9 @@ async def _job_entry(ingress: Ingress, job_id: str) -> Response:
         record = await ingress.results.get_for(uuid.UUID(job_id), current_owner())
     except ValueError:
         record = None
+    except RedisError as exc:  # as /v1/jobs answers, not a 500
+        raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
+                       {"Retry-After": "1"}) from exc
     if record is None:
         return error_response(404, "unknown_job", f"no job {job_id}: it never existed or its result expired")
     if record.status is JobStatus.PENDING:
@@ -131,24 +161,42 @@ async def _job_entry(ingress: Ingress, job_id: str) -> Response:
     return json_response({job_id: {"prediction": labels[0] if labels else None, "predictions": labels}})
 
 
-def book_router(mode: str) -> APIRouter:
+_NO_SAMPLE = {404: "no_sample: the profile ships no sample image for its image model"}
+_BOOK_BODY = json_body(BookPredictBody, "The book's body: 'data' (rows, a base64 image or an item id, by the model) "
+                                       "or 'image_data', or the native predict body's fields")
+
+
+def book_router(config: IngressConfig) -> APIRouter:
+    mode = config.mode
     router = APIRouter(tags=["book-compatible"])
 
-    @router.get("/health")
+    def admitted(answer: dict[int | str, dict], *errors: dict[int, str]) -> dict[int | str, dict]:
+        """An admitted route's responses: ``answer``, ``errors``, and what admission adds."""
+        return with_fallback(config, {**answer, **error_responses(codes(ADMISSION_ERRORS, *errors))})
+
+    # What a sync answer's failure can be: the input refused, or a stage's failure.
+    sync_errors = codes(INPUT_ERRORS, SYNC_ERRORS)
+    probabilities = {200: success(BookProbabilities, "The probabilities of each class, per row")}
+    labels = {200: success(BookLabels, "The label of each row")}
+
+    @router.get("/health", responses={200: success(BookHealthy, "Ready"),
+                                      503: success(BookUnhealthy, "Not ready: see which check failed")})
     async def health(request: Request) -> Response:
         ready, body = await readiness(_ingress(request))
         return json_response({"health": "ok"} if ready else {"health": "ng", "checks": body["checks"]},
                      status=200 if ready else 503)
 
-    @router.get("/health/all")
+    @router.get("/health/all", responses={200: success(dict[str, Literal["ok", "ng"]],
+                                                       "Each stage: ok when its queue has a consumer")})
     async def health_all(request: Request) -> Response:
         return json_response(_health_all(_ingress(request)))
 
-    @router.get("/metadata")
+    @router.get("/metadata", responses={200: success(BookMetadata, "The book model's input and output")})
     async def metadata(request: Request) -> Response:
         return json_response(_metadata(_book_manifest(_ingress(request))))
 
-    @router.get("/label")
+    @router.get("/label", responses={200: success(list[str] | dict[str, str], "The book model's labels: a list "
+                                                  "(image models) or class index -> label (tabular models)")})
     async def label(request: Request) -> Response:
         manifest = _book_manifest(_ingress(request))
         # The book's image patterns answer a list, its iris pattern a dict by class index.
@@ -156,29 +204,35 @@ def book_router(mode: str) -> APIRouter:
 
     if mode == "sync":
 
-        @router.get("/predict/test", dependencies=ADMITTED)
+        @router.get("/predict/test", dependencies=ADMITTED, responses=admitted(probabilities, _NO_SAMPLE, SYNC_ERRORS))
         async def predict_test(request: Request) -> Response:
             ingress = _ingress(request)
             return json_response(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
 
-        @router.get("/predict/test/label", dependencies=ADMITTED)
+        @router.get("/predict/test/label", dependencies=ADMITTED, responses=admitted(labels, _NO_SAMPLE, SYNC_ERRORS))
         async def predict_test_label(request: Request) -> Response:
             ingress = _ingress(request)
             return json_response(_labels(await _sync_outcome(ingress, _sample_request(ingress))))
 
-        @router.post("/predict", dependencies=ADMITTED)
+        @router.post("/predict", dependencies=ADMITTED, responses=admitted(probabilities, BODY_ERRORS, sync_errors),
+                     openapi_extra=_BOOK_BODY)
         async def predict(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
             return json_response(_probabilities(await _sync_outcome(ingress, inference)))
 
-        @router.post("/predict/label", dependencies=ADMITTED)
+        @router.post("/predict/label", dependencies=ADMITTED, responses=admitted(labels, BODY_ERRORS, sync_errors),
+                     openapi_extra=_BOOK_BODY)
         async def predict_label(request: Request) -> Response:
             ingress = _ingress(request)
             inference = await _parse(request, ingress, _book_manifest(ingress))
             return json_response(_labels(await _sync_outcome(ingress, inference)))
 
-        @router.post("/v1/models/{model}:predict", dependencies=ADMITTED)
+        @router.post("/v1/models/{model}:predict", dependencies=ADMITTED,
+                     responses=admitted({200: success(TfServingAnswer, "One label per image")}, BODY_ERRORS,
+                                        sync_errors, {413: "too_large: more images than the row limit",
+                                                      422: "invalid_request: not {\"inputs\": {\"image\": [...]}}"}),
+                     openapi_extra=json_body(TfServingRequest, "TF Serving's REST body: base64 images"))
         async def tf_serving_predict(model: str, request: Request) -> Response:
             """TF Serving's REST shape (the book's synchronous pattern): images in, labels out."""
             ingress = _ingress(request)
@@ -196,6 +250,12 @@ def book_router(mode: str) -> APIRouter:
             return json_response({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})
 
     else:
+        # sync_async: a failed fast answer is a 202 with its error, so only the job's submission can fail.
+        if mode == "async":
+            job_answer = {200: success(BookJob, "Accepted: poll /job/{job_id}")}
+        else:
+            job_answer = {200: success(BookFastJob, "The accurate model's job, and the fast model's label"),
+                          202: success(BookFastJob, "The accurate model's job; the fast model gave no label")}
 
         async def _submit(ingress: Ingress, inference: InferenceRequest) -> Response:
             if mode == "async":
@@ -212,17 +272,22 @@ def book_router(mode: str) -> APIRouter:
                               "error": {"code": exc.code, "message": exc.message}}, status=202)
             return json_response({"job_id": str(job.id), fast_model: _rows(fast)[0].label})
 
-        @router.get("/predict/test", dependencies=ADMITTED)
+        @router.get("/predict/test", dependencies=ADMITTED, responses=admitted(job_answer, _NO_SAMPLE, ASYNC_ERRORS))
         async def predict_test_job(request: Request) -> Response:
             ingress = _ingress(request)
             return await _submit(ingress, _sample_request(ingress))
 
-        @router.post("/predict", dependencies=ADMITTED)
+        @router.post("/predict", dependencies=ADMITTED, openapi_extra=_BOOK_BODY,
+                     responses=admitted(job_answer, BODY_ERRORS, INPUT_ERRORS, ASYNC_ERRORS))
         async def predict_job(request: Request) -> Response:
             ingress = _ingress(request)
             return await _submit(ingress, await _parse(request, ingress, _book_manifest(ingress)))
 
-        @router.get("/job/{job_id}")
+        @router.get("/job/{job_id}", responses={
+            200: success(BookJobAnswer, "The job has ended: its label, or its error"),
+            202: success(BookJobAnswer, "The job is pending"),
+            **error_responses({404: "unknown_job", 503: "store_unavailable"}),
+        })
         async def job(job_id: str, request: Request) -> Response:
             return await _job_entry(_ingress(request), job_id)
 

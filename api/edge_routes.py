@@ -26,10 +26,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from redis.exceptions import RedisError
 
-from toposerve.api.errors import ApiError
+from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import Ingress
+from toposerve.api.openapi import BINARY_SCHEMA, header_parameter, success
 from toposerve.api.responses import json_response
-from toposerve.brokers import TelemetryStore, any_binding_matches, routing_key
+from toposerve.brokers import TelemetryStore, TelemetrySummary, any_binding_matches, routing_key
 from toposerve.models import ModelManifest, file_sha256
 
 router = APIRouter(prefix="/v1")
@@ -114,8 +115,51 @@ def _model_headers(manifest: ModelManifest) -> dict[str, str]:
     }
 
 
-@router.api_route("/models/{model}/artifact", methods=["GET", "HEAD"])
+_HEADER_TEXT = {
+    "ETag": "The file's sha256, quoted (a strong ETag)",
+    VERSION_HEADER: "The model's version",
+    SHA256_HEADER: "The file's sha256 (hex)",
+    "Cache-Control": "no-cache: keep the file, but ask again (If-None-Match) before trusting it",
+    "Repr-Digest": "sha-256 of the file (RFC 9530)",
+}
+
+
+def _header_docs(*names: str) -> dict[str, dict]:
+    """The document's description of the headers an answer carries."""
+    return {name: {"schema": {"type": "string"}, "description": _HEADER_TEXT[name]} for name in names}
+
+_MODEL_HEADERS = ("ETag", VERSION_HEADER, SHA256_HEADER, "Cache-Control")
+_EDGE_ERRORS = {404: "unknown_model; edge_disabled: no stage of this profile consumes the model's telemetry"}
+_ARTIFACT_ERRORS = error_responses({
+    **_EDGE_ERRORS, 500: "artifact_unavailable: the file cannot be read; artifact_mismatch: the file does not "
+                         "match its manifest's sha256, and is not served"})
+_IF_NONE_MATCH = header_parameter("If-None-Match", "The ETag of the file the client has: 304 if it is current")
+
+
+def _artifact_responses(body: dict | None) -> dict[int | str, dict]:
+    ok: dict = {"description": "The model's ONNX file", "headers": _header_docs(*_MODEL_HEADERS, "Repr-Digest")}
+    if body is not None:
+        ok["content"] = body
+    return {200: ok, 304: {"description": "Not modified: If-None-Match names the current file",
+                           "headers": _header_docs(*_MODEL_HEADERS)}, **_ARTIFACT_ERRORS}
+
+
+# GET and HEAD are two routes, so the document has an operation id for each.
+@router.get("/models/{model}/artifact", response_class=FileResponse,
+            responses=_artifact_responses({"application/octet-stream": {"schema": BINARY_SCHEMA}}),
+            openapi_extra={"parameters": [_IF_NONE_MATCH]})
 async def artifact(model: str, request: Request) -> Response:
+    return await _artifact(model, request)
+
+
+@router.head("/models/{model}/artifact", response_class=Response, responses=_artifact_responses(None),
+             openapi_extra={"parameters": [_IF_NONE_MATCH]})
+async def artifact_head(model: str, request: Request) -> Response:
+    """The artifact's headers (version, sha256, ETag) without the file."""
+    return await _artifact(model, request)
+
+
+async def _artifact(model: str, request: Request) -> Response:
     ingress, manifest = edge_manifest(request, model)
     path = ingress.config.models_dir / manifest.file  # names from the manifest only, never from the request
     headers = _model_headers(manifest)
@@ -133,13 +177,17 @@ async def artifact(model: str, request: Request) -> Response:
                         filename=f"{manifest.name}-{manifest.version}.onnx")
 
 
-@router.get("/models/{model}/manifest")
+@router.get("/models/{model}/manifest", responses={
+    200: success(ModelManifest, "The model's manifest entry", _header_docs(*_MODEL_HEADERS)),
+    **error_responses(_EDGE_ERRORS)})
 async def manifest(model: str, request: Request) -> Response:
     _, found = edge_manifest(request, model)
     return json_response(found.model_dump(mode="json"), headers=_model_headers(found))
 
 
-@router.get("/models/{model}/telemetry")
+@router.get("/models/{model}/telemetry", responses={
+    200: success(TelemetrySummary, "The aggregate of the edge clients' reports"),
+    **error_responses({**_EDGE_ERRORS, 503: "store_unavailable"})})
 async def telemetry(model: str, request: Request) -> Response:
     ingress, _ = edge_manifest(request, model)
     store = TelemetryStore(ingress.results.client, ingress.settings.namespace)

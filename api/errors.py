@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toposerve.api.responses import json_response
 from toposerve.brokers import redact
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="What went wrong, for programs: e.g. invalid_input, unknown_model, overloaded")
+    message: str = Field(description="What went wrong, for people: names the field, value or limit")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error of the API (the Open Inference Protocol's /v2 routes have their own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def error_responses(codes: dict[int, str], model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route's error statuses: status -> the error codes it answers with.
+
+    Written per route, from what the route (and what it calls) raises, so the spec
+    lists what really comes back; 503s carry ``Retry-After``.
+    """
+    return {status: {"model": model, "description": description,
+                     **({"headers": RETRY_AFTER} if status == 503 else {})}
+            for status, description in codes.items()}
 
 
 class ApiError(Exception):

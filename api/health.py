@@ -7,14 +7,17 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from toposerve.api.errors import RETRY_AFTER
 from toposerve.api.ingress import Ingress
+from toposerve.api.openapi import success
 from toposerve.api.responses import json_response
+from toposerve.api.schemas import Health, Readiness
 from toposerve.brokers import redact
 
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={200: success(Health, "The process answers")})
 async def healthz() -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -77,7 +80,10 @@ async def readiness(ingress: Ingress, among: list[str] | None = None) -> tuple[b
     }
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={
+    200: success(Readiness, "Ready: the broker, Redis, the models and every stage are"),
+    503: success(Readiness, "Not ready: see which check failed", RETRY_AFTER),
+})
 async def readyz(request: Request) -> Response:
     ready, body = await readiness(request.app.state.ingress)
     return json_response(body, 200 if ready else 503, headers=None if ready else {"Retry-After": "1"})

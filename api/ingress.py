@@ -73,10 +73,15 @@ class IngressStats:
     shed: int = 0
 
 
+def one_of_required(*fields: str) -> dict:
+    """For a body's JSON schema: at least one of ``fields`` is there (the validator wants exactly one, not null)."""
+    return {"anyOf": [{"required": [field]} for field in fields]}
+
+
 class PredictBody(InferenceInputs):
     """``POST /v1/models/{model}/predict``: exactly one input, and nothing else."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of_required("instances", "image", "item_id"))
 
 
 INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404, FailureCode.UNKNOWN_ITEM: 404}

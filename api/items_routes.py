@@ -15,16 +15,32 @@ from fastapi.responses import Response
 from redis.exceptions import RedisError
 
 from toposerve.api.body import read_body
-from toposerve.api.errors import ApiError
+from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import INPUT_STATUS, Ingress
+from toposerve.api.openapi import BINARY_SCHEMA, LOCATION, request_body, success
 from toposerve.api.responses import json_response
+from toposerve.api.schemas import ItemWritten
 from toposerve.brokers import feature_key
 from toposerve.models import ImagePreprocessing, InputError, RedisSource, check_item_id, open_image
 
 router = APIRouter(prefix="/v1", tags=["items"])
 
 
-@router.put("/items/{item_id}", status_code=201)
+@router.put("/items/{item_id}", status_code=201, responses={
+    201: success(ItemWritten, "Written; the item's cached tensors are gone", LOCATION),
+    **error_responses({
+        400: "invalid_item_id; invalid_body: a broken gzip/deflate body; client_disconnected",
+        404: "items_not_served: this profile reads no items from Redis",
+        408: "request_timeout: the body did not arrive in time (the connection is closed)",
+        413: "body_too_large; too_large: more pixels than the limit",
+        415: "unsupported_media_type: a Content-Encoding other than gzip and deflate",
+        422: "invalid_input: not a PNG or JPEG file, truncated or corrupt",
+        503: "store_unavailable",
+    }),
+}, openapi_extra=request_body(
+    # The body is the file itself whatever its Content-Type says (curl --data-binary @file).
+    {media: {"schema": BINARY_SCHEMA} for media in ("image/png", "image/jpeg", "application/octet-stream")},
+    "The image file (PNG or JPEG), as the predict body's base64 'image' would hold it"))
 async def put_item(item_id: str, request: Request) -> Response:
     ingress: Ingress = request.app.state.ingress
     ttl_s = ingress.config.item_ttl_s

@@ -11,8 +11,11 @@ import base64
 import math
 import struct
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from toposerve.api.body import parse_json as parse_json_text
 from toposerve.brokers import RowPrediction
@@ -35,6 +38,110 @@ _INT_TYPES = {
 NUMERIC_TYPES: dict[str, type[np.generic]] = {**_FLOAT_TYPES, **_INT_TYPES}
 DATATYPES = ("BOOL", *_INT_TYPES, *_FLOAT_TYPES, "BYTES")
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+# -- the protocol's bodies, for the OpenAPI document ------------------------------------
+# The codec reads requests by hand (to name every problem the protocol's way) and builds
+# answers as dicts; these models say what both hold. Requests allow unknown keys, as the
+# codec ignores them; answers have exactly these keys.
+
+class OipErrorBody(BaseModel):
+    """Every error of a /v2 route (authentication and rate limits excepted: those are the API's own shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str
+
+
+class _OipAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerMetadata(_OipAnswer):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(_OipAnswer):
+    live: bool
+
+
+class ServerReady(_OipAnswer):
+    ready: bool
+
+
+class ModelReady(_OipAnswer):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(_OipAnswer):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size")
+
+
+class OipModelMetadata(_OipAnswer):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferParameters(BaseModel):
+    timeout: float | None = Field(default=None, gt=0, description="Microseconds to wait for the answer")
+
+
+class InputTensorParameters(BaseModel):
+    binary_data_size: int | None = Field(
+        default=None, ge=0, description="Triton's binary extension: the tensor's bytes follow the JSON")
+
+
+class InputTensor(BaseModel):
+    name: str = Field(description="The model's input: its ONNX input name (tabular) or 'image'")
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_SHAPE_RANK)
+    datatype: Literal[DATATYPES]  # type: ignore[valid-type]
+    # Absent, not null, with binary data: the codec refuses a null 'data'.
+    data: list | SkipJsonSchema[None] = Field(default=None, description="Flat or nested as the shape (row-major); "
+                                                                          "absent with binary_data_size")
+    parameters: InputTensorParameters | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: Literal[OUTPUT_NAMES]  # type: ignore[valid-type]
+    parameters: dict | None = None
+
+
+class InferRequest(BaseModel):
+    """``POST /v2/models/{model}/infer``: one input tensor; with the binary extension
+    (``Inference-Header-Content-Length``) this JSON is followed by the tensor's bytes."""
+
+    id: str | None = None
+    parameters: InferParameters | None = None
+    inputs: list[InputTensor] = Field(min_length=1, description="Exactly one tensor: the model's input")
+    outputs: list[RequestedOutput] | None = Field(default=None, description="Outputs to answer (default: all)")
+
+
+class OutputTensor(_OipAnswer):
+    name: Literal[OUTPUT_NAMES]  # type: ignore[valid-type]
+    datatype: Literal["BYTES", "INT64", "FP32"]
+    shape: list[int]
+    data: list[str | int | float]
+
+
+class PartialAnswer(_OipAnswer):
+    partial: Literal[True]
+    missing_members: str = Field(description="Comma-separated members of the model group that did not answer")
+
+
+class InferResponse(_OipAnswer):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor]
+    parameters: PartialAnswer | None = Field(default=None, description="Only for a partial model-group answer")
 
 
 class OipError(Exception):

@@ -36,9 +36,10 @@ from fastapi.routing import APIRoute
 from toposerve.api.admission import ADMITTED
 from toposerve.api.body import check_content_type, read_body, read_json
 from toposerve.api.entry import queues_on_path
-from toposerve.api.errors import ApiError, describe_validation_errors
+from toposerve.api.errors import ApiError, describe_validation_errors, error_responses
 from toposerve.api.health import readiness
 from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.openapi import JSON, header_parameter, inline_schema, request_body, success
 from toposerve.api.responses import json_response
 from toposerve.brokers import Failure, InferenceRequest, Prediction, RowPrediction, redact
 from toposerve.models import ModelManifest
@@ -48,8 +49,16 @@ log = logging.getLogger(__name__)
 from toposerve.api.oip_codec import (
     BINARY_HEADER,
     SERVER_NAME,
+    InferRequest,
+    InferResponse,
     ModelInput,
+    ModelReady,
     OipError,
+    OipErrorBody,
+    OipModelMetadata,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
     infer_outputs,
     input_name,
     model_metadata,
@@ -117,17 +126,25 @@ async def _ready(ingress: Ingress, model: str | None = None) -> bool:
 
 # -- health and metadata ------------------------------------------------------------------
 
-@router.get("")
+def oip_errors(codes: dict[int, str]) -> dict[int | str, dict]:
+    return error_responses(codes, OipErrorBody)
+
+
+_UNKNOWN = {404: "an unknown model, or a version it does not have"}
+_NOT_READY = "Not ready (the protocol's answer: a 4xx)"
+
+
+@router.get("", responses={200: success(ServerMetadata, "The server")})
 async def server_metadata(request: Request) -> Response:
     return json_response({"name": SERVER_NAME, "version": request.app.version, "extensions": []})
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses={200: success(ServerLive, "The server answers")})
 async def server_live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses={200: success(ServerReady, "Ready"), 400: success(ServerReady, _NOT_READY)})
 async def server_ready(request: Request) -> Response:
     # The protocol: 200 means ready, a 4xx means not ready.
     ready = await _ready(_ingress(request))
@@ -141,22 +158,28 @@ async def _model_ready(request: Request, model: str, version: str | None) -> Res
     return json_response({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
 
 
-@router.get("/models/{model}/ready")
+_MODEL_READY = {200: success(ModelReady, "Ready"), 400: success(ModelReady, _NOT_READY), **oip_errors(_UNKNOWN)}
+
+
+@router.get("/models/{model}/ready", responses=_MODEL_READY)
 async def model_ready(model: str, request: Request) -> Response:
     return await _model_ready(request, model, None)
 
 
-@router.get("/models/{model}/versions/{version}/ready")
+@router.get("/models/{model}/versions/{version}/ready", responses=_MODEL_READY)
 async def model_version_ready(model: str, version: str, request: Request) -> Response:
     return await _model_ready(request, model, version)
 
 
-@router.get("/models/{model}")
+_MODEL_META = {200: success(OipModelMetadata, "The model's inputs and outputs"), **oip_errors(_UNKNOWN)}
+
+
+@router.get("/models/{model}", responses=_MODEL_META)
 async def model_meta(model: str, request: Request) -> Response:
     return json_response(model_metadata(_manifest(_ingress(request), model, None)))
 
 
-@router.get("/models/{model}/versions/{version}")
+@router.get("/models/{model}/versions/{version}", responses=_MODEL_META)
 async def model_version_meta(model: str, version: str, request: Request) -> Response:
     return json_response(model_metadata(_manifest(_ingress(request), model, version)))
 
@@ -226,11 +249,36 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     return json_response(answer)
 
 
-@router.post("/models/{model}/infer", dependencies=ADMITTED)
+_INFER_RESPONSES = {
+    200: success(InferResponse, "The outputs, one row per input row or image"),
+    **oip_errors({
+        400: "a request the protocol refuses (the message names the field), malformed JSON, or input the model "
+             "cannot take (the native API's 422s)",
+        404: "an unknown model, or a version it does not have; an unknown item",
+        408: "the body did not arrive in time (the connection is closed)",
+        413: "more rows or images than the limit, an image too large, or a body over the limit",
+        415: "a content type other than JSON, or an unknown Content-Encoding",
+        500: "a stage failed to run the model",
+        502: "members of a model group did not answer",
+        503: "overloaded, no consumer on a stage, the broker or the store unavailable",
+        504: "no answer within the deadline",
+    }),
+}
+_INFER_BODY = request_body(
+    {JSON: {"schema": inline_schema(InferRequest)},
+     # Triton's binary tensor data: the JSON request (its length in Inference-Header-Content-Length), then bytes.
+     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    "The inference request (JSON), or with Triton's binary extension the JSON followed by the tensor's bytes",
+    [header_parameter("Inference-Header-Content-Length", "The length of the JSON request when binary tensor "
+                      "data follows it", {"type": "integer", "minimum": 0})])
+
+
+@router.post("/models/{model}/infer", dependencies=ADMITTED, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
 async def infer(model: str, request: Request) -> Response:
     return await _infer(request, model, None)
 
 
-@router.post("/models/{model}/versions/{version}/infer", dependencies=ADMITTED)
+@router.post("/models/{model}/versions/{version}/infer", dependencies=ADMITTED, responses=_INFER_RESPONSES,
+             openapi_extra=_INFER_BODY)
 async def infer_version(model: str, version: str, request: Request) -> Response:
     return await _infer(request, model, version)

@@ -1,4 +1,9 @@
-"""The native HTTP API: ``/v1/models``, ``/v1/models/{model}/predict``, ``/v1/jobs/{id}``."""
+"""The native HTTP API: ``/v1/models``, ``/v1/models/{model}/predict``, ``/v1/jobs/{id}``.
+
+``predict_router(config)`` adds the predict route per app: what it answers differs by
+profile (a job in async profiles, the prediction in sync ones, both in sync_async),
+and the OpenAPI document says which.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,31 @@ from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import current_owner
 from toposerve.api.body import read_json
 from toposerve.api.cached_predict import predict_sync_cached, submit_async_cached
-from toposerve.api.errors import ApiError, error_response
-from toposerve.api.ingress import FAILURE_STATUS, Ingress
+from toposerve.api.config import IngressConfig
+from toposerve.api.errors import ApiError, error_response, error_responses
+from toposerve.api.ingress import FAILURE_STATUS, Ingress, PredictBody
+from toposerve.api.openapi import (
+    ADMISSION_ERRORS,
+    ASYNC_ERRORS,
+    BODY_ERRORS,
+    INPUT_ERRORS,
+    LOCATION,
+    SYNC_ERRORS,
+    X_REQUEST_TIMEOUT,
+    codes,
+    json_body,
+    success,
+    with_fallback,
+)
 from toposerve.api.responses import json_response
+from toposerve.api.schemas import (
+    AcceptedJob,
+    CachedAcceptedJob,
+    ModelDescription,
+    ModelList,
+    Stats,
+    SyncAsyncAnswer,
+)
 from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction, issued_by
 from toposerve.models import ModelManifest
 
@@ -48,13 +75,14 @@ def job_response(record: JobRecord) -> Response:
     return Response(record.model_dump_json(), status_code=status, media_type="application/json")
 
 
-@router.get("/models")
+@router.get("/models", responses={200: success(ModelList, "The models this profile serves")})
 async def list_models(request: Request) -> Response:
     ingress = ingress_of(request)
     return json_response({"models": [model_description(m) for m in ingress.manifests.values()]})
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses={200: success(ModelDescription, "The model"),
+                                          **error_responses({404: "unknown_model"})})
 async def describe_model(model: str, request: Request) -> Response:
     return json_response(model_description(ingress_of(request).manifest(model)))
 
@@ -87,7 +115,6 @@ async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
     return {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": inference.model, "location": location}
 
 
-@router.post("/models/{model}/predict", dependencies=ADMITTED)
 async def predict(
     model: str,
     request: Request,
@@ -141,7 +168,7 @@ async def _predict(ingress: Ingress, model: str, request: Request, timeout: floa
     return json_response(body, status=status, headers={"Location": job["location"]})
 
 
-@router.get("/stats")
+@router.get("/stats", responses={200: success(Stats, "This process's counters")})
 async def stats(request: Request) -> Response:
     """Counters of this ingress process (cache hits and misses, sync replies)."""
     ingress = ingress_of(request)
@@ -166,7 +193,13 @@ def job_not_found(ingress: Ingress, job_id: uuid.UUID) -> ApiError:
     return ApiError(404, "unknown_job", f"no job {job_id}: it never existed here, or its result expired")
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses={
+    200: success(JobRecord, "The job has ended: succeeded (its predictions) or failed (its error)"),
+    202: success(JobRecord, "The job is pending (still so after ?wait=)"),
+    **error_responses({404: "unknown_job: never issued here, or expired", 410: "job_gone: issued here, but its "
+                       "record is gone", 422: "invalid_request: wait is not a number of seconds from 0 to 30",
+                       503: "store_unavailable"}),
+})
 async def get_job(
     job_id: str,
     request: Request,
@@ -196,3 +229,41 @@ async def get_job(
             # Woken by the store's announcement; re-read at least every second regardless.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0))
+
+
+def predict_responses(config: IngressConfig) -> dict[int | str, dict]:
+    """What ``predict`` answers in this profile's mode."""
+    if config.mode == "async":
+        accepted = CachedAcceptedJob if config.spec.prediction_cache_ttl_s else AcceptedJob
+        answers = {202: success(accepted, "Accepted: poll the job at Location", LOCATION)}
+        errors = ASYNC_ERRORS
+    elif config.mode == "sync":
+        answers = {200: success(JobRecord, "The prediction (status succeeded)")}
+        errors = SYNC_ERRORS
+    else:
+        answers = {
+            200: success(SyncAsyncAnswer | JobRecord, "The fast model's answer and the accurate model's job (a "
+                         "model with no accurate counterpart answers as in a sync profile)", LOCATION),
+            202: success(SyncAsyncAnswer, "Only the accurate model's job: the fast answer failed", LOCATION),
+        }
+        errors = codes(ASYNC_ERRORS, SYNC_ERRORS)
+    # ?timeout= is parsed as a number in every mode, and only read (so bounded) where there is a sync answer.
+    invalid_timeout = {422: "invalid_request: ?timeout= is not a number" + (
+        "" if config.mode == "async" else ", or not positive, or more than ingress.max_timeout_s")}
+    return with_fallback(config, {**answers, **error_responses(
+        codes(BODY_ERRORS, INPUT_ERRORS, errors, ADMISSION_ERRORS, invalid_timeout))})
+
+
+def predict_router(config: IngressConfig) -> APIRouter:
+    """``POST /v1/models/{model}/predict``, documented for ``config``'s profile."""
+    predict_routes = APIRouter(prefix="/v1")
+    # status_code only names the main answer in the document: the route returns its Response itself.
+    predict_routes.post(
+        "/models/{model}/predict", status_code=202 if config.mode == "async" else 200, dependencies=ADMITTED,
+        responses=predict_responses(config),
+        openapi_extra=json_body(PredictBody, "Exactly one input: rows of numbers (tabular models), a base64 image "
+                                "(image models) or an item id (data-cache profiles). A JSON body sent as "
+                                "application/x-www-form-urlencoded (curl -d) is read as JSON; gzip and deflate "
+                                "Content-Encoding are accepted.", [X_REQUEST_TIMEOUT]),
+    )(predict)
+    return predict_routes

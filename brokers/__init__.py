@@ -18,6 +18,7 @@ from toposerve.brokers.accounts import (
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.batches import (
     BatchManifest,
+    BatchStatus,
     BatchStore,
     ChunkMeta,
     chunk_id,
@@ -69,7 +70,7 @@ from toposerve.brokers.telemetry_messages import (
     Telemetry,
     latency_bucket,
 )
-from toposerve.brokers.telemetry_store import TelemetryStore
+from toposerve.brokers.telemetry_store import TelemetryStore, TelemetrySummary
 from toposerve.brokers.topic import any_binding_matches, topic_matches
 from toposerve.brokers.topology import (
     DeadLetterSpec,
@@ -95,6 +96,7 @@ __all__ = [
     "trusted_producers",
     "url_user",
     "BatchManifest",
+    "BatchStatus",
     "BatchStore",
     "CLIENT_ID_PATTERN",
     "ChunkMeta",
@@ -128,6 +130,7 @@ __all__ = [
     "TRACEPARENT",
     "Telemetry",
     "TelemetryStore",
+    "TelemetrySummary",
     "Tensor",
     "any_binding_matches",
     "chunk_id",
