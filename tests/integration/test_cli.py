@@ -119,22 +119,20 @@ def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace:
         up.stop()
 
 
-def test_up_starts_throwaway_servers_when_nothing_answers_at_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_up_starts_throwaway_servers_when_no_urls_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
     from toposerve.brokers.settings import Settings
     from toposerve.deploy import launcher
 
-    # Stand-ins for the default URLs: free ports where nothing answers.
-    amqp_default = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    redis_default = f"redis://127.0.0.1:{free_port()}/0"
-    monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp_default)
-    monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", redis_default)
+    monkeypatch.delenv("TOPOSERVE_AMQP_URL", raising=False)
+    monkeypatch.delenv("TOPOSERVE_REDIS_URL", raising=False)
     said: list[str] = []
-    settings, started = launcher.ensure_services(Settings(amqp_url=amqp_default, redis_url=redis_default), said.append)
+    unset = Settings()
+    settings, started = launcher.ensure_services(unset, said.append)
     try:
         assert [s.name for s in started] == ["rabbitmq", "redis"]
         assert any("starting a throwaway local rabbitmq-server" in line for line in said)
         assert any("starting a throwaway local redis-server" in line for line in said)
-        assert settings.amqp_url != amqp_default and settings.redis_url != redis_default
+        assert settings.amqp_url != unset.amqp_url and settings.redis_url != unset.redis_url
         assert launcher._answers(settings.amqp_url) and launcher._answers(settings.redis_url)
     finally:
         for service in started:
