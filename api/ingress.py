@@ -41,8 +41,9 @@ from toposerve.brokers import (
     connect_redis,
     declare_dead_letters,
     declare_topology,
+    inference_exchange,
     issue_job_id,
-    open_confirm_channel,
+    make_broker,
     prediction_key,
     routing_key,
     trace_headers,
@@ -118,6 +119,9 @@ class Ingress:
         for group, members in config.groups.items():
             self.manifests[group] = group_manifest(group, [all_manifests[m] for m in members])
         self.limits = InputLimits.of(settings)
+        # Requests go out through FastStream; the reply router and the stage monitor keep a
+        # plain aio-pika connection (brokers/connections.connect_amqp says why).
+        self.broker = make_broker(settings, f"toposerve-ingress-{config.profile}")
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.spec.result_ttl_s)
@@ -133,13 +137,15 @@ class Ingress:
             self.cache_fills = CompletionListener(self.results.client, self.prediction_cache.filled_channel)
 
     async def start(self) -> None:
-        self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}")
-        await declare_dead_letters(self.connection, self.settings.namespace, self.config.dead_letters)
-        channel = await open_confirm_channel(self.connection)
+        namespace = self.settings.namespace
+        await self.broker.connect()
+        await declare_dead_letters(self.broker, namespace, self.config.dead_letters)
         # Declaring the stage queues here too means an accepted request is queued
         # even when its stage has not started yet.
-        topology = await declare_topology(channel, self.settings.namespace, self.config.queues)
-        self.publisher = Publisher(topology.exchange, app_id=INGRESS_APP_ID, user_id=url_user(self.settings.amqp_url))
+        await declare_topology(self.broker, namespace, self.config.queues)
+        self.publisher = Publisher(self.broker, inference_exchange(namespace), app_id=INGRESS_APP_ID,
+                                   user_id=url_user(self.settings.amqp_url))
+        self.connection = await connect_amqp(self.settings.amqp_url, f"toposerve-ingress-{self.config.profile}-replies")
         self.completions.start()
         if self.cache_fills is not None:
             self.cache_fills.start()
@@ -158,6 +164,7 @@ class Ingress:
             await self.cache_fills.close()
         if self.connection is not None:
             await self.connection.close()
+        await self.broker.stop()
         await self.results.client.aclose()
 
     def trusted_producers(self) -> frozenset[str]:

@@ -27,15 +27,33 @@ from toposerve.brokers.batches import (
     iter_results,
     new_batch_id,
 )
+from toposerve.brokers.bus import (
+    DeclaredTopology,
+    Publisher,
+    dead_exchange,
+    declare_dead_letters,
+    declare_topology,
+    inference_exchange,
+    make_broker,
+    publishing,
+    rabbit_queue,
+)
 from toposerve.brokers.cache_keys import feature_key, prediction_key
 from toposerve.brokers.caches import FeatureCache, PredictionCache, flush_keys
 from toposerve.brokers.connections import (
     INGRESS_APP_ID,
-    Publisher,
     PublishRefused,
+    amqp_message,
     connect_amqp,
     connect_redis,
-    open_confirm_channel,
+)
+from toposerve.brokers.headers import (
+    ATTEMPTS_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    ROUTING_KEY_HEADER,
+    STAGE_HEADER,
+    TRUNCATED_HEADER,
 )
 from toposerve.brokers.job_ids import issue_job_id, issued_by
 from toposerve.brokers.joins import JoinStore
@@ -77,14 +95,25 @@ from toposerve.brokers.topology import (
     QueueSpec,
     dead_exchange_name,
     dead_queue_name,
-    declare_dead_letters,
-    declare_topology,
     exchange_name,
     stage_queue_name,
 )
 from toposerve.brokers.tracing import TRACEPARENT, continue_trace, current_span, trace_headers
 
 __all__ = [
+    "ATTEMPTS_HEADER",
+    "QUEUE_HEADER",
+    "REASON_HEADER",
+    "ROUTING_KEY_HEADER",
+    "STAGE_HEADER",
+    "TRUNCATED_HEADER",
+    "DeclaredTopology",
+    "amqp_message",
+    "dead_exchange",
+    "inference_exchange",
+    "make_broker",
+    "publishing",
+    "rabbit_queue",
     "CLIENT_ROLES",
     "SINGLE_PROCESS",
     "STAGE_KINDS",
@@ -158,7 +187,6 @@ __all__ = [
     "iter_results",
     "latency_bucket",
     "new_batch_id",
-    "open_confirm_channel",
     "prediction_key",
     "redact",
     "routing_key",

@@ -47,6 +47,8 @@ PRODUCES: dict[str, tuple[str, ...]] = {
     "store": ("failure",),
     "batch_store": ("failure",),
     "telemetry": ("failure",),
+    # A user's stage returns any of toposerve's message types (plus what its ``publishes`` names).
+    "custom": ("prediction", "failure", "features", "request"),
 }
 STAGE_KINDS = tuple(PRODUCES)
 # A single-process profile (web_single) runs the ingress and its stages in one process.
@@ -133,8 +135,10 @@ class Names:
         return [re.escape(name) for name in names]
 
 
-def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: Iterable[str]) -> Account:
-    """A stage kind's account: its ``queues`` (names, delay queues included) and their binding keys."""
+def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: Iterable[str],
+                  publishes: Iterable[str] = ()) -> Account:
+    """A stage kind's account: its ``queues`` (names, delay queues included), their binding keys,
+    and the routing keys its stages publish besides their kind's (a ``publishes`` template)."""
     names, queues, consumes = Names(namespace), list(queues), list(consumes)
     own = names.queues(queues)
     broker = BrokerAccount(
@@ -143,7 +147,7 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
         write=_alternatives([names.exchange, names.dead, names.default_exchange, *own]),
         read=_alternatives([names.exchange, names.dead, *own]),
         topics=[TopicPermission(exchange=exchange_name(namespace), write=_first_words(
-                    [f"{word}.x" for word in PRODUCES[kind]]), read=_first_words(consumes)),
+                    [f"{word}.x" for word in PRODUCES[kind]] + list(publishes)), read=_first_words(consumes)),
                 TopicPermission(exchange=dead_exchange_name(namespace), write=".*", read=".*")],
     )
     keys = {"unsettled:*"}  # the crash guard's counts, for every stage
@@ -174,7 +178,8 @@ def ingress_account(namespace: str, role: str = "ingress") -> Account:
                    redis=RedisAccount(user=broker.user, rules=_redis_rules(namespace, ["*"], channels=True)))
 
 
-def single_process_account(namespace: str, queues: Iterable[str], consumes: Iterable[str] = ()) -> Account:
+def single_process_account(namespace: str, queues: Iterable[str], consumes: Iterable[str] = (),
+                           publishes: Iterable[str] = ()) -> Account:
     """web_single: one process, the ingress and every stage; a stage account (its answers are trusted)."""
     ingress = ingress_account(namespace, SINGLE_PROCESS)
     names = Names(namespace)
@@ -184,7 +189,7 @@ def single_process_account(namespace: str, queues: Iterable[str], consumes: Iter
         "read": _alternatives([names.exchange, names.dead, names.reply, *own]),
         "topics": [TopicPermission(exchange=exchange_name(namespace),
                                    write=_first_words([f"{w}.x" for kind in PRODUCES for w in PRODUCES[kind]]
-                                                      + ["request.x"]), read=".*"),
+                                                      + ["request.x", *publishes]), read=".*"),
                    TopicPermission(exchange=dead_exchange_name(namespace), write=".*", read=".*")],
     })
     del consumes  # the ingress's ``.*`` topic reads already cover every stage's binding keys

@@ -1,23 +1,14 @@
-"""Declaring the routing topology on the broker: exchanges, stage queues, bindings.
+"""The routing topology as data: exchange and queue names, stage queues and their bindings.
 
 A profile (deploy/) is turned into ``QueueSpec``s; this module knows nothing about
-profiles. Declarations are idempotent, so every process declares what it uses at
-startup and the start order of processes does not matter.
+profiles, and nothing about the broker: brokers/bus.py declares these on it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
-from aio_pika.exceptions import ChannelPreconditionFailed
 from pydantic import BaseModel, Field
-
-log = logging.getLogger(__name__)
 
 
 def exchange_name(namespace: str) -> str:
@@ -84,50 +75,3 @@ class DeadLetterSpec(BaseModel):
         if self.max_bytes is not None:
             args["x-max-length-bytes"] = self.max_bytes
         return args
-
-
-async def declare_dead_letters(connection: AbstractConnection, namespace: str, spec: DeadLetterSpec) -> None:
-    """Declare ``{ns}.dead`` (bounded by ``spec``) and bind it to the dead-letter exchange.
-
-    On a channel of its own: a queue that exists with other bounds (declared by an older
-    release, or by a profile with other bounds) makes the broker close the channel; that
-    queue is then kept as it is, with a warning, and nothing else is disturbed.
-    """
-    channel = await connection.channel()
-    try:
-        dead_exchange = await channel.declare_exchange(dead_exchange_name(namespace), aio_pika.ExchangeType.TOPIC,
-                                                       durable=True)
-        queue = await channel.declare_queue(dead_queue_name(namespace), durable=True, arguments=spec.arguments())
-        await queue.bind(dead_exchange, routing_key="#")
-    except ChannelPreconditionFailed as exc:
-        log.warning("dead-letter queue %s exists with other bounds than %s; keeping it as it is (%s)",
-                    dead_queue_name(namespace), spec.arguments(), exc)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-
-
-@dataclass(frozen=True)
-class DeclaredTopology:
-    exchange: AbstractExchange
-    dead_exchange: AbstractExchange
-    queues: dict[str, AbstractQueue]
-
-
-async def declare_topology(
-    channel: AbstractChannel, namespace: str, queues: Sequence[QueueSpec] = ()
-) -> DeclaredTopology:
-    exchange = await channel.declare_exchange(exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True)
-    # The dead-letter queue itself is declared, with its bounds, by the processes that know
-    # their profile (``declare_dead_letters``): stages and the ingress.
-    dead_exchange = await channel.declare_exchange(
-        dead_exchange_name(namespace), aio_pika.ExchangeType.TOPIC, durable=True
-    )
-
-    declared: dict[str, AbstractQueue] = {}
-    for spec in queues:
-        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments(namespace))
-        for key in spec.binding_keys:
-            await queue.bind(exchange, routing_key=key)
-        declared[spec.name] = queue
-    return DeclaredTopology(exchange=exchange, dead_exchange=dead_exchange, queues=declared)

@@ -36,8 +36,12 @@ class PredictStage(Stage):
         max_rows: int = 10_000,
         groups: dict[str, str] | None = None,
         cascade: tuple[float, str] | None = None,
+        publishes: str | None = None,
     ) -> None:
         super().__init__(name)
+        # A routing-key template ({model}) for predictions that a post-processing stage
+        # (``kind: custom``) turns into the job's answer; None: ``prediction.<model>``, final.
+        self.publishes = publishes
         self.registry = registry
         self.model_names = models
         # Scatter-gather: features for a group are answered by this stage's member model.
@@ -83,8 +87,12 @@ class PredictStage(Stage):
             if float(probabilities.max(axis=1).min()) < threshold:
                 # Not sure enough about every row: the next model answers instead (same job).
                 return [outgoing(message.model_copy(update={"model": next_model}))]
-        return [outgoing(Prediction(
+        prediction = Prediction(
             **message.carried(), model_version=loaded.manifest.version, part=part,
             answered_by=loaded.manifest.name,
             rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
-        ))]
+        )
+        if self.publishes is not None:
+            return [Outgoing(prediction, self.publishes.format(kind=prediction.kind, model=prediction.model),
+                             final=False)]
+        return [outgoing(prediction)]

@@ -48,20 +48,26 @@ def profile_accounts(namespace: str, *profiles: Profile) -> list[Account]:
     (its queues across the profiles), the clients; a single-process profile's one account."""
     queues: dict[str, list[str]] = {}
     consumes: dict[str, list[str]] = {}
+    publishes: dict[str, list[str]] = {}
     single: list[str] = []
+    single_publishes: list[str] = []
     for profile in profiles:
         for name, spec in profile.stages.items():
             own = [profile.queue_spec(namespace, name).name, *extra_queue_names(profile, namespace, name)]
             keys = [*spec.consumes, *([f"join-wait.{spec.group}"] if spec.kind == "aggregate" else [])]
+            # A ``publishes`` template starts with a literal word: keys starting with it are granted.
+            extra = [spec.publishes] if getattr(spec, "publishes", None) else []
             if profile.ingress.single_process:
                 single.extend(own)
+                single_publishes.extend(extra)
                 continue
             queues.setdefault(spec.kind, []).extend(own)
             consumes.setdefault(spec.kind, []).extend(keys)
+            publishes.setdefault(spec.kind, []).extend(extra)
     accounts = [ingress_account(namespace)]
-    accounts += [stage_account(namespace, kind, queues[kind], consumes[kind]) for kind in queues]
+    accounts += [stage_account(namespace, kind, queues[kind], consumes[kind], publishes[kind]) for kind in queues]
     if single:
-        accounts.append(single_process_account(namespace, single, []))
+        accounts.append(single_process_account(namespace, single, [], single_publishes))
     return accounts + [client_account(namespace, role) for role in CLIENT_ROLES]
 
 

@@ -28,6 +28,7 @@ from toposerve.deploy.profile import (
     SAMPLE_IMAGE,
     AggregateSpec,
     BatchStoreSpec,
+    CustomSpec,
     PredictSpec,
     PreprocessSpec,
     Profile,
@@ -108,7 +109,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         queues=profile.queue_specs(settings.namespace),
         groups={name: group.models for name, group in profile.groups.items()},
         answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()
-                       if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec)],
+                       if isinstance(stage, PreprocessSpec | PredictSpec | AggregateSpec | CustomSpec)],
         item_ids=profile.item_ids,
         item_ttl_s=profile.item_ttl_s,
         outcomes_kept=keeps_outcomes(profile),

@@ -70,8 +70,18 @@ class CascadeSpec(_Strict):
     next_model: str = Field(description="The model that gets the input otherwise (features.<next_model>)")
 
 
+# A routing-key template for a stage's outputs: dot-separated words, {kind} and {model} allowed
+# after the first (a literal word: the publishing account is granted keys that start with it).
+PublishesTemplate = Annotated[str, Field(pattern=r"^[a-z0-9_-]+(\.([a-z0-9_-]+|\{kind\}|\{model\}))*$",
+                                         max_length=128)]
+
+
 class PredictSpec(_StageBase):
     kind: Literal["predict"]
+    # Where predictions go when a post-processing stage (kind: custom) makes the answer,
+    # e.g. "scored.{model}": they are then not the job's answer (no sync reply from here).
+    publishes: PublishesTemplate | None = Field(
+        default=None, description="Routing key of predictions for a post-processor ({model}); default prediction.<model>")
     cascade: CascadeSpec | None = None
     models: list[str] | None = Field(default=None, description="Models this stage serves (default: all)")
     max_batch_size: int = Field(default=64, ge=1, le=100_000)
@@ -100,6 +110,15 @@ class AggregateSpec(_StageBase):
     group: str = Field(description="The model group whose parts this stage joins")
 
 
+class CustomSpec(_StageBase):
+    """A user's stage: a function over toposerve's message types (consumers/custom.py)."""
+
+    kind: Literal["custom"]
+    handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", description="module:function")
+    publishes: PublishesTemplate | None = Field(
+        default=None, description="Routing key of every output ({kind}, {model}); default each output's own")
+
+
 class GroupSpec(_Strict):
     """A model group: one request, answered by every member, joined by an aggregate stage."""
 
@@ -111,8 +130,8 @@ class GroupSpec(_Strict):
     partial_answers: bool = Field(default=False, description="Answer with the members that answered, marked partial")
 
 
-StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec | BatchStoreSpec,
-                      Field(discriminator="kind")]
+StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec | BatchStoreSpec
+                      | CustomSpec, Field(discriminator="kind")]
 
 
 class Profile(_Strict):
@@ -164,6 +183,19 @@ class Profile(_Strict):
             if orphans:
                 raise ValueError("ingress.preprocess_tabular_in_ingress: no predict stage consumes "
                                  f"{', '.join(f'features.{m}' for m in orphans)}")
+        return self
+
+    @model_validator(mode="after")
+    def _published_predictions_have_a_consumer(self) -> Profile:
+        # A predict stage's ``publishes`` key must reach a stage (its post-processor), or every
+        # prediction would be refused as unroutable and its job would never end.
+        for name, stage in self.stages.items():
+            if isinstance(stage, PredictSpec) and stage.publishes:
+                patterns = [p for other, s in self.stages.items() if other != name for p in s.consumes]
+                keys = [stage.publishes.format(kind="prediction", model=m) for m in self.stage_models(name)]
+                orphans = [key for key in keys if not any_binding_matches(patterns, key)]
+                if orphans:
+                    raise ValueError(f"stage {name!r} publishes {', '.join(orphans)}, which no other stage consumes")
         return self
 
     @model_validator(mode="after")

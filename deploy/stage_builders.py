@@ -25,16 +25,19 @@ from toposerve.brokers import (
 from toposerve.consumers import (
     AggregateStage,
     BatchStoreStage,
+    CustomStage,
     PredictStage,
     PreprocessStage,
     Stage,
     StoreStage,
     TelemetryStage,
     delay_queue,
+    load_handler,
 )
 from toposerve.deploy.profile import (
     AggregateSpec,
     BatchStoreSpec,
+    CustomSpec,
     DirectorySourceSpec,
     PredictSpec,
     PreprocessSpec,
@@ -92,7 +95,8 @@ def _predict(ctx: StageContext, spec: PredictSpec) -> Stage:
     return PredictStage(ctx.stage_name, ctx.registry, ctx.profile.stage_models(ctx.stage_name),
                         max_batch_size=spec.max_batch_size, max_batch_delay_ms=spec.max_batch_delay_ms,
                         max_rows=ctx.settings.max_rows, groups=ctx.profile.group_parts(ctx.stage_name),
-                        cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None)
+                        cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None,
+                        publishes=spec.publishes)
 
 
 def _store(ctx: StageContext, spec: StoreSpec) -> Stage:
@@ -134,6 +138,10 @@ def _telemetry(ctx: StageContext, spec: TelemetrySpec) -> Stage:
     return TelemetryStage(ctx.stage_name, telemetry, ctx.manifests())
 
 
+def _custom(ctx: StageContext, spec: CustomSpec) -> Stage:
+    return CustomStage(ctx.stage_name, load_handler(spec.handler), publishes=spec.publishes)
+
+
 StageBuilder = Callable[[StageContext, StageSpec], Stage]
 
 STAGE_BUILDERS: Mapping[type, StageBuilder] = MappingProxyType({
@@ -143,6 +151,7 @@ STAGE_BUILDERS: Mapping[type, StageBuilder] = MappingProxyType({
     AggregateSpec: _aggregate,
     BatchStoreSpec: _batch_store,
     TelemetrySpec: _telemetry,
+    CustomSpec: _custom,
 })
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aio_pika
 import redis.asyncio as redis
-from aio_pika.abc import AbstractRobustConnection
+from faststream.rabbit import RabbitBroker
 
 from toposerve.brokers import (
     BatchManifest,
@@ -33,12 +33,12 @@ from toposerve.brokers import (
     QueueSpec,
     Settings,
     chunk_id,
-    connect_amqp,
     connect_redis,
     declare_topology,
     encode_chunk_result,
+    inference_exchange,
+    make_broker,
     new_batch_id,
-    open_confirm_channel,
     routing_key,
     url_user,
 )
@@ -78,7 +78,7 @@ class BatchSubmitter:
         self.limits = InputLimits.of(settings)
         self._owns_redis = redis_client is None
         self.store = BatchStore(redis_client or connect_redis(settings.redis_url), settings.namespace, ttl_s)
-        self.connection: AbstractRobustConnection | None = None
+        self.broker: RabbitBroker | None = None
         self.publisher: Publisher | None = publisher
 
     async def __aenter__(self) -> BatchSubmitter:
@@ -89,17 +89,18 @@ class BatchSubmitter:
 
     async def _connect(self) -> Publisher:
         if self.publisher is None:
-            self.connection = await connect_amqp(self.settings.amqp_url, "toposerve-batch-submit")
-            channel = await open_confirm_channel(self.connection)
+            self.broker = make_broker(self.settings, "toposerve-batch-submit")
+            await self.broker.connect()
             # Declared here too, so chunks are queued even before the stages start.
-            topology = await declare_topology(channel, self.settings.namespace, self.queues)
-            self.publisher = Publisher(topology.exchange, timeout_s=60.0, user_id=url_user(self.settings.amqp_url))
+            await declare_topology(self.broker, self.settings.namespace, self.queues)
+            self.publisher = Publisher(self.broker, inference_exchange(self.settings.namespace), timeout_s=60.0,
+                                       user_id=url_user(self.settings.amqp_url))
         return self.publisher
 
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
-            self.connection = None
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
             self.publisher = None
         if self._owns_redis:
             await self.store.client.aclose()

@@ -1,7 +1,7 @@
 """Dead letters: list what landed in ``{ns}.dead`` and re-publish it to the inference exchange.
 
 A stage dead-letters a message it cannot decode, or one that kept failing
-(``consumers/stage.py``), with ``x-toposerve-reason``, ``-stage``, ``-queue`` and
+(``consumers/settlement.py``), with ``x-toposerve-reason``, ``-stage``, ``-queue`` and
 ``-attempts`` headers; the broker dead-letters rejected or over-limit deliveries
 with an ``x-death`` header. Both kinds are listed and replayed the same way.
 
@@ -21,21 +21,22 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from toposerve.brokers import (
+    ATTEMPTS_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    STAGE_HEADER,
     Publisher,
     PublishRefused,
     Settings,
     connect_amqp,
     dead_queue_name,
     declare_topology,
-    open_confirm_channel,
+    inference_exchange,
+    make_broker,
     read_identity,
     url_user,
 )
 
-ATTEMPTS_HEADER = "x-toposerve-attempts"
-REASON_HEADER = "x-toposerve-reason"
-STAGE_HEADER = "x-toposerve-stage"
-QUEUE_HEADER = "x-toposerve-queue"
 # Dead-letter bookkeeping that a replayed message must not carry into its new life.
 DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, REASON_HEADER, STAGE_HEADER, QUEUE_HEADER, "x-death",
                      "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
@@ -121,30 +122,38 @@ class DeadLetters:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Browsing is basic.get on a channel of our own, whose close puts back what was not
+        # acked: FastStream has no such thing, so browsing is on aio-pika; replays are
+        # published through FastStream, like every other publish.
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._broker = make_broker(settings, "toposerve-dead-letters")
+        self._publisher = Publisher(self._broker, inference_exchange(settings.namespace),
+                                    user_id=url_user(settings.amqp_url))
 
     async def __aenter__(self) -> DeadLetters:
-        self._connection = await connect_amqp(self.settings.amqp_url, "toposerve-dead-letters")
+        self._connection = await connect_amqp(self.settings.amqp_url, "toposerve-dead-letters-browse")
+        await self._broker.connect()
+        await declare_topology(self._broker, self.settings.namespace)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._connection is not None:
             await self._connection.close()
+        await self._broker.stop()
 
     async def _channel(self):
-        """A channel, the topology, and ``{ns}.dead`` as it is (passive: its bounds belong to the profile)."""
+        """A channel and ``{ns}.dead`` as it is (passive: its bounds belong to the profile)."""
         assert self._connection is not None
-        channel = await open_confirm_channel(self._connection)
+        channel = await self._connection.channel()
         try:
             queue = await channel.declare_queue(dead_queue_name(self.settings.namespace), passive=True)
         except ChannelNotFoundEntity:  # no stage ever ran in this namespace: no dead letters
-            channel = await open_confirm_channel(self._connection)
+            channel = await self._connection.channel()
             queue = None
-        topology = await declare_topology(channel, self.settings.namespace)
-        return channel, topology, queue
+        return channel, queue
 
     async def count(self) -> int:
-        channel, _, queue = await self._channel()
+        channel, queue = await self._channel()
         try:
             return 0 if queue is None else queue.declaration_result.message_count or 0
         finally:
@@ -152,7 +161,7 @@ class DeadLetters:
 
     async def list(self, limit: int | None = None) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first; all stay in the queue."""
-        channel, _, queue = await self._channel()
+        channel, queue = await self._channel()
         try:
             total = 0 if queue is None else queue.declaration_result.message_count or 0
             wanted = total if limit is None else min(limit, total)
@@ -169,8 +178,8 @@ class DeadLetters:
     async def replay(self, ids: Iterable[str] | None = None) -> ReplayReport:
         """Re-publish the dead letters with these job ids or message ids (``None``: all of them)."""
         wanted = None if ids is None else set(ids)
-        channel, topology, queue = await self._channel()
-        publisher = Publisher(topology.exchange, user_id=url_user(self.settings.amqp_url))
+        channel, queue = await self._channel()
+        publisher = self._publisher
         report = ReplayReport(replayed=[], refused=[], not_found=[])
         seen: set[str] = set()
         try:

@@ -15,16 +15,15 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import aio_pika
-
 from toposerve.brokers import (
     N_LATENCY_BUCKETS,
     LatencyStats,
     Publisher,
     PublishRefused,
     Telemetry,
-    exchange_name,
+    inference_exchange,
     latency_bucket,
+    make_broker,
     routing_key,
     utc_now,
 )
@@ -94,18 +93,17 @@ async def forward(spool: Spool, amqp_url: str, namespace: str, connect_timeout_s
     if not reports:
         return ForwardResult(0, 0)
     try:
-        # A plain (not robust) connection: a one-shot attempt, retried by the caller's next round.
-        connection = await aio_pika.connect(amqp_url, timeout=connect_timeout_s,
-                                            client_properties={"connection_name": "toposerve-edge"})
+        # A one-shot attempt, retried by the caller's next round.
+        broker = make_broker(amqp_url, "toposerve-edge", connect_timeout_s=connect_timeout_s)
+        await asyncio.wait_for(broker.connect(), connect_timeout_s + 1)
     except Exception as exc:  # refused, unreachable, bad credentials: all mean "later"
         return ForwardResult(0, len(reports), f"broker unreachable ({type(exc).__name__}: {exc})")
     confirmed: set[uuid.UUID] = set()
     error: str | None = None
     try:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         # Passive: the server owns the topology; a client never creates it.
-        exchange = await channel.get_exchange(exchange_name(namespace), ensure=True)
-        publisher = Publisher(exchange, timeout_s=publish_timeout_s)
+        await broker.config.declarer.declare_exchange(inference_exchange(namespace), declare=False)
+        publisher = Publisher(broker, inference_exchange(namespace), timeout_s=publish_timeout_s)
         for start in range(0, len(reports), PUBLISH_CHUNK):
             chunk = reports[start:start + PUBLISH_CHUNK]
             outcomes = await asyncio.gather(
@@ -121,7 +119,7 @@ async def forward(spool: Spool, amqp_url: str, namespace: str, connect_timeout_s
         error = error or f"{type(exc).__name__}: {exc}"
     finally:
         try:
-            await asyncio.wait_for(connection.close(), 5)
+            await asyncio.wait_for(broker.stop(), 5)
         except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to keep
             pass
     removed = await asyncio.to_thread(spool.remove, confirmed)

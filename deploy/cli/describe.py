@@ -41,6 +41,10 @@ def topology(profile_name: str) -> None:
         if stage.kind == "predict":
             knobs += [f"max_batch_size={stage.max_batch_size}", f"max_batch_delay_ms={stage.max_batch_delay_ms}",
                       f"models={','.join(profile.stage_models(name))}"]
+        if stage.kind == "custom":
+            knobs.append(f"handler={stage.handler}")
+        if getattr(stage, "publishes", None):
+            knobs.append(f"publishes={stage.publishes}")
         if spec.max_length:
             knobs.append(f"max_queue_length={spec.max_length}")
         click.echo(f"  {name}: {spec.name} ({spec.queue_type}) <- {', '.join(spec.binding_keys)}")
@@ -56,8 +60,14 @@ def flow(profile: Profile) -> str:
     steps = ["request.<model>"]
     if "preprocess" in kinds:
         steps += ["preprocess", "features.<model>"]
-    if "predict" in kinds:
+    custom = [name for name, stage in profile.stages.items() if stage.kind == "custom"]
+    scored = next((s.publishes for s in profile.stages.values() if s.kind == "predict" and s.publishes), None)
+    if "predict" in kinds and scored:
+        steps += ["predict", scored.replace("{model}", "<model>")]
+    elif "predict" in kinds:
         steps += ["predict", "prediction.<model> | failure.<model>"]
+    if custom:  # a user's stages, in the order the profile lists them
+        steps += [*(f"{name} (custom)" for name in custom), "prediction.<model> | failure.<model>"]
     if "aggregate" in kinds:
         steps += ["aggregate", "prediction.<group>"]
     if "store" in kinds or "batch_store" in kinds:

@@ -13,7 +13,7 @@ from tests.conftest import FreshServices
 from toposerve.brokers.connections import connect_redis
 from toposerve.brokers.results import ResultStore
 from toposerve.brokers.settings import Settings
-from toposerve.consumers.stage import StageRunner
+from toposerve.consumers import StageRunner
 from toposerve.deploy.components import build_app, build_stage_runner, load_checked_profile
 from toposerve.deploy.profile import Profile
 

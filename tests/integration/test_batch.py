@@ -23,12 +23,11 @@ from tests.support.batches import (
 )
 from tests.support.faults import summary
 from tests.support.images import png_bytes, sample_images, truncated
-from toposerve.brokers.accounts import url_user
+from toposerve.brokers import publishing
 from toposerve.brokers.batches import chunk_id
-from toposerve.brokers.connections import Publisher, amqp_message, connect_amqp, open_confirm_channel
+from toposerve.brokers.connections import connect_amqp
 from toposerve.brokers.messages import Prediction, RowPrediction
 from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import declare_topology
 from toposerve.producers.batch import wait_for_batch
 from toposerve.producers.batch_sources import BatchInputError
 
@@ -171,17 +170,12 @@ async def test_progress_is_exact_under_redelivery(settings: Settings, tmp_path: 
         async with submitter_for(stack) as submitter:
             result = await submitter.submit_path(write_csv(tmp_path / "in.csv", iris_rows(15), False), "iris",
                                                  chunk_rows=10)
-            connection = await connect_amqp(settings.amqp_url, "test-predict")
-            try:
-                topology = await declare_topology(await open_confirm_channel(connection), settings.namespace, [])
-                publisher = Publisher(topology.exchange)
+            async with publishing(settings, "test-predict") as publisher:
                 rows = [RowPrediction(label="setosa", class_index=0, probabilities=[1.0, 0.0, 0.0])]
                 for index, n in ((0, 10), (0, 10), (1, 5), (0, 10)):
                     prediction = Prediction(id=chunk_id(result.batch_id, index), model="iris", model_version="1",
                                             batch_id=result.batch_id, rows=rows * n)
-                    await publisher.publish_raw(amqp_message(prediction, user_id=url_user(settings.amqp_url)), "prediction.iris")
-            finally:
-                await connection.close()
+                    await publisher.publish(prediction, "prediction.iris")
             status = await wait_for_batch(submitter.store, result.batch_id, timeout_s=10)
             await asyncio.sleep(0.3)  # the last duplicate is stored (or not) by now
             status = await submitter.store.status(result.batch_id)
@@ -366,17 +360,12 @@ def test_cli_submit_wait_status_results_with_stages_killed_mid_batch(
 async def test_the_batch_store_stores_ordinary_jobs_too(settings: Settings) -> None:
     """A prediction that is not a recorded batch's chunk (even with a batch_id) becomes a job record."""
     async for stack in start_stack(settings, "batch", stages=["store"]):
-        connection = await connect_amqp(settings.amqp_url, "test-jobs")
-        try:
-            topology = await declare_topology(await open_confirm_channel(connection), settings.namespace, [])
-            publisher = Publisher(topology.exchange)
+        async with publishing(settings, "test-jobs") as publisher:
             rows = [RowPrediction(label="setosa", class_index=0, probabilities=[0.9, 0.05, 0.05])] * 2
             jobs = [Prediction(id=uuid.uuid4(), model="iris", model_version="1", batch_id=batch, rows=rows)
                     for batch in (None, "my-own-label")]
             for job in jobs:
-                await publisher.publish_raw(amqp_message(job, user_id=url_user(settings.amqp_url)), "prediction.iris")
-        finally:
-            await connection.close()
+                await publisher.publish(job, "prediction.iris")
         for job in jobs:
             for _ in range(100):
                 record = await stack.results.get(job.id)

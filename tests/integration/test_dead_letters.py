@@ -171,7 +171,7 @@ async def test_the_dead_letter_queue_is_bounded_and_keeps_the_newest(settings, t
             kept = await letters.list()
         assert 1 <= len(kept) <= 2 and sum(letter.size for letter in kept) <= 100_000
         async with DeadLetters(settings) as letters:
-            channel, _, queue = await letters._channel()
+            channel, queue = await letters._channel()
             message = await queue.get(no_ack=True)
             await channel.close()
         assert json.loads(message.body)["n"] >= 8  # drop-head: the newest survive

@@ -19,8 +19,9 @@ import pytest
 
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_direct_amqp import dead_letters, job_when_done, publish
+from toposerve.brokers import TRUNCATED_HEADER
 from toposerve.brokers.settings import Settings
-from toposerve.consumers.stage import SALVAGE_HEAD_BYTES, TRUNCATED_HEADER
+from toposerve.consumers.settlement import SALVAGE_HEAD_BYTES
 
 LIMIT = 1024 * 1024
 
@@ -84,10 +85,10 @@ async def test_a_confirm_timeout_while_the_stage_stalled_itself_counts_attempts_
     from toposerve.brokers.connections import PublishRefused
     from toposerve.brokers.messages import Prediction
 
+    settlement = small_limit_stack.runners["predict"].settlement
     runner = small_limit_stack.runners["predict"]
-    assert runner._publisher is not None
-    runner._publisher.timeout_s = 1.0
-    real_publish_all = runner._publish_all
+    settlement.outlets.outputs.timeout_s = 1.0
+    real_publish_all = settlement.publish_all
     stall = {"seconds": 0.8}
 
     async def stalled_publish_all(outputs, delivery, **kwargs):
@@ -96,7 +97,7 @@ async def test_a_confirm_timeout_while_the_stage_stalled_itself_counts_attempts_
             raise PublishRefused("no confirm for 'prediction.iris' within 1 s", "timeout")
         return await real_publish_all(outputs, delivery, **kwargs)
 
-    runner._publish_all = stalled_publish_all
+    settlement.publish_all = stalled_publish_all
     job_id = uuid.uuid4()
     await publish(small_limit_stack, "request.iris", rows_body(job_id, 1))
     job = await job_when_done(small_limit_stack, job_id, timeout=30)
@@ -111,5 +112,5 @@ async def test_a_confirm_timeout_while_the_stage_stalled_itself_counts_attempts_
     while runner.stats.requeued == 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert runner.stats.requeued >= 1
-    runner._publish_all = real_publish_all
+    settlement.publish_all = real_publish_all
     assert (await job_when_done(small_limit_stack, other, timeout=15))["status"] == "succeeded"

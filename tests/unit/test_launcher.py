@@ -1,4 +1,4 @@
-"""deploy/launcher.py ensure_services: use what answers, start throwaway servers only at default URLs.
+"""deploy/launcher.py ensure_services: a URL that is set must answer; an unset one gets a throwaway server.
 
 No real server is ever started here: the start functions are replaced, and the
 "default" URLs are pointed at free loopback ports so a RabbitMQ/Redis that may be
@@ -42,16 +42,6 @@ def never_start(monkeypatch) -> None:
 
     monkeypatch.setattr(launcher, "start_rabbitmq", fail)
     monkeypatch.setattr(launcher, "start_redis", fail)
-
-
-@pytest.fixture
-def silent_defaults(monkeypatch) -> tuple[str, str]:
-    """Make the launcher's default URLs point at free ports where nothing listens."""
-    amqp = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    redis = f"redis://127.0.0.1:{free_port()}/0"
-    monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp)
-    monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", redis)
-    return amqp, redis
 
 
 @dataclass
@@ -116,12 +106,10 @@ def test_services_that_answer_are_used_as_they_are(never_start, listener) -> Non
 
 
 @pytest.mark.parametrize("which", ["rabbitmq", "redis"])
-def test_missing_server_at_default_url_propagates_the_install_hint(monkeypatch, silent_defaults, listener,
-                                                                   which: str) -> None:
-    amqp, redis = silent_defaults
-    if which == "redis":
-        amqp = f"amqp://guest:guest@127.0.0.1:{listener}/"  # AMQP answers; only Redis is missing
-        monkeypatch.setattr(launcher, "DEFAULT_AMQP_URL", amqp)
+def test_missing_server_for_an_unset_url_propagates_the_install_hint(monkeypatch, listener, which: str) -> None:
+    settings = Settings()
+    if which == "redis":  # AMQP is set and answers; only Redis is missing
+        settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{listener}/")
 
     def missing(*args, **kwargs):
         raise ServiceUnavailable(f"{which}-server not found. Install it with: {INSTALL_HINT}")
@@ -130,7 +118,7 @@ def test_missing_server_at_default_url_propagates_the_install_hint(monkeypatch, 
     monkeypatch.setattr(launcher, "start_redis", missing)
     say = Said()
     with pytest.raises(ServiceUnavailable) as info:
-        ensure_services(Settings(amqp_url=amqp, redis_url=redis), say)
+        ensure_services(settings, say)
     assert INSTALL_HINT in str(info.value)
     assert f"starting a throwaway local {which}-server" in say.text
 
@@ -139,44 +127,42 @@ def _not_called(*args, **kwargs):
     pytest.fail("start_rabbitmq called although AMQP answers")
 
 
-def test_real_start_functions_without_binaries_give_the_install_hint(monkeypatch, silent_defaults) -> None:
+def test_real_start_functions_without_binaries_give_the_install_hint(monkeypatch) -> None:
     # The real start_rabbitmq, with no binary to be found: it must refuse before starting anything.
     monkeypatch.setattr(rabbitmq_server, "find_binary", lambda name: None)
-    amqp, redis = silent_defaults
     with pytest.raises(ServiceUnavailable) as info:
-        ensure_services(Settings(amqp_url=amqp, redis_url=redis), Said())
+        ensure_services(Settings(), Said())
     assert INSTALL_HINT in str(info.value) and "rabbitmq-server" in str(info.value)
 
 
-def test_servers_started_before_a_failure_are_stopped(monkeypatch, silent_defaults) -> None:
-    amqp, redis = silent_defaults
+def test_servers_started_before_a_failure_are_stopped(monkeypatch) -> None:
     rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:1/")
-    monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
+    monkeypatch.setattr(launcher, "start_rabbitmq", lambda **options: rabbit)
 
     def no_redis(**options):
         raise ServiceUnavailable(f"redis-server not found. Install it with: {INSTALL_HINT}")
 
     monkeypatch.setattr(launcher, "start_redis", no_redis)
     with pytest.raises(ServiceUnavailable):
-        ensure_services(Settings(amqp_url=amqp, redis_url=redis), Said())
+        ensure_services(Settings(), Said())
     assert rabbit.stopped == 1
 
 
-def test_throwaway_servers_replace_the_default_urls(monkeypatch, silent_defaults) -> None:
-    amqp, redis = silent_defaults
+def test_throwaway_servers_replace_unset_urls(monkeypatch) -> None:
     rabbit = FakeService("rabbitmq", "amqp://guest:guest@127.0.0.1:40001/")
     redis_service = FakeService("redis", "redis://127.0.0.1:40002/0")
-    monkeypatch.setattr(launcher, "start_rabbitmq", lambda: rabbit)
+    monkeypatch.setattr(launcher, "start_rabbitmq", lambda **options: rabbit)
     redis_options: list[dict] = []
     monkeypatch.setattr(launcher, "start_redis", lambda **options: redis_options.append(options) or redis_service)
     say = Said()
-    resolved, started = ensure_services(Settings(amqp_url=amqp, redis_url=redis), say)
+    resolved, started = ensure_services(Settings(), say)
     assert started == [rabbit, redis_service]
     # The Redis it starts keeps results across its own restart (an append-only file).
-    assert redis_options == [{"appendonly": True, "appendfsync": "everysec"}]
+    assert redis_options == [{"appendonly": True, "appendfsync": "everysec", "acl": None}]
     assert resolved.amqp_url == rabbit.url and resolved.redis_url == redis_service.url
     assert rabbit.stopped == redis_service.stopped == 0  # the caller stops them later
-    assert rabbit.url in say.text and redis_service.url in say.text
+    # Where they are, with the password masked.
+    assert "127.0.0.1:40001" in say.text and "guest:guest" not in say.text and redis_service.url in say.text
 
 
 @pytest.mark.parametrize(("url", "port"), [("amqp://h/", 5672), ("amqps://h/vhost", 5671), ("amqps://h:5999/", 5999),

@@ -18,7 +18,8 @@ from toposerve.brokers.messages import Envelope, InferenceRequest, routing_key
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.topology import QueueSpec
 from toposerve.brokers.tracing import TRACEPARENT, continue_trace, new_trace, parse_traceparent
-from toposerve.consumers.stage import Outgoing, Stage, StageRunner
+from toposerve.consumers import Outgoing, Outlets, Settlement, Stage, Trust
+from toposerve.consumers.metrics import stage_metrics
 from toposerve.deploy.asyncapi import asyncapi_document, profile_routing_keys, topic_matches
 from toposerve.deploy.cli import main
 from toposerve.deploy.components import load_checked_profile
@@ -103,10 +104,12 @@ class FakeDelivery:
         raise AssertionError("not expected")
 
 
-def runner_on_fakes(stage: Stage) -> tuple[StageRunner, FakePublisher]:
-    runner = StageRunner(stage, Settings(), QueueSpec(name="t.stage", binding_keys=["request.*"]))
+def runner_on_fakes(stage: Stage) -> tuple[Settlement, FakePublisher]:
+    """The settlement policy of ``stage`` publishing into a list."""
     publisher = FakePublisher()
-    runner._publisher = runner._retry = runner._dead = publisher  # type: ignore[assignment]
+    runner = Settlement(stage, Settings(), QueueSpec(name="t.stage", binding_keys=["request.*"]),
+                        Outlets(outputs=publisher, dead=publisher, direct=publisher),  # type: ignore[arg-type]
+                        metrics=stage_metrics(stage.name), trust=Trust(frozenset()))
     return runner, publisher
 
 
@@ -115,7 +118,7 @@ async def test_a_failed_jobs_log_line_carries_job_id_and_trace_id_in_json() -> N
     handler = logging.StreamHandler(stream)
     handler.addFilter(JobContextFilter())
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("toposerve.consumers.stage")
+    logger = logging.getLogger("toposerve.consumers.settlement")
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)
@@ -124,7 +127,7 @@ async def test_a_failed_jobs_log_line_carries_job_id_and_trace_id_in_json() -> N
         job_id = uuid.uuid4()
         request = InferenceRequest(id=job_id, model="iris", instances=[[1.0, 2.0]])
         delivery = FakeDelivery(request.model_dump_json().encode(), {TRACEPARENT: VALID, "x-other": "kept"})
-        await runner._process(delivery)  # type: ignore[arg-type]
+        await runner.process(delivery)  # type: ignore[arg-type]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)

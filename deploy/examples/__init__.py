@@ -1,0 +1,1 @@
+"""Examples of user stages (``kind: custom``); deploy/profiles/post_processing.yaml wires one in."""
