@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI
+from faststream.specification.base import Specification
 from prometheus_client import CollectorRegistry
 
 from toposerve.api import book_routes, edge_routes, health, items_routes, oip_routes, routes_v1
@@ -17,6 +18,7 @@ from toposerve.api.config import IngressConfig
 from toposerve.api.errors import install_error_handlers
 from toposerve.api.ingress import Ingress
 from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
+from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
 from toposerve.brokers import Settings
@@ -31,15 +33,15 @@ class Companion(Protocol):
 
 
 def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = (),
-               registry: CollectorRegistry | None = None, asyncapi: Callable[[], bytes] | None = None) -> FastAPI:
+               registry: CollectorRegistry | None = None, asyncapi: Callable[[], Specification] | None = None) -> FastAPI:
     """``registry``: where the process's metrics live (web_single shares it with its stages);
-    ``asyncapi``: renders the profile's AsyncAPI document (JSON), served at /asyncapi.json."""
+    ``asyncapi``: makes the profile's AsyncAPI document, served at /asyncapi.json and /asyncapi."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = IngressMetrics(registry if registry is not None else CollectorRegistry())
         app.state.metrics = metrics
-        app.state.asyncapi = asyncapi() if asyncapi is not None else None
+        app.state.asyncapi = AsyncApiDocument.of(asyncapi()) if asyncapi is not None else None
         for companion in companions:
             await companion.start()
         ingress = Ingress(settings, config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +21,7 @@ from toposerve.consumers import (
     StageRunner,
 )
 from toposerve.deploy.accounts import ingress_role, settings_for_role, stage_role
-from toposerve.deploy.asyncapi import asyncapi_document
+from toposerve.deploy.asyncapi import asyncapi_specification
 from toposerve.deploy.profile import (
     MODELS_DIR,
     SAMPLE_IMAGE,
@@ -130,4 +129,4 @@ def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -
         companions = [build_stage_runner(profile, name, settings, replica, metrics=stage_metrics.for_stage(name))
                       for name, spec in profile.stages.items() for replica in range(spec.replicas)]
     return create_app(settings, ingress_config(profile, settings), companions=companions, registry=registry,
-                      asyncapi=lambda: orjson.dumps(asyncapi_document(profile, settings)))
+                      asyncapi=lambda: asyncapi_specification(profile, settings))

@@ -23,3 +23,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The AsyncAPI documents are checked with the official parser (npm @asyncapi/parser) when
+# Node.js is here; without it that one test is skipped and says how to get it.
+if command -v npm >/dev/null 2>&1 && [ ! -d .venv/asyncapi-parser/node_modules/@asyncapi/parser ]; then
+  npm install --silent --no-audit --no-fund --prefix .venv/asyncapi-parser @asyncapi/parser@3 >/dev/null 2>&1 \
+    || echo "setup: could not install @asyncapi/parser with npm; the AsyncAPI parser test will be skipped" >&2
+fi

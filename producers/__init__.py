@@ -4,6 +4,7 @@ and its agent (model cache, telemetry spool).
 
 from toposerve.producers.batch import DEFAULT_CHUNK_ROWS, BatchSubmitter, wait_for_batch
 from toposerve.producers.batch_sources import BatchInputError, bytes_source
+from toposerve.producers.client import ClientError, InferenceClient, SyncInferenceClient
 from toposerve.producers.dead_letters import DeadLetters
 from toposerve.producers.edge import EdgeRuntime, client_id_of
 from toposerve.producers.edge_agent import EdgeAgent, spool_and_forward, spool_dir
@@ -13,6 +14,9 @@ from toposerve.producers.edge_telemetry import ForwardResult
 from toposerve.producers.loadgen import LatencySummary, one_job, run_closed_loop, run_in_process_baseline
 
 __all__ = [
+    "ClientError",
+    "InferenceClient",
+    "SyncInferenceClient",
     "BatchInputError",
     "BatchSubmitter",
     "DEFAULT_CHUNK_ROWS",

@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 from typing import ClassVar
+from urllib.parse import unquote
 
 import aio_pika
 import pytest
@@ -172,8 +173,9 @@ def test_topic_matching(pattern: str, key: str, matches: bool) -> None:
 
 def _resolve(document: dict, ref: str) -> object:
     node: object = document
+    # A JSON pointer in a URI fragment: percent-encoded ('*' is %2A), then ~1 and ~0.
     for part in ref.removeprefix("#/").split("/"):
-        node = node[part]  # type: ignore[index]
+        node = node[unquote(part).replace("~1", "/").replace("~0", "~")]  # type: ignore[index]
     return node
 
 
@@ -188,20 +190,35 @@ def test_the_asyncapi_document_of_the_asynchronous_profile() -> None:
 
     keys = {f"{kind}.{model}" for kind in ("request", "features", "prediction", "failure") for model in profile.models}
     assert set(profile_routing_keys(profile)) == keys
-    assert set(document["channels"]) == keys
-    for key in keys:
-        assert document["channels"][key]["address"] == key
+    # A channel per routing key someone publishes, and per stage binding, on the inference exchange.
+    channels = document["channels"]
+    sent = {c["address"] for c in channels.values() if c["bindings"]["amqp"]["is"] == "routingKey"}
+    assert sent == keys
+    bound = {name: c["bindings"]["amqp"]["queue"]["name"] for name, c in channels.items()
+             if c["bindings"]["amqp"]["is"] == "queue"}
+    assert bound == {"preprocess.receive.request.*": "toposerve.asynchronous.preprocess",
+                     "predict.receive.features.*": "toposerve.asynchronous.predict",
+                     "store.receive.prediction.*": "toposerve.asynchronous.store",
+                     "store.receive.failure.*": "toposerve.asynchronous.store"}
+    assert all(c["bindings"]["amqp"]["exchange"]["name"] == "toposerve.inference" for c in channels.values()
+               if c["bindings"]["amqp"]["is"] == "routingKey")
     schema = document["components"]["schemas"]["InferenceRequest"]
     assert {"id", "model", "instances", "image", "item_id"} <= set(schema["properties"])
-    assert document["components"]["messages"]["InferenceRequest"]["payload"] == {
-        "$ref": "#/components/schemas/InferenceRequest"}
 
-    # Every stage consumes what it is bound to; every $ref resolves.
+    # Who sends what and who receives it; each payload is the type the stage validates with.
     operations = document["operations"]
-    assert "ingress.send.request.iris" in operations
-    assert "preprocess.receive.request.iris" in operations
-    assert "predict.send.prediction.iris" in operations
-    assert "store.receive.failure.digits_fast" in operations
+    assert {"ingress.send.request.iris", "preprocess.receive.request.*", "predict.send.prediction.iris",
+            "store.receive.failure.*"} <= set(operations)
+    assert {op["action"] for name, op in operations.items() if ".receive." in name} == {"receive"}
+
+    def payload(channel: str) -> object:
+        [message] = channels[channel]["messages"].values()
+        return _resolve(document, _resolve(document, message["$ref"])["payload"]["$ref"])
+
+    assert payload("ingress.send.request.iris")["title"] == "InferenceRequest"
+    assert payload("predict.receive.features.*")["title"] == "Features"
+    assert payload("store.receive.prediction.*")["title"] == "Prediction"
+    assert payload("store.receive.failure.*")["title"] == "Failure"
     refs = []
 
     def walk(node: object) -> None:
@@ -225,13 +242,21 @@ def test_the_asyncapi_document_says_the_synchronous_ingress_publishes_rows_as_fe
     document = asyncapi_document(load_checked_profile("synchronous", settings), settings)
     operations = document["operations"]
     # Rows (iris) are preprocessed in the ingress; images still go through the preprocess stage.
-    assert {"ingress.send.features.iris", "ingress.send.request.iris", "preprocess.receive.request.iris",
-            "predict.receive.features.iris"} <= set(operations)
+    assert {"ingress.send.features.iris", "ingress.send.request.iris", "preprocess.receive.request.*",
+            "predict.receive.features.*"} <= set(operations)
     assert "ingress.send.features.digits_fast" not in operations
     assert "preprocess.send.features.digits_fast" in operations
     assert "features.<model>" in document["info"]["description"]
     asynchronous = asyncapi_document(load_checked_profile("asynchronous", settings), settings)
     assert not any(name.startswith("ingress.send.features.") for name in asynchronous["operations"])
+
+
+def test_a_post_processor_is_in_the_document() -> None:
+    settings = Settings()
+    document = asyncapi_document(load_checked_profile("post_processing", settings), settings)
+    operations = document["operations"]
+    assert {"predict.send.scored.iris", "labels.receive.scored.*", "labels.send.prediction.iris",
+            "store.receive.prediction.*"} <= set(operations)
 
 
 def test_a_stage_metrics_port_serves_the_runners_registry() -> None:
