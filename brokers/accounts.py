@@ -21,6 +21,9 @@ Roles, for namespace ``ns`` (account ``ns.<role>``):
 - ``edge``: edge clients' telemetry (``telemetry.*``).
 - ``submitter``: the batch command line (publishes ``features.*`` chunks).
 - ``operator``: dead letters (list, replay) and cache flushes.
+- ``monitor``: queue depths only (KEDA's rabbitmq scaler in AMQP mode). A passive queue
+  declare needs no permission; a permission entry that matches nothing is what lets the
+  account open a connection to the vhost at all. No topic permissions, no Redis.
 
 Results only stages can write: every message toposerve publishes carries the AMQP
 ``user_id`` of its connection, which RabbitMQ checks against the authenticated user. The
@@ -53,7 +56,7 @@ PRODUCES: dict[str, tuple[str, ...]] = {
 STAGE_KINDS = tuple(PRODUCES)
 # A single-process profile (web_single) runs the ingress and its stages in one process.
 SINGLE_PROCESS = "single"
-CLIENT_ROLES = ("client", "results", "edge", "submitter", "operator")
+CLIENT_ROLES = ("client", "results", "edge", "submitter", "operator", "monitor")
 _NAME = r"[a-z][a-z0-9_]*"
 
 
@@ -230,6 +233,8 @@ def client_account(namespace: str, role: str = "client") -> Account:
                                        TopicPermission(exchange=dead, write="^$", read="^$")])
         return Account(role=role, broker=broker, redis=RedisAccount(
             user=broker.user, rules=_redis_rules(namespace, ["*"], channels=True)))
+    elif role == "monitor":  # reads queue depths (passive declares) and may do nothing else
+        broker = BrokerAccount(user=account_name(namespace, role), configure="^$", write="^$", read="^$")
     else:
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(CLIENT_ROLES)}")
     return Account(role=role, broker=broker)

@@ -4,8 +4,11 @@
 says what each role may do). ``AccountsFile`` generates their passwords and keeps them in
 a local file with 0600 permissions. The same accounts become RabbitMQ definitions (users
 with salted password hashes, permissions, topic permissions: imported at boot by the
-throwaway broker, posted to the management API by ``--provision``, or emitted by
-``toposerve render``) and Redis ACL lines.
+throwaway broker and by compose's, posted to the management API by ``--provision``) and
+Redis ACL lines. ``with_administrator`` and ``redis_acl_file`` complete them into what a
+server boots with (an administrator, the vhost, a default Redis user nobody can use): the
+throwaway servers of ``toposerve up`` and the files of ``toposerve render compose-secrets``
+/ ``k8s-secrets`` are made by the same functions.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import base64
 import hashlib
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse, urlunparse
 
@@ -32,6 +36,13 @@ from toposerve.brokers import (
 )
 from toposerve.deploy.profile import Profile
 from toposerve.deploy.stage_builders import extra_queue_names
+
+# The administrator of every RabbitMQ and Redis toposerve starts or renders files for.
+ADMIN_USER = "toposerve-admin"
+# Redis's default user: data rights only, no administration. It cannot be switched off: Redis
+# 7.0 replays the append-only file's MULTI/EXEC blocks as the default user, and with no rights
+# those writes would be lost at every restart. Its password is one nobody is given.
+REDIS_DEFAULT_USER_RULES = "~* &* -@all +@read +@write +@keyspace +@transaction +@scripting -@dangerous"
 
 
 def stage_role(profile: Profile, stage: str) -> str:
@@ -102,10 +113,67 @@ def rabbitmq_definitions(accounts: list[Account], passwords: dict[str, str], vho
     }
 
 
+def with_administrator(definitions: dict, user: str, password: str, vhost: str = "/") -> dict:
+    """``definitions`` as a broker imports them at boot: with ``vhost`` and an administrator on it.
+    A node that imports definitions at boot makes neither its default user (guest) nor its default
+    vhost, so the file must carry both."""
+    admin = {"name": user, "password_hash": password_hash(password), "tags": ["administrator"],
+             "hashing_algorithm": "rabbit_password_hashing_sha256"}
+    return {
+        **definitions,
+        "vhosts": [{"name": vhost}, *definitions.get("vhosts", [])],
+        "users": [admin, *definitions.get("users", [])],
+        "permissions": [{"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"},
+                        *definitions.get("permissions", [])],
+    }
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def redis_acl(accounts: list[Account], passwords: dict[str, str]) -> list[str]:
     """ACL file lines for the roles that use Redis (password as its sha256, never in the clear)."""
-    return [f"user {a.redis.user} " + " ".join([*a.redis.rules, f"#{hashlib.sha256(passwords[a.role].encode()).hexdigest()}"])
+    return [f"user {a.redis.user} " + " ".join([*a.redis.rules, f"#{_sha256(passwords[a.role])}"])
             for a in accounts if a.redis is not None]
+
+
+def redis_acl_file(role_lines: list[str], admin_user: str, admin_password: str) -> str:
+    """A whole ACL file (``--aclfile``): the administrator, the roles' lines, and the default user,
+    with data rights only and a password nobody has (the sha256 of random bytes). Listed, because
+    Redis gives a default user the file does not name every right and no password."""
+    unusable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
+    return "\n".join([f"user {admin_user} on #{_sha256(admin_password)} ~* &* +@all", *role_lines,
+                      f"user default on #{unusable} {REDIS_DEFAULT_USER_RULES}"]) + "\n"
+
+
+@dataclass(frozen=True)
+class AdminPasswords:
+    """The passwords of the administrator (``ADMIN_USER``) of one RabbitMQ and of one Redis."""
+
+    rabbitmq: str
+    redis: str
+
+    @staticmethod
+    def new() -> AdminPasswords:
+        return AdminPasswords(rabbitmq=secrets.token_urlsafe(24), redis=secrets.token_urlsafe(24))
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``path`` readable by this user only (0600; a missing directory is made 0700), atomically:
+    a reader never sees half a file, and the secret is never in a file anyone else may read."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # whatever the umask
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        temp.replace(path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def with_login(url: str, user: str, password: str) -> str:
@@ -141,13 +209,7 @@ class AccountsFile(BaseModel):
         return (directory or platformdirs.user_state_path("toposerve")) / f"accounts-{namespace}.json"
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(self.model_dump_json(indent=2))
-        temp.replace(path)
-        return path
+        return write_private(path, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, path: Path) -> AccountsFile:

@@ -7,18 +7,25 @@ check them without a cluster. What is rendered for a profile P in namespace NS:
 - a ConfigMap with P's YAML, mounted at /etc/toposerve/profile.yaml in every pod;
 - one Deployment per stage (``toposerve worker --stage S``) with P's replica count,
   plus a KEDA ScaledObject scaling it on the backlog of its queue ``NS.P.S``, and one
-  KEDA TriggerAuthentication that reads the AMQP URL from the AMQP Secret;
+  KEDA TriggerAuthentication that logs in as the ``monitor`` role (queue depths only);
 - the ingress Deployment (``toposerve ingress``) and its Service on port 8000.
-  A ``single_process`` profile (web_single) gets only these: its ingress runs the stages.
+  A ``single_process`` profile (web_single) gets only these: its ingress runs the stages;
+- the broker accounts, as the RabbitMQ messaging-topology-operator's objects: per role a
+  ``User`` (credentials imported from a Secret), a ``Permission`` and a ``TopicPermission``
+  per topic exchange, on the ``RabbitmqCluster`` named by ``rabbitmq_cluster``.
 
 Every pod carries ``prometheus.io/scrape|port|path`` annotations: stages serve their
 metrics on port 9100, the ingress on 8000 (web_single: its stages' metrics too). Stages
 have a liveness probe on 9100 ``/healthz`` (is the event loop turning?); the ingress is
 probed on 8000 ``/healthz`` and ``/readyz``.
 
-Credentials only ever come from Secrets (key ``url``), never from the manifests. The
-ingress requires API keys: it reads the hashed keys file (``toposerve keys hash``) from
-the Secret ``toposerve-api-keys`` (key ``keys.txt``), mounted read-only.
+Credentials only ever come from Secrets, never from the manifests: each pod logs in as its
+role (brokers/accounts.py) with the URLs of the Secret ``<prefix>-<role>`` (keys ``amqp-url``,
+``redis-url``). ``secret_objects`` renders those Secrets, the Users' credentials and the Redis
+ACL file with given passwords, for ``toposerve render k8s-secrets`` (a file that is applied,
+never committed). The ingress requires API keys: it reads the hashed keys file
+(``toposerve keys hash``) from the Secret ``toposerve-api-keys`` (key ``keys.txt``), mounted
+read-only.
 """
 
 from __future__ import annotations
@@ -30,6 +37,17 @@ from typing import Any
 
 import yaml
 
+from toposerve.brokers import Account
+from toposerve.deploy.accounts import (
+    ADMIN_USER,
+    AdminPasswords,
+    ingress_role,
+    logins,
+    profile_accounts,
+    redis_acl,
+    redis_acl_file,
+    stage_role,
+)
 from toposerve.deploy.profile import Profile
 
 Obj = dict[str, Any]
@@ -41,7 +59,18 @@ HTTP_PORT = 8000
 METRICS_PORT = 9100
 PROFILE_DIR = "/etc/toposerve"
 PROFILE_FILE = f"{PROFILE_DIR}/profile.yaml"
-SECRET_KEY = "url"  # the key holding the connection URL in both Secrets
+# A role's Secret ``<prefix>-<role>``: its URLs (password included) under these keys.
+AMQP_URL_KEY, REDIS_URL_KEY = "amqp-url", "redis-url"
+DEFAULT_SECRET_PREFIX = "toposerve"
+# The RabbitmqCluster (RabbitMQ Cluster Operator) the accounts are made on; its Service has its name.
+DEFAULT_RABBITMQ_CLUSTER = "rabbitmq"
+VHOST = "/"
+MONITOR = "monitor"  # the role KEDA reads queue depths as
+ACCOUNTS = "accounts"  # the component label of the accounts' objects
+REDIS_ACL_KEY = "users.acl"
+# Recent topology operators import (and watch, to rotate passwords) only Secrets with this label;
+# older ones ignore it.
+TOPOLOGY_OPERATOR_LABEL = {"rabbitmq.com/topology-operator": "true"}
 API_KEYS_SECRET_KEY = "keys.txt"  # the key holding the hashed API keys file
 API_KEYS_DIR = "/etc/toposerve-keys"
 # The image's USER (deploy/Dockerfile); numeric so the kubelet can enforce runAsNonRoot.
@@ -119,17 +148,36 @@ def _meta(name: str, namespace: str, object_labels: dict[str, str]) -> Obj:
     return {"name": name, "namespace": namespace, "labels": object_labels}
 
 
-def _env(namespace: str, amqp_secret: str, redis_secret: str) -> list[Obj]:
-    def from_secret(var: str, secret: str) -> Obj:
-        return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": SECRET_KEY}}}
+def role_secret(prefix: str, role: str) -> str:
+    """The Secret with a role's URLs (``amqp-url``, ``redis-url``), which its pods read."""
+    return k8s_name(prefix, role)
+
+
+def credentials_secret(prefix: str, role: str) -> str:
+    """The Secret a role's ``User`` imports (``username``, ``password``). Not ``<user>-user-credentials``:
+    the operator may make one of that name itself."""
+    return k8s_name(prefix, role, "rabbitmq")
+
+
+def redis_acl_secret(prefix: str) -> str:
+    return k8s_name(prefix, "redis-acl")
+
+
+def redis_admin_secret(prefix: str) -> str:
+    return k8s_name(prefix, "redis-admin")
+
+
+def _env(namespace: str, secret: str) -> list[Obj]:
+    def from_secret(var: str, key: str) -> Obj:
+        return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
     return [
-        # The toposerve namespace (prefix of exchanges, queues, Redis keys) is the Kubernetes
-        # namespace: one toposerve namespace per Kubernetes namespace, and the ScaledObjects'
-        # queue names are right by construction.
+        # The toposerve namespace (prefix of exchanges, queues, Redis keys, account names) is the
+        # Kubernetes namespace: one toposerve namespace per Kubernetes namespace, and the
+        # ScaledObjects' queue names and the accounts' permissions are right by construction.
         {"name": "TOPOSERVE_NAMESPACE", "value": namespace},
-        from_secret("TOPOSERVE_AMQP_URL", amqp_secret),
-        from_secret("TOPOSERVE_REDIS_URL", redis_secret),
+        from_secret("TOPOSERVE_AMQP_URL", AMQP_URL_KEY),
+        from_secret("TOPOSERVE_REDIS_URL", REDIS_URL_KEY),
     ]
 
 
@@ -253,13 +301,16 @@ def _service(profile: Profile, namespace: str) -> Obj:
     }
 
 
-def _trigger_authentication(profile: Profile, namespace: str, amqp_secret: str) -> Obj:
+def _trigger_authentication(profile: Profile, namespace: str, secret_prefix: str) -> Obj:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "TriggerAuthentication",
         "metadata": _meta(k8s_name("toposerve", profile.name, "rabbitmq"), namespace, labels(profile)),
-        # KEDA's rabbitmq scaler takes the whole AMQP URL (credentials and vhost) as "host".
-        "spec": {"secretTargetRef": [{"parameter": "host", "name": amqp_secret, "key": SECRET_KEY}]},
+        # KEDA's rabbitmq scaler takes the whole AMQP URL (credentials and vhost) as "host". It
+        # logs in as the monitor role: in AMQP mode the scaler reads a queue's depth with a passive
+        # declare, which needs no permission (the management API would need a tagged user).
+        "spec": {"secretTargetRef": [{"parameter": "host", "name": role_secret(secret_prefix, MONITOR),
+                                      "key": AMQP_URL_KEY}]},
     }
 
 
@@ -297,22 +348,69 @@ def _require_api_keys(deployment: Obj, secret: str) -> None:
     container["env"].append({"name": "TOPOSERVE_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_SECRET_KEY}"})
 
 
+def _account_labels(profile: Profile, role: str) -> dict[str, str]:
+    return {**labels(profile, ACCOUNTS), "toposerve/role": role}
+
+
+def rabbitmq_account_objects(profile: Profile, namespace: str, accounts: list[Account], secret_prefix: str,
+                             rabbitmq_cluster: str) -> list[Obj]:
+    """The messaging-topology-operator's objects that make ``accounts`` on the cluster's broker:
+    per role a ``User`` whose username and password come from its credentials Secret (never from
+    here), its ``Permission`` on the vhost and a ``TopicPermission`` per topic exchange."""
+    cluster = {"name": rabbitmq_cluster}
+    objects: list[Obj] = []
+    for account in accounts:
+        name = k8s_name(secret_prefix, account.role)
+        meta = _account_labels(profile, account.role)
+        objects.append({
+            "apiVersion": "rabbitmq.com/v1beta1",
+            "kind": "User",
+            "metadata": _meta(name, namespace, meta),
+            # No tags: no management UI or HTTP API, messaging only.
+            "spec": {"rabbitmqClusterReference": dict(cluster),
+                     "importCredentialsSecret": {"name": credentials_secret(secret_prefix, account.role)}},
+        })
+        broker = account.broker
+        objects.append({
+            "apiVersion": "rabbitmq.com/v1beta1",
+            "kind": "Permission",
+            "metadata": _meta(name, namespace, meta),
+            # userReference, not the user name: the operator waits for the User to exist.
+            "spec": {"vhost": VHOST, "userReference": {"name": name},
+                     "permissions": {"configure": broker.configure, "write": broker.write, "read": broker.read},
+                     "rabbitmqClusterReference": dict(cluster)},
+        })
+        for topic in broker.topics:
+            objects.append({
+                "apiVersion": "rabbitmq.com/v1beta1",
+                "kind": "TopicPermission",
+                "metadata": _meta(k8s_name(name, topic.exchange.removeprefix(f"{namespace}.")), namespace, meta),
+                "spec": {"vhost": VHOST, "userReference": {"name": name},
+                         "permissions": {"exchange": topic.exchange, "write": topic.write, "read": topic.read},
+                         "rabbitmqClusterReference": dict(cluster)},
+            })
+    return objects
+
+
+def _check_namespace(namespace: str) -> None:
+    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        raise ValueError(f"namespace {namespace!r} is not a valid Kubernetes namespace (DNS label)")
+
+
 def render_k8s(
     profile: Profile,
     *,
     namespace: str,
     image: str,
-    amqp_secret: str = "toposerve-amqp",
-    redis_secret: str = "toposerve-redis",
+    secret_prefix: str = DEFAULT_SECRET_PREFIX,
+    rabbitmq_cluster: str = DEFAULT_RABBITMQ_CLUSTER,
     api_keys_secret: str = "toposerve-api-keys",
 ) -> list[Obj]:
     """The Kubernetes objects that run ``profile`` in ``namespace`` (see the module docstring)."""
-    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
-        raise ValueError(f"namespace {namespace!r} is not a valid Kubernetes namespace (DNS label)")
+    _check_namespace(namespace)
     workers = stage_workers(profile)
     text = profile_yaml(profile)
     sha = hashlib.sha256(text.encode()).hexdigest()
-    env = _env(namespace, amqp_secret, redis_secret)
 
     objects: list[Obj] = [{
         "apiVersion": "v1",
@@ -320,17 +418,71 @@ def render_k8s(
         "metadata": _meta(k8s_name("toposerve", profile.name), namespace, labels(profile)),
         "data": {"profile.yaml": text},
     }]
+    env = _env(namespace, role_secret(secret_prefix, ingress_role(profile)))
     ingress = _deployment(profile, namespace, INGRESS, 1, _ingress_container(profile, image, env), sha, HTTP_PORT)
     _require_api_keys(ingress, api_keys_secret)
     objects.append(ingress)
     objects.append(_service(profile, namespace))
     for stage in workers:
+        env = _env(namespace, role_secret(secret_prefix, stage_role(profile, stage)))
         container = _stage_container(profile, stage, image, env)
         objects.append(_deployment(profile, namespace, stage, profile.stages[stage].replicas, container, sha,
                                    METRICS_PORT))
     if workers:
-        objects.append(_trigger_authentication(profile, namespace, amqp_secret))
+        objects.append(_trigger_authentication(profile, namespace, secret_prefix))
         objects.extend(_scaled_object(profile, namespace, stage) for stage in workers)
+    objects.extend(rabbitmq_account_objects(profile, namespace, profile_accounts(namespace, profile), secret_prefix,
+                                            rabbitmq_cluster))
+    return objects
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+
+
+def _secret(name: str, namespace: str, object_labels: dict[str, str], data: dict[str, str]) -> Obj:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(name, namespace, object_labels),
+            "type": "Opaque", "stringData": data}
+
+
+def secret_objects(
+    profile: Profile,
+    *,
+    namespace: str,
+    passwords: dict[str, str],
+    admins: AdminPasswords,
+    amqp_host: str = DEFAULT_RABBITMQ_CLUSTER,
+    redis_host: str = "redis",
+    secret_prefix: str = DEFAULT_SECRET_PREFIX,
+) -> list[Obj]:
+    """The Secrets the objects of ``render_k8s`` need, with these passwords (pure):
+
+    - per role, ``<prefix>-<role>-rabbitmq`` (``username``, ``password``): what its ``User`` imports;
+    - per role, ``<prefix>-<role>`` (``amqp-url``, and ``redis-url`` for a role that uses Redis):
+      its URLs on ``amqp_host`` and ``redis_host`` (``HOST[:PORT]``), what its pods read;
+    - ``<prefix>-redis-acl`` (``users.acl``): the ACL file for ``redis-server --aclfile``, with a
+      user per role, the administrator and a default user nobody can log in as;
+    - ``<prefix>-redis-admin`` (``username``, ``password``): that administrator's login.
+    """
+    _check_namespace(namespace)
+    for host in (amqp_host, redis_host):
+        if not _HOST.fullmatch(host):
+            raise ValueError(f"{host!r} is not HOST or HOST:PORT")
+    accounts = profile_accounts(namespace, profile)
+    urls = logins(accounts, passwords, f"amqp://{amqp_host}/", f"redis://{redis_host}/0", namespace)
+    objects: list[Obj] = []
+    for account in accounts:
+        role_labels = _account_labels(profile, account.role)
+        objects.append(_secret(credentials_secret(secret_prefix, account.role), namespace,
+                               {**role_labels, **TOPOLOGY_OPERATOR_LABEL},
+                               {"username": account.broker.user, "password": passwords[account.role]}))
+        login = urls.roles[account.role]
+        objects.append(_secret(role_secret(secret_prefix, account.role), namespace, role_labels,
+                               {AMQP_URL_KEY: login.amqp_url, **({REDIS_URL_KEY: login.redis_url}
+                                                                 if login.redis_url else {})}))
+    acl = redis_acl_file(redis_acl(accounts, passwords), ADMIN_USER, admins.redis)
+    objects.append(_secret(redis_acl_secret(secret_prefix), namespace, labels(profile, ACCOUNTS), {REDIS_ACL_KEY: acl}))
+    objects.append(_secret(redis_admin_secret(secret_prefix), namespace, labels(profile, ACCOUNTS),
+                           {"username": ADMIN_USER, "password": admins.redis}))
     return objects
 
 
@@ -365,16 +517,26 @@ def render_k8s_yaml(
     *,
     namespace: str,
     image: str,
-    amqp_secret: str = "toposerve-amqp",
-    redis_secret: str = "toposerve-redis",
+    secret_prefix: str = DEFAULT_SECRET_PREFIX,
+    rabbitmq_cluster: str = DEFAULT_RABBITMQ_CLUSTER,
     api_keys_secret: str = "toposerve-api-keys",
 ) -> str:
     """``render_k8s`` as one multi-document YAML stream, for ``kubectl apply -f``."""
-    objects = render_k8s(profile, namespace=namespace, image=image, amqp_secret=amqp_secret,
-                         redis_secret=redis_secret, api_keys_secret=api_keys_secret)
-    keda = ", and KEDA for the ScaledObjects" if any(o["kind"] == "ScaledObject" for o in objects) else ""
+    objects = render_k8s(profile, namespace=namespace, image=image, secret_prefix=secret_prefix,
+                         rabbitmq_cluster=rabbitmq_cluster, api_keys_secret=api_keys_secret)
+    keda = "; KEDA for the ScaledObjects" if any(o["kind"] == "ScaledObject" for o in objects) else ""
     header = (f"# Generated by `toposerve render k8s --profile {profile.name}` from the profile; "
-              "regenerate rather than edit.\n"
-              f"# Needs the Secrets {amqp_secret} and {redis_secret} (key {SECRET_KEY}) and {api_keys_secret} "
-              f"(key {API_KEYS_SECRET_KEY}, lines of `toposerve keys hash`) in namespace {namespace}{keda}.\n")
+              "regenerate rather than edit. Holds no credential.\n"
+              f"# Needs, in namespace {namespace}: the Secrets of `toposerve render k8s-secrets --profile "
+              f"{profile.name} --namespace {namespace}` (an account per role) and {api_keys_secret} "
+              f"(key {API_KEYS_SECRET_KEY}, lines of `toposerve keys hash`); the RabbitmqCluster "
+              f"{rabbitmq_cluster} and the RabbitMQ messaging-topology-operator for the Users and "
+              f"permissions{keda}.\n")
     return header + "---\n".join(dump_yaml(obj) for obj in objects)
+
+
+def render_k8s_secrets_yaml(profile: Profile, **kwargs: Any) -> str:
+    """``secret_objects`` as one YAML stream: passwords in the clear, to apply and never commit."""
+    header = (f"# Generated by `toposerve render k8s-secrets --profile {profile.name}` with fresh passwords.\n"
+              "# Secret: apply it (`kubectl apply -f`), keep it private, never commit it.\n")
+    return header + "---\n".join(dump_yaml(obj) for obj in secret_objects(profile, **kwargs))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import pwd
@@ -16,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+from toposerve.deploy.accounts import ADMIN_USER, with_administrator
 from toposerve.deploy.local_services.server_process import (
     INSTALL_HINT,
     LOOPBACK,
@@ -176,18 +175,8 @@ class RabbitMQService(LocalService):
         if self.definitions is not None:
             # Definitions imported at boot replace the node's own first-boot setup (the default
             # user and vhost are not made then): they carry the vhost and the admin too.
-            salt = os.urandom(4)
-            admin_hash = base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
-            definitions = {
-                **self.definitions,
-                "vhosts": [{"name": "/"}, *self.definitions.get("vhosts", [])],
-                "users": [{"name": user, "password_hash": admin_hash, "tags": ["administrator"],
-                           "hashing_algorithm": "rabbit_password_hashing_sha256"}, *self.definitions.get("users", [])],
-                "permissions": [{"user": user, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
-                                *self.definitions.get("permissions", [])],
-            }
             path = self.workdir / "definitions.json"
-            path.write_text(json.dumps(definitions))
+            path.write_text(json.dumps(with_administrator(self.definitions, user, password)))
             path.chmod(0o600)
             lines.append(f"load_definitions = {path}")
         return "\n".join(lines) + "\n"
@@ -307,7 +296,7 @@ def start_rabbitmq(
     dport = dist_port if dist_port is not None else free_port()
     while dport == amqp_port:
         dport = free_port()
-    admin = ("toposerve-admin", secrets.token_urlsafe(18)) if definitions is not None else None
+    admin = (ADMIN_USER, secrets.token_urlsafe(18)) if definitions is not None else None
     login = f"{admin[0]}:{admin[1]}" if admin else "guest:guest"
     url = f"amqp://{login}@{LOOPBACK}:{amqp_port}/"
     if tls is not None:

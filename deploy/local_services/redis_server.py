@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
+from toposerve.deploy.accounts import ADMIN_USER, redis_acl_file
 from toposerve.deploy.local_services.server_process import (
     INSTALL_HINT,
     LOOPBACK,
@@ -56,16 +56,10 @@ class RedisService(LocalService):
         if self.acl is None:
             return []
         assert self.admin is not None
-        user, password = self.admin
-        # No default user anyone can use: a random password nobody is given, and no admin rights.
-        # (It cannot be switched off: Redis 7.0 replays the append-only file's MULTI/EXEC blocks as
-        # the default user, and with no rights those writes would be lost at every restart.)
-        unusable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
-        lines = [f"user {user} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all",
-                 *self.acl, f"user default on #{unusable} ~* &* -@all +@read +@write +@keyspace +@transaction "
-                            "+@scripting -@dangerous"]
+        # No default user anyone can use: a random password nobody is given, and no admin rights
+        # (REDIS_DEFAULT_USER_RULES says why it cannot be switched off instead).
         path = self.workdir / "users.acl"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(redis_acl_file(self.acl, *self.admin))
         path.chmod(0o600)
         return ["--aclfile", str(path)]
 
@@ -188,7 +182,7 @@ def start_redis(
         )
     path, owned = prepare_workdir(workdir, "toposerve-redis-")
     redis_port = port if port is not None else free_port()
-    admin = ("toposerve-admin", secrets.token_urlsafe(18)) if acl is not None else None
+    admin = (ADMIN_USER, secrets.token_urlsafe(18)) if acl is not None else None
     login = f"{admin[0]}:{admin[1]}@" if admin else ""
     url = f"redis://{login}{LOOPBACK}:{redis_port}/0"
     if tls is not None:

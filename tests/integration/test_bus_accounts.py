@@ -134,6 +134,24 @@ async def test_a_stage_account_publishes_only_the_keys_of_its_kind(
         assert "ACCESS_REFUSED" in await refused(store_queue.get(fail=False))
 
 
+async def test_the_monitor_account_reads_queue_depths_and_nothing_else(
+        secured_stack: Stack, fresh_services: FreshServices) -> None:
+    """What KEDA's rabbitmq scaler (AMQP mode) logs in as: a passive declare answers the depth."""
+    ns = secured_stack.settings.namespace
+    connection = await aio_pika.connect(login(fresh_services, "monitor"))
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{ns}.asynchronous.predict", passive=True)
+        assert queue.declaration_result.message_count >= 0
+        assert "ACCESS_REFUSED" in await refused(queue.get(fail=False))
+        channel = await connection.channel()
+        assert "ACCESS_REFUSED" in await refused(channel.declare_queue(f"{ns}.asynchronous.mine"))
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(exchange_name(ns), ensure=False)
+        reason = await refused(exchange.publish(aio_pika.Message(b"{}"), "request.iris"))
+        assert "ACCESS_REFUSED" in reason
+
+
 async def test_a_reply_forged_into_an_ingress_reply_queue_is_refused_by_the_broker(
         fault_settings: Settings, fresh_services: FreshServices) -> None:
     async for stack in start_stack(fault_settings, "synchronous"):

@@ -1,9 +1,10 @@
 """Deployment artefacts agree with the profiles: Kubernetes manifests, compose file, Dockerfile.
 
 Nothing here runs Docker or a cluster. The manifests are validated against the
-Kubernetes object schemas (kubernetes-validate); the KEDA objects are CRDs, so their
-required fields are checked by hand. The committed deploy/compose.yaml must equal what
-`toposerve render compose` writes now, so it can never go stale.
+Kubernetes object schemas (kubernetes-validate); the KEDA and RabbitMQ topology operator
+objects are CRDs (their schemas are not available offline), so their fields are checked by
+hand. The committed deploy/compose.yaml must equal what `toposerve render compose` writes
+now, so it can never go stale. The credentials both read are in tests/unit/test_rendered_secrets.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from click.testing import CliRunner
 
 from toposerve.brokers.settings import Settings
+from toposerve.deploy.accounts import ingress_role, profile_accounts, stage_role
 from toposerve.deploy.cli.render import render
 from toposerve.deploy.components import load_checked_profile
 from toposerve.deploy.compose import COMPOSE_FILE, render_compose
@@ -32,7 +34,8 @@ from toposerve.deploy.profile import DEPLOY_DIR, Profile, available_profiles
 REPO = DEPLOY_DIR.parent
 NS = "shop-ml"
 IMAGE = "registry.example.com/toposerve:test"
-AMQP_SECRET, REDIS_SECRET = "mq-credentials", "redis-credentials"
+PREFIX, CLUSTER = "shop", "mq"  # --secret-prefix, --rabbitmq-cluster
+CRD_GROUPS = ("keda.sh/", "rabbitmq.com/")
 K8S_VERSION = "1.30"  # a version every maintained cluster serves these APIs on
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 PROFILES = available_profiles()
@@ -43,7 +46,7 @@ def load(name: str) -> Profile:
 
 
 def objects_of(profile: Profile) -> list[dict[str, Any]]:
-    return render_k8s(profile, namespace=NS, image=IMAGE, amqp_secret=AMQP_SECRET, redis_secret=REDIS_SECRET)
+    return render_k8s(profile, namespace=NS, image=IMAGE, secret_prefix=PREFIX, rabbitmq_cluster=CLUSTER)
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -75,7 +78,7 @@ def test_every_shipped_profile_is_covered() -> None:
 
 def test_k8s_objects_validate_against_the_kubernetes_schemas(profile: Profile) -> None:
     objects = objects_of(profile)
-    native = [obj for obj in objects if not obj["apiVersion"].startswith("keda.sh/")]
+    native = [obj for obj in objects if not obj["apiVersion"].startswith(CRD_GROUPS)]
     assert {obj["kind"] for obj in native} >= {"ConfigMap", "Deployment", "Service"}
     for obj in native:
         # strict: an unknown or misspelt field fails too, not only a missing or mistyped one
@@ -97,7 +100,8 @@ def test_k8s_keda_objects_have_their_required_fields(profile: Profile) -> None:
         return
     (auth,) = auths
     assert auth["apiVersion"] == "keda.sh/v1alpha1"
-    assert auth["spec"]["secretTargetRef"] == [{"parameter": "host", "name": AMQP_SECRET, "key": "url"}]
+    # KEDA reads queue depths as the monitor role, which may do nothing else.
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "host", "name": f"{PREFIX}-monitor", "key": "amqp-url"}]
     assert len(scaled) == len(profile.stages)
     for obj in scaled:
         assert obj["apiVersion"] == "keda.sh/v1alpha1"
@@ -114,6 +118,45 @@ def test_k8s_keda_objects_have_their_required_fields(profile: Profile) -> None:
         assert all(isinstance(value, str) for value in metadata.values())
         assert int(metadata["value"]) >= 1
         assert "host" not in metadata  # the URL (with credentials) comes from the TriggerAuthentication
+
+
+def test_k8s_broker_accounts_are_topology_operator_objects_with_their_fields(profile: Profile) -> None:
+    """User / Permission / TopicPermission (rabbitmq.com/v1beta1) per role, checked against the fields
+    of the messaging-topology-operator's CRDs (spec keys, required ones, references)."""
+    objects = objects_of(profile)
+    of_kind = {kind: {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == kind}
+               for kind in ("User", "Permission", "TopicPermission")}
+    accounts = profile_accounts(NS, profile)
+    assert len(of_kind["User"]) == len(of_kind["Permission"]) == len(accounts)
+    assert len(of_kind["TopicPermission"]) == sum(len(a.broker.topics) for a in accounts)
+    cluster = {"name": CLUSTER}
+    for obj in (o for kind in of_kind.values() for o in kind.values()):
+        assert obj["apiVersion"] == "rabbitmq.com/v1beta1"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "accounts"
+        assert obj["spec"]["rabbitmqClusterReference"] == cluster
+    for account in accounts:
+        name = f"{PREFIX}-{account.role.replace('_', '-')}"
+        user = of_kind["User"][name]
+        assert set(user["spec"]) <= {"importCredentialsSecret", "rabbitmqClusterReference", "tags"}
+        assert user["spec"]["importCredentialsSecret"] == {"name": f"{name}-rabbitmq"}
+        assert "tags" not in user["spec"]  # messaging only: no management UI or HTTP API
+        permission = of_kind["Permission"][name]["spec"]
+        assert set(permission) <= {"permissions", "rabbitmqClusterReference", "user", "userReference", "vhost"}
+        assert permission["vhost"] == "/" and permission["userReference"] == {"name": name}
+        assert "user" not in permission  # one of user / userReference
+        broker = account.broker
+        assert permission["permissions"] == {"configure": broker.configure, "write": broker.write,
+                                             "read": broker.read}
+        for topic in broker.topics:
+            (spec,) = [o["spec"] for o in of_kind["TopicPermission"].values()
+                       if o["spec"]["userReference"] == {"name": name}
+                       and o["spec"]["permissions"]["exchange"] == topic.exchange]
+            assert set(spec) <= {"permissions", "rabbitmqClusterReference", "user", "userReference", "vhost"}
+            assert spec["vhost"] == "/"
+            assert spec["permissions"] == {"exchange": topic.exchange, "write": topic.write, "read": topic.read}
+        for regex in [broker.configure, broker.write, broker.read, *(t.write for t in broker.topics)]:
+            re.compile(regex)
+    assert {obj["metadata"]["name"] for obj in of_kind["User"].values()} >= {f"{PREFIX}-monitor", f"{PREFIX}-client"}
 
 
 def test_k8s_runs_each_stage_with_the_profiles_replicas_and_queue(profile: Profile) -> None:
@@ -180,14 +223,18 @@ def test_k8s_labels_and_selectors(profile: Profile) -> None:
 
 
 def test_k8s_credentials_come_only_from_secrets(profile: Profile) -> None:
-    text = render_k8s_yaml(profile, namespace=NS, image=IMAGE, amqp_secret=AMQP_SECRET, redis_secret=REDIS_SECRET)
-    for literal in ("guest", "amqp://", "redis://", "password", "@"):
+    text = render_k8s_yaml(profile, namespace=NS, image=IMAGE, secret_prefix=PREFIX, rabbitmq_cluster=CLUSTER)
+    for literal in ("guest", "amqp://", "redis://", "password", "Password", "stringData", "kind: Secret", "@"):
         assert literal not in text
-    for deployment in by_kind(objects_of(profile), "Deployment").values():
+    assert not re.search(r"#[0-9a-f]{64}", text)  # no Redis ACL password hash
+    for component, deployment in by_kind(objects_of(profile), "Deployment").items():
+        # Each pod logs in as its role: the ingress's (web_single: the single process's) or its stage kind's.
+        role = stage_role(profile, component) if component in profile.stages else ingress_role(profile)
+        secret = f"{PREFIX}-{role.replace('_', '-')}"
         env = {item["name"]: item for item in container(deployment)["env"]}
         assert env["TOPOSERVE_NAMESPACE"] == {"name": "TOPOSERVE_NAMESPACE", "value": NS}
-        assert env["TOPOSERVE_AMQP_URL"]["valueFrom"] == {"secretKeyRef": {"name": AMQP_SECRET, "key": "url"}}
-        assert env["TOPOSERVE_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": REDIS_SECRET, "key": "url"}}
+        assert env["TOPOSERVE_AMQP_URL"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "amqp-url"}}
+        assert env["TOPOSERVE_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "redis-url"}}
         # Literal values: the namespace, and the path of the mounted API keys Secret (no key in it).
         assert all("value" not in item for name, item in env.items()
                    if name not in ("TOPOSERVE_NAMESPACE", "TOPOSERVE_API_KEYS_FILE"))
@@ -211,13 +258,13 @@ def test_k8s_pods_run_the_profile_from_the_config_map(profile: Profile, tmp_path
 
 
 def test_k8s_yaml_is_the_objects_as_one_stream(profile: Profile) -> None:
-    text = render_k8s_yaml(profile, namespace=NS, image=IMAGE, amqp_secret=AMQP_SECRET, redis_secret=REDIS_SECRET)
+    text = render_k8s_yaml(profile, namespace=NS, image=IMAGE, secret_prefix=PREFIX, rabbitmq_cluster=CLUSTER)
     assert list(yaml.safe_load_all(text)) == objects_of(profile)
     assert "&id" not in text and "*id" not in text  # no YAML aliases
 
 
 def test_k8s_web_single_is_one_deployment_that_runs_every_stage() -> None:
-    objects = objects_of(load("web_single"))
+    objects = [obj for obj in objects_of(load("web_single")) if not obj["apiVersion"].startswith("rabbitmq.com/")]
     assert sorted(obj["kind"] for obj in objects) == ["ConfigMap", "Deployment", "Service"]
 
 
@@ -245,10 +292,10 @@ def test_render_k8s_command(tmp_path: Path) -> None:
                                                                  image=f"toposerve:{_version()}")
     out = tmp_path / "prep_pred.yaml"
     result = runner.invoke(render, ["k8s", "--profile", "prep_pred", "--namespace", NS, "--image", IMAGE,
-                                    "--amqp-secret", AMQP_SECRET, "--redis-secret", REDIS_SECRET, "-o", str(out)])
+                                    "--secret-prefix", PREFIX, "--rabbitmq-cluster", CLUSTER, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_text() == render_k8s_yaml(load("prep_pred"), namespace=NS, image=IMAGE,
-                                              amqp_secret=AMQP_SECRET, redis_secret=REDIS_SECRET)
+                                              secret_prefix=PREFIX, rabbitmq_cluster=CLUSTER)
     result = runner.invoke(render, ["k8s", "--profile", "no_such_profile"])
     assert result.exit_code != 0 and "no profile 'no_such_profile'" in result.output
     result = runner.invoke(render, ["k8s", "--profile", "prep_pred", "--namespace", "Bad_NS"])
@@ -279,9 +326,27 @@ def test_compose_brokers() -> None:
     assert rabbitmq["image"] == "rabbitmq:3.13-management"
     assert rabbitmq["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
     assert redis["image"] == "redis:7"
-    assert redis["command"] == ["redis-server", "--appendonly", "yes"]
+    assert redis["command"][:3] == ["redis-server", "--appendonly", "yes"]
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
-    assert "redis" in redis["healthcheck"]["test"][1]
+    # No anonymous PING (the default user has a password nobody has): the administrator's, with
+    # its password from the secret file, in the environment and not on the command line.
+    test = redis["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "redis-cli --user toposerve-admin ping" in test[1]
+    assert "REDISCLI_AUTH=\"$$(cat /run/secrets/redis_admin_password)\"" in test[1] and "PONG" in test[1]
+    # Their accounts from the generated files, copied where the brokers' own users can read them.
+    assert redis["command"][3:] == ["--aclfile", "/etc/redis/users.acl"]
+    assert "/run/secrets/redis_users /etc/redis/users.acl" in redis["entrypoint"][2]
+    assert redis["entrypoint"][2].endswith('exec docker-entrypoint.sh "$$@"')
+    assert set(redis["secrets"]) == {"redis_users", "redis_admin_password"}
+    assert rabbitmq["secrets"] == ["rabbitmq_definitions"] and rabbitmq["command"] == ["rabbitmq-server"]
+    boot = rabbitmq["entrypoint"][2]
+    assert "/run/secrets/rabbitmq_definitions /etc/rabbitmq/definitions.json" in boot
+    assert "load_definitions = /etc/rabbitmq/definitions.json" in boot and "conf.d/" in boot
+    secrets = compose_model()["secrets"]
+    assert {name: secret["file"] for name, secret in secrets.items() if name != "toposerve_api_keys"} == {
+        "rabbitmq_definitions": "${TOPOSERVE_SECRETS_DIR:-./secrets}/rabbitmq-definitions.json",
+        "redis_users": "${TOPOSERVE_SECRETS_DIR:-./secrets}/redis-users.acl",
+        "redis_admin_password": "${TOPOSERVE_SECRETS_DIR:-./secrets}/redis-admin.password"}
     for broker in (rabbitmq, redis):
         assert "profiles" not in broker  # always on, whatever profile is selected
         assert all(port.startswith("127.0.0.1:") for port in broker["ports"])
@@ -307,9 +372,13 @@ def test_compose_runs_every_profile_with_its_stages_and_replicas(profile: Profil
         assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
         assert service["depends_on"] == {"rabbitmq": {"condition": "service_healthy"},
                                          "redis": {"condition": "service_healthy"}}
-        env = service["environment"]
-        assert env["TOPOSERVE_AMQP_URL"] == "${TOPOSERVE_AMQP_URL:-amqp://guest:guest@rabbitmq:5672/}"
-        assert env["TOPOSERVE_REDIS_URL"].startswith("${TOPOSERVE_REDIS_URL:-redis://redis:6379/")
+    # Each service logs in as its role, from that role's env file (not in this file).
+    assert ingress["env_file"] == [f"${{TOPOSERVE_SECRETS_DIR:-./secrets}}/{ingress_role(profile)}.env"]
+    assert ingress["environment"] == {"TOPOSERVE_API_KEYS_FILE": "/run/secrets/toposerve_api_keys"}
+    for stage in stages:
+        service = mine[f"{profile.name}-{stage}"]
+        assert service["env_file"] == [f"${{TOPOSERVE_SECRETS_DIR:-./secrets}}/{stage_role(profile, stage)}.env"]
+        assert "environment" not in service  # URLs and namespace: all in the env file
 
 
 def test_compose_service_profiles_are_selected_by_toposerve_profile() -> None:
