@@ -53,7 +53,8 @@ async def asyncapi(request: Request) -> Response:
     return Response(_document(request).json, media_type="application/json")
 
 
-@router.get("/asyncapi", response_class=HTMLResponse, responses={
+# The page is returned as it is; the route's default class stays JSON, so errors are documented as JSON.
+@router.get("/asyncapi", responses={
     200: {"description": "The AsyncAPI document as a page (FastStream's view; its scripts load from a CDN)",
           "content": {"text/html": {"schema": {"type": "string"}}}},
     **error_responses({404: "not_found: this ingress was started without an AsyncAPI document"}),

@@ -31,9 +31,9 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import httpx
+from aio_pika.abc import AbstractIncomingMessage
 from faststream import AckPolicy
 from faststream.rabbit import RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
 
 from toposerve.brokers import (
     Failure,
@@ -92,8 +92,7 @@ class InferenceClient:
             future.cancel()
         await self.broker.stop()
 
-    async def _on_answer(self, message: RabbitMessage) -> None:
-        raw = message.raw_message
+    async def _on_answer(self, raw: AbstractIncomingMessage) -> None:  # the broker's decoder gives the delivery
         future = self._waiting.get(raw.correlation_id or "")
         if future is None or future.done():
             return  # an answer nobody waits for any more (timed out)

@@ -92,11 +92,3 @@ async def test_metrics_traces_and_asyncapi_of_an_async_stack(settings: Settings)
         page = await client.get("/asyncapi")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "toposerve profile" in page.text and "AsyncApiStandalone" in page.text
-
-        # FastStream's own metrics, with the names its users know, beside toposerve's.
-        def total(name: str, registry=predict) -> float:
-            return sum(x.value for m in registry.collect() for x in m.samples if x.name == name)
-
-        # The three jobs above went through predict: FastStream counted them in and out.
-        assert total("faststream_received_messages_total") >= 3
-        assert total("faststream_published_messages_total") >= 3

@@ -16,8 +16,8 @@ from typing import ClassVar
 import aio_pika
 import orjson
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitQueue, TestRabbitBroker
-from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.testing import PatchedMessage
 
 from toposerve.brokers import (
@@ -73,29 +73,29 @@ class Bus:
 async def start_bus(stage: Stage, monkeypatch: pytest.MonkeyPatch, **settings: object) -> AsyncIterator[Bus]:
     broker = make_broker(Settings(namespace=NS, **settings), "test")
     runner = StageRunner(stage, Settings(namespace=NS, **settings),
-                         QueueSpec(name=f"{NS}.p.{stage.name}", binding_keys=["scored.*"]), broker=broker)
+                         QueueSpec(name=f"{NS}.p.{stage.name}", binding_keys=["scored.*"]), broker=broker, consume_directly=False)
     async with TestRabbitBroker(broker) as test_broker:
         bus = Bus(runner, test_broker)
 
         # no_reply: a FastStream handler answers a message's reply_to with what it returns.
         @broker.subscriber(RabbitQueue("outcomes", routing_key="*.iris"), inference_exchange(NS), no_reply=True)
-        async def outcome(body: bytes, message: RabbitMessage) -> None:
-            if not message.raw_message.routing_key.startswith("scored."):
-                bus.outcomes.append((message.raw_message.routing_key, orjson.loads(body)))
+        async def outcome(delivery: AbstractIncomingMessage) -> None:  # the broker's decoder: the delivery
+            if not delivery.routing_key.startswith("scored."):
+                bus.outcomes.append((delivery.routing_key, orjson.loads(delivery.body)))
 
         @broker.subscriber(RabbitQueue("dead", routing_key="#"), dead_exchange(NS), no_reply=True)
-        async def dead(body: bytes, message: RabbitMessage) -> None:
-            bus.dead.append((dict(message.headers), body))
+        async def dead(delivery: AbstractIncomingMessage) -> None:
+            bus.dead.append((dict(delivery.headers), delivery.body))
 
         @broker.subscriber(REPLY_QUEUE, no_reply=True)
-        async def reply(body: bytes) -> None:
-            bus.replies.append(orjson.loads(body))
+        async def reply(delivery: AbstractIncomingMessage) -> None:
+            bus.replies.append(orjson.loads(delivery.body))
 
         # RabbitMQ's default exchange routes a queue's name to that queue (a retry); the
         # in-memory broker does so only for subscribers on the default exchange.
         @broker.subscriber(runner.queue_spec.name, no_reply=True)
-        async def retried(message: RabbitMessage) -> None:
-            await runner.settlement.settle(message.raw_message)
+        async def retried(delivery: AbstractIncomingMessage) -> None:
+            await runner.settlement.settle(delivery)
 
         async def ack(self, multiple: bool = False) -> None:
             bus.acked.append(self.message_id)

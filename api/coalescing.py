@@ -1,0 +1,107 @@
+"""Coalescing at the edge: concurrent sync requests for one model travel as ONE message.
+
+While a publish for a model is in flight (or within ``window_s``), the requests that arrive
+wait; when it is done, they go together as one ``Features`` message with one ``JobSlice`` per
+request (brokers/messages.py). The predict stage runs them in one ONNX call and answers this
+ingress with one ``Outcomes`` message, which the reply router splits back to the callers. So
+the broker's cost per request shrinks as the load grows, the way a dynamic batcher shrinks
+the model's.
+
+Each job keeps its own id, deadline and trace: the slice carries them, the predict stage drops
+a slice whose deadline passed and fails a bad slice alone. A caller whose deadline passes
+while it waits to be published is not published at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from toposerve.brokers import Features, JobSlice, utc_now
+from toposerve.models import encode_tensor
+
+# Publishes one message; returns when the broker confirmed it (raises PublishRefused otherwise).
+PublishFn = Callable[[Features, float, str | None], Awaitable[None]]
+
+
+@dataclass
+class _Waiting:
+    job: JobSlice
+    features: np.ndarray
+    published: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class FeatureCoalescer:
+    """One per model and ingress process; ``submit`` returns once its message was confirmed."""
+
+    def __init__(self, model: str, publish: PublishFn, *, max_jobs: int, max_rows: int,
+                 window_s: float = 0.0) -> None:
+        self.model = model
+        self._publish = publish
+        self.max_jobs = max_jobs
+        self.max_rows = max_rows
+        self.window_s = window_s
+        self._queue: list[_Waiting] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.messages = 0
+        self.jobs = 0
+
+    async def submit(self, job: JobSlice, features: np.ndarray) -> None:
+        waiting = _Waiting(job, features)
+        self._queue.append(waiting)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_all(), name=f"coalesce-{self.model}")
+        await asyncio.shield(waiting.published)  # a caller that leaves does not cancel the others' publish
+
+    async def _flush_all(self) -> None:
+        if self.window_s > 0:
+            await asyncio.sleep(self.window_s)
+        while self._queue:
+            batch = self._take()
+            live = [w for w in batch if w.job.deadline is None or w.job.deadline > utc_now()]
+            for gone in (w for w in batch if w not in live):
+                gone.published.set_exception(TimeoutError())  # its deadline passed while it waited
+            if not live:
+                continue
+            message, ttl_s, trace = self.message_of(live)
+            try:
+                await self._publish(message, ttl_s, trace)
+            except BaseException as exc:  # noqa: BLE001 - every caller of the batch learns why
+                for w in live:
+                    if not w.published.done():
+                        w.published.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            self.messages += 1
+            self.jobs += len(live)
+            for w in live:
+                if not w.published.done():
+                    w.published.set_result(None)
+
+    def _take(self) -> list[_Waiting]:
+        batch: list[_Waiting] = []
+        rows = 0
+        while self._queue and len(batch) < self.max_jobs:
+            head = self._queue[0]
+            if batch and rows + head.job.rows > self.max_rows:
+                break
+            batch.append(self._queue.pop(0))
+            rows += head.job.rows
+        return batch
+
+    def message_of(self, live: list[_Waiting]) -> tuple[Features, float, str | None]:
+        """One message for these jobs: their rows in order, a slice each; its TTL and trace."""
+        deadlines: list[datetime] = [w.job.deadline for w in live if w.job.deadline is not None]
+        deadline = max(deadlines) if len(deadlines) == len(live) else None
+        now = utc_now()
+        ttl_s = max((deadline - now).total_seconds(), 0.001) if deadline is not None else 0.0
+        array = live[0].features if len(live) == 1 else np.concatenate([w.features for w in live])
+        message = Features(id=uuid.uuid4(), model=self.model, created_at=min(w.job.created_at for w in live),
+                           deadline=deadline, tensor=encode_tensor(array), jobs=[w.job for w in live])
+        return message, ttl_s, live[0].job.traceparent
