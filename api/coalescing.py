@@ -15,6 +15,7 @@ while it waits to be published is not published at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class FeatureCoalescer:
 
     async def submit(self, job: JobSlice, features: np.ndarray) -> None:
         waiting = _Waiting(job, features)
+        # Read the outcome even when its caller left, so a failed publish is not logged as unretrieved.
+        waiting.published.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._queue.append(waiting)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_all(), name=f"coalesce-{self.model}")
@@ -71,18 +74,28 @@ class FeatureCoalescer:
             message, ttl_s, trace = self.message_of(live)
             try:
                 await self._publish(message, ttl_s, trace)
-            except BaseException as exc:  # noqa: BLE001 - every caller of the batch learns why
+            except asyncio.CancelledError:
+                for w in live + self._queue:  # shutting down: nobody is published any more
+                    w.published.cancel()
+                self._queue.clear()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch learns why
                 for w in live:
                     if not w.published.done():
                         w.published.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 continue
             self.messages += 1
             self.jobs += len(live)
             for w in live:
                 if not w.published.done():
                     w.published.set_result(None)
+
+    async def close(self) -> None:
+        """Stop publishing: the callers still waiting are cancelled."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
 
     def _take(self) -> list[_Waiting]:
         batch: list[_Waiting] = []
@@ -96,7 +109,17 @@ class FeatureCoalescer:
         return batch
 
     def message_of(self, live: list[_Waiting]) -> tuple[Features, float, str | None]:
-        """One message for these jobs: their rows in order, a slice each; its TTL and trace."""
+        """One message for these jobs: their rows in order, a slice each; its TTL and trace.
+
+        A job alone travels as the plain message of one request (its id, no ``jobs``): what a
+        caller at low load sends is what it sent before coalescing existed.
+        """
+        if len(live) == 1:
+            job = live[0].job
+            ttl_s = max((job.deadline - utc_now()).total_seconds(), 0.001) if job.deadline is not None else 0.0
+            return (Features(id=job.id, model=self.model, created_at=job.created_at, deadline=job.deadline,
+                             timings=dict(job.timings), tensor=encode_tensor(live[0].features)),
+                    ttl_s, job.traceparent)
         deadlines: list[datetime] = [w.job.deadline for w in live if w.job.deadline is not None]
         deadline = max(deadlines) if len(deadlines) == len(live) else None
         now = utc_now()

@@ -43,6 +43,14 @@ class IngressSpec(BaseModel):
     # preprocess: decoding them is the costly work a preprocess stage scales out.
     preprocess_tabular_in_ingress: bool = Field(
         default=False, description="Tabular rows: publish features.<model> from the ingress, skip the preprocess stage")
+    # Coalescing (api/coalescing.py): sync requests whose rows the ingress preprocessed, for
+    # the same model, that arrive while a publish is in flight (or within the window) travel
+    # as one message of up to this many jobs; 1 sends every request as a message of its own.
+    coalesce_max_jobs: int = Field(default=64, ge=1, le=4096,
+                                   description="Sync rows: jobs per coalesced message (1: no coalescing)")
+    coalesce_window_ms: float = Field(default=0.0, ge=0, le=100,
+                                      description="Sync rows: how long a request waits for others (0: only while a "
+                                                  "publish is in flight)")
 
 
 class IngressConfig(BaseModel):

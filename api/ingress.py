@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,7 @@ from pydantic import ConfigDict, ValidationError
 from redis.exceptions import RedisError
 
 from toposerve.api.auth import current_owner
+from toposerve.api.coalescing import FeatureCoalescer
 from toposerve.api.config import IngressConfig
 from toposerve.api.entry import preprocess_rows, queues_on_path
 from toposerve.api.errors import ApiError, describe_validation_errors
@@ -25,12 +27,15 @@ from toposerve.api.replies import ReplyRouter
 from toposerve.api.stage_monitor import StageMonitor
 from toposerve.brokers import (
     INGRESS_APP_ID,
+    TRACEPARENT,
     CompletionListener,
     Envelope,
     Failure,
     FailureCode,
+    Features,
     InferenceInputs,
     InferenceRequest,
+    JobSlice,
     Prediction,
     PredictionCache,
     Publisher,
@@ -39,6 +44,7 @@ from toposerve.brokers import (
     Settings,
     connect_amqp,
     connect_redis,
+    current_span,
     declare_dead_letters,
     declare_topology,
     inference_exchange,
@@ -130,6 +136,7 @@ class Ingress:
         self.monitor: StageMonitor | None = None
         self.stats = IngressStats()
         self.prediction_cache: PredictionCache | None = None
+        self._coalescers: dict[str, FeatureCoalescer] = {}
         self.cache_fills: CompletionListener | None = None
         if config.spec.prediction_cache_ttl_s:
             self.prediction_cache = PredictionCache(self.results.client, settings.namespace,
@@ -157,6 +164,8 @@ class Ingress:
         await self.monitor.start()
 
     async def close(self) -> None:
+        for coalescer in self._coalescers.values():
+            await coalescer.close()
         if self.monitor is not None:
             await self.monitor.close()
         await self.completions.close()
@@ -308,12 +317,38 @@ class Ingress:
             raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
                            {"Retry-After": "1"})
 
+    def coalescer(self, request: Envelope) -> FeatureCoalescer | None:
+        """The coalescer ``request`` goes through (None: it is published on its own).
+
+        Rows the ingress preprocesses, for a model (not a group: each member answers its part),
+        in a profile without a prediction cache (its key is per request).
+        """
+        spec = self.config.spec
+        if (spec.coalesce_max_jobs <= 1 or not spec.preprocess_tabular_in_ingress or self.prediction_cache is not None
+                or not isinstance(request, InferenceRequest) or request.instances is None
+                or request.model in self.config.groups):
+            return None
+        coalescer = self._coalescers.get(request.model)
+        if coalescer is None:
+            coalescer = self._coalescers[request.model] = FeatureCoalescer(
+                request.model, self._publish_coalesced, max_jobs=spec.coalesce_max_jobs,
+                max_rows=self.settings.max_rows, window_s=spec.coalesce_window_ms / 1000)
+        return coalescer
+
+    async def _publish_coalesced(self, message: Features, ttl_s: float, traceparent: str | None) -> None:
+        assert self.publisher is not None and self.replies is not None
+        await self.publisher.publish(
+            message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
+            correlation_id=str(message.id), persistent=False, expiration_s=ttl_s,
+            headers={TRACEPARENT: traceparent} if traceparent else {})
+
     async def predict_sync(self, request: Envelope, timeout_s: float) -> Prediction | Failure:
         """Publish with a reply address and wait for the terminal message, at most ``timeout_s``."""
         assert self.publisher is not None and self.replies is not None
         request.deadline = request.created_at + timedelta(seconds=timeout_s)
-        message = self.entry_message(request)  # after the deadline is set: a Features copy carries it
-        self.require_stages(message.kind)
+        coalescer = self.coalescer(request)
+        message = request if coalescer is not None else self.entry_message(request)  # a Features copy: the deadline
+        self.require_stages("features" if coalescer is not None else message.kind)
         await self._claim(request)
         correlation_id = str(request.id)
         future = self.replies.expect(correlation_id)
@@ -321,10 +356,21 @@ class Ingress:
             remaining = (request.deadline - utc_now()).total_seconds()
             if remaining <= 0:
                 raise TimeoutError
-            await self.publisher.publish(
-                message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
-                correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
-            )
+            if coalescer is not None:
+                assert isinstance(request, InferenceRequest) and request.instances is not None
+                started = time.perf_counter()
+                features = rows_to_features(request.instances, self.manifest(request.model), self.limits)
+                span = current_span.get()
+                await coalescer.submit(JobSlice(
+                    id=request.id, rows=len(features), created_at=request.created_at, deadline=request.deadline,
+                    traceparent=span.header if span is not None else None,
+                    timings={**request.timings, "preprocess_ms": round((time.perf_counter() - started) * 1000, 3)},
+                ), features)
+            else:
+                await self.publisher.publish(
+                    message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
+                    correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
+                )
             remaining = (request.deadline - utc_now()).total_seconds()
             return await asyncio.wait_for(future, max(remaining, 0.0))
         except PublishRefused as exc:

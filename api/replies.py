@@ -2,7 +2,8 @@
 
 Every sync request is published with ``reply_to`` = this queue and
 ``correlation_id`` = its job id; the stage that ends the job publishes the terminal
-message there, and the matching future resolves. Many requests are in flight on
+message there, and the matching future resolves. Requests coalesced into one message
+(api/coalescing.py) are answered by one ``Outcomes`` message, split here by job id. Many requests are in flight on
 one connection at once (FastStream's ``broker.request()`` would serialize them).
 """
 
@@ -15,7 +16,7 @@ import uuid
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pydantic import ValidationError
 
-from toposerve.brokers import Failure, Prediction, decode_terminal
+from toposerve.brokers import Failure, Prediction, decode_reply
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,21 @@ class ReplyRouter:
             self.refused_replies += 1
             log.warning("reply from %r refused: replies are accepted from stage accounts only", message.user_id)
             return
-        future = self._pending.pop(message.correlation_id or "", None)
-        if future is None or future.done():
-            # The caller's deadline passed (it got a 504) or it left: drop the late reply.
-            self.late_replies += 1
-            return
         try:
-            future.set_result(decode_terminal(message.body))
+            answers = decode_reply(message.body)
         except ValidationError as exc:
-            future.set_exception(RuntimeError(f"undecodable reply: {exc.error_count()} errors"))
+            future = self._pending.pop(message.correlation_id or "", None)
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"undecodable reply: {exc.error_count()} errors"))
+            return
+        for answer in answers:
+            # One answer: under its request's correlation id; the answers to a coalesced
+            # message (``Outcomes``): each under its job's id, which is its request's.
+            key = message.correlation_id if len(answers) == 1 and message.correlation_id in self._pending \
+                else str(answer.id)
+            future = self._pending.pop(key or "", None)
+            if future is None or future.done():
+                # The caller's deadline passed (it got a 504) or it left: drop the late reply.
+                self.late_replies += 1
+                continue
+            future.set_result(answer)

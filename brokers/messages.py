@@ -127,11 +127,52 @@ class Tensor(BaseModel):
     data: Base64Bytes
 
 
+# A W3C traceparent: version-traceid-spanid-flags.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+MAX_JOBS_PER_MESSAGE = 4096
+
+
+class JobSlice(BaseModel):
+    """One job's share of a message that carries many (coalesced at the ingress): its rows are
+    ``rows`` consecutive rows of the tensor, in the order of ``jobs``."""
+
+    id: uuid.UUID = Field(description="The job's id: its answer carries it")
+    rows: int = Field(ge=1, description="How many of the tensor's rows are this job's")
+    created_at: UtcDatetime
+    deadline: UtcDatetime | None = Field(default=None, description="This job's own deadline")
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN, description="This job's trace")
+    timings: dict[str, float] = Field(default_factory=dict, max_length=32, description="This job's timings so far")
+
+
 class Features(Envelope):
-    """``features.<model>``: the preprocessed input tensor, one row per input row."""
+    """``features.<model>``: the preprocessed input tensor, one row per input row.
+
+    Many jobs in one message: with ``jobs``, the tensor holds every job's rows in order and
+    each job ends on its own (its own answer, deadline and failure); the envelope's ``id`` is
+    then the message's, ``deadline`` the latest of the jobs'. The answers to a message with
+    ``reply_to`` come back as one ``Outcomes`` message.
+    """
 
     kind: Literal["features"] = "features"
     tensor: Tensor
+    jobs: list[JobSlice] | None = Field(default=None, min_length=1, max_length=MAX_JOBS_PER_MESSAGE,
+                                        description="Coalesced jobs, one slice of the tensor's rows each")
+
+    @model_validator(mode="after")
+    def _slices_cover_the_rows(self) -> Features:
+        if self.jobs is None:
+            return self
+        rows = self.tensor.shape[0] if self.tensor.shape else 0
+        if sum(job.rows for job in self.jobs) != rows:
+            raise ValueError(f"the jobs' rows add up to {sum(job.rows for job in self.jobs)}; the tensor has {rows}")
+        if len({job.id for job in self.jobs}) != len(self.jobs):
+            raise ValueError("a job id appears twice in jobs")
+        return self
+
+    def job_fields(self, job: JobSlice) -> dict[str, object]:
+        """What a message for one of the jobs carries (``carried()``, with the job's own id and times)."""
+        return {**self.carried(), "id": job.id, "created_at": job.created_at, "deadline": job.deadline,
+                "timings": dict(job.timings)}
 
 
 class RowPrediction(BaseModel):
@@ -199,13 +240,31 @@ class JoinTick(Envelope):
 
 
 TerminalMessage = Prediction | Failure
+Terminal = Annotated[Prediction | Failure, Field(discriminator="kind")]
 # Both terminal messages can arrive on one queue; ``kind`` (in every body) tells which.
-_TERMINAL = TypeAdapter(Annotated[Prediction | Failure, Field(discriminator="kind")])
+_TERMINAL = TypeAdapter(Terminal)
 
 
 def decode_terminal(body: bytes) -> Prediction | Failure:
     """Parse a ``Prediction`` or ``Failure`` body; raises ``ValidationError``."""
     return _TERMINAL.validate_json(body)
+
+
+class Outcomes(Envelope):
+    """The answers to a message that carried many jobs, for its ``reply_to`` queue: one
+    terminal message per job (``id`` is the message's, ``correlation_id`` the request's)."""
+
+    kind: Literal["outcomes"] = "outcomes"
+    items: list[Terminal] = Field(min_length=1, max_length=MAX_JOBS_PER_MESSAGE)
+
+
+_REPLY = TypeAdapter(Annotated[Prediction | Failure | Outcomes, Field(discriminator="kind")])
+
+
+def decode_reply(body: bytes) -> list[Prediction | Failure]:
+    """A reply queue's message: one terminal message, or ``Outcomes``; raises ``ValidationError``."""
+    reply = _REPLY.validate_json(body)
+    return reply.items if isinstance(reply, Outcomes) else [reply]
 
 
 def routing_key(kind: str, model: str, part: str | None = None) -> str:

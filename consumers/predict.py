@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from toposerve.brokers import Envelope, FailureCode, Features, Prediction
+from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, utc_now
 from toposerve.consumers.batching import MicroBatcher
 from toposerve.consumers.metrics import StageMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
@@ -18,6 +18,7 @@ from toposerve.models import (
     TensorError,
     check_features,
     decode_tensor,
+    encode_tensor,
     to_row_predictions,
 )
 
@@ -71,11 +72,89 @@ class PredictStage(Stage):
 
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Features)
-        part = self.part_of(message)
-        loaded = self.models.get(part or message.model)
+        if message.jobs:
+            return await self._handle_jobs(message)
+        return await self._handle_one(message)
+
+    async def _handle_jobs(self, message: Features) -> list[Outgoing]:
+        """Many jobs in one message: one ONNX call for every live job's rows, an answer each.
+
+        A job whose deadline passed is dropped (``deadline_exceeded``) and a job whose rows are
+        bad fails (its own ``Failure``), alone; the others are answered as usual.
+        """
+        assert message.jobs is not None
+        if self.cascade is not None or self.part_of(message) is not None:
+            # Cascades and model groups decide per job: each job goes the single way.
+            outputs: list[Outgoing] = []
+            for job, rows in self._slices(message):
+                single = Features(**message.job_fields(job), tensor=encode_tensor(rows))
+                outputs += [Outgoing(o.body, o.routing_key, o.final, job.traceparent)
+                            for o in await self._handle_one(single)]
+            return outputs
+        loaded = self._model(message)
+        outputs = []
+        live: list[tuple[JobSlice, np.ndarray]] = []
+        now = utc_now()
+        for job, rows in self._slices(message):
+            fields = message.job_fields(job)
+            if job.deadline is not None and job.deadline <= now:
+                failure = Failure(**fields, stage=self.name, code=FailureCode.DEADLINE_EXCEEDED,
+                                  message=f"the deadline {job.deadline.isoformat()} passed before stage "
+                                          f"{self.name!r} started")
+            else:
+                try:
+                    live.append((job, check_features(rows, loaded.manifest, self.max_rows)))
+                    continue
+                except InputError as exc:
+                    failure = Failure(**fields, stage=self.name, code=exc.code, message=exc.message)
+            outputs.append(Outgoing(failure, failure.routing_key(), traceparent=job.traceparent))
+        if not live:
+            return outputs
+        features = live[0][1] if len(live) == 1 else np.concatenate([rows for _, rows in live])
+        class_indices, probabilities = await self.batcher.submit(loaded.manifest.name, features)
+        start = 0
+        for job, rows in live:
+            end = start + len(rows)
+            prediction = Prediction(
+                **message.job_fields(job), model_version=loaded.manifest.version, answered_by=loaded.manifest.name,
+                rows=to_row_predictions(class_indices[start:end], probabilities[start:end], loaded.manifest.labels),
+            )
+            start = end
+            key = self.publishes.format(kind=prediction.kind, model=prediction.model) if self.publishes \
+                else prediction.routing_key()
+            outputs.append(Outgoing(prediction, key, final=self.publishes is None, traceparent=job.traceparent))
+        return outputs
+
+    def _slices(self, message: Features) -> list[tuple[JobSlice, np.ndarray]]:
+        """Each job with its rows of the tensor (whose row count the message's schema checked)."""
+        assert message.jobs is not None
+        try:
+            array = decode_tensor(message.tensor)
+        except TensorError as exc:
+            raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc
+        if array.ndim != 2:
+            raise InputError(f"features have shape {list(array.shape)}; a message with jobs needs rows",
+                             FailureCode.INVALID_MESSAGE)
+        if array.shape[0] > self.max_rows:
+            # Each job may be small, but the message is what one ONNX call runs.
+            raise InputError(f"features have {array.shape[0]} rows, more than the limit of {self.max_rows}",
+                             FailureCode.TOO_LARGE)
+        slices, start = [], 0
+        for job in message.jobs:
+            slices.append((job, array[start:start + job.rows]))
+            start += job.rows
+        return slices
+
+    def _model(self, message: Features) -> LoadedModel:
+        loaded = self.models.get(self.part_of(message) or message.model)
         if loaded is None:
             raise InputError(f"model {message.model!r} is not served by stage {self.name!r}",
                              FailureCode.UNKNOWN_MODEL)
+        return loaded
+
+    async def _handle_one(self, message: Features) -> list[Outgoing]:
+        part = self.part_of(message)
+        loaded = self._model(message)
         try:
             array = decode_tensor(message.tensor)
         except TensorError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import aio_pika
@@ -42,6 +43,7 @@ from toposerve.brokers import (
     Envelope,
     Failure,
     FailureCode,
+    Outcomes,
     Publisher,
     PublishRefused,
     QueueSpec,
@@ -67,6 +69,13 @@ HEAVY_MESSAGE_BYTES = 256 * 1024
 SALVAGE_HEAD_BYTES = 64 * 1024
 # How long a requeue waits when a dependency is down, so a stage does not spin on it.
 REQUEUE_PAUSE_S = 1.0
+
+
+def _message_id(delivery: AbstractIncomingMessage) -> uuid.UUID:
+    try:
+        return uuid.UUID(delivery.message_id or "")
+    except ValueError:
+        return uuid.uuid4()
 
 
 def original_routing_key(delivery: AbstractIncomingMessage) -> str:
@@ -188,12 +197,13 @@ class Settlement:
                   "dead-lettered so it cannot stop the stage again")
         log.error("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
         try:
-            failure = self.stage.failure(self.stage.decode(delivery.body), FailureCode.INTERNAL, reason)
+            failures = self.stage.failures(self.stage.decode(delivery.body), FailureCode.INTERNAL, reason)
         except ValidationError:
-            failure = self._salvaged_failure(delivery, FailureCode.INTERNAL, reason)
+            salvaged = self._salvaged_failure(delivery, FailureCode.INTERNAL, reason)
+            failures = [] if salvaged is None else [outgoing(salvaged)]
         # Best effort: the dead letter is what must not be lost; a topology without a
         # store would otherwise refuse the Failure and loop again.
-        return await self._end_and_dead_letter(delivery, failure, reason, best_effort_outcomes=True)
+        return await self._end_and_dead_letter(delivery, failures, reason, best_effort_outcomes=True)
 
     # -- one delivery ---------------------------------------------------------------
 
@@ -251,13 +261,13 @@ class Settlement:
     async def _work(self, message: Envelope) -> list[Outgoing]:
         """The stage's outputs for ``message``; a deadline that passed or bad input become a ``Failure``."""
         if self.stage.honours_deadline and message.expired():
-            return [outgoing(self.stage.failure(message, FailureCode.DEADLINE_EXCEEDED,
-                                                f"the deadline {message.deadline.isoformat()} passed "
-                                                f"before stage {self.stage.name!r} started"))]
+            return self.stage.failures(message, FailureCode.DEADLINE_EXCEEDED,
+                                       f"the deadline {message.deadline.isoformat()} passed "
+                                       f"before stage {self.stage.name!r} started")
         try:
             return await self.stage.handle(message)
         except InputError as exc:
-            return [outgoing(self.stage.failure(message, exc.code, exc.message))]
+            return self.stage.failures(message, exc.code, exc.message)
 
     def _stalled_itself(self, publishing_since: float) -> bool:
         """Was this loop held up for most of the publish timeout, since this message's publishing began?"""
@@ -288,37 +298,55 @@ class Settlement:
 
     async def publish_all(self, outputs: list[Outgoing], delivery: AbstractIncomingMessage,
                           best_effort_outcomes: bool = False) -> None:
-        """Publish ``outputs`` (and a sync caller's answer to its reply queue) and wait for every confirm."""
+        """Publish ``outputs`` (and a sync caller's answers to its reply queue) and wait for every confirm.
+
+        A sync caller's answers go to its reply queue: one message, or one ``Outcomes`` for a
+        message that carried many jobs. Their copies on the exchange are then best effort, and
+        left out where no stage keeps outcomes (a sync profile: no queue would take them).
+        """
         headers = {k: v for k, v in (delivery.headers or {}).items() if k not in (ATTEMPTS_HEADER, ROUTING_KEY_HEADER)}
         span = current_span.get()
         if span is not None:
             headers[TRACEPARENT] = span.header
         persistent = delivery.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        reply_to = delivery.reply_to
         publishes = []
+        answers: list[Envelope] = []
         for out in outputs:
             terminal = out.final and is_terminal(out.body)
             if isinstance(out.body, Failure):
                 self.stats.failed += 1
                 self.metrics.failed.inc()
-                log.info("job failed at stage %s: %s: %s", self.stage.name, out.body.code.value,
+                log.info("job %s failed at stage %s: %s: %s", out.body.id, self.stage.name, out.body.code.value,
                          out.body.message[:500])
-            # A sync caller's answer goes to its reply queue; the copy on the exchange is
-            # then best-effort (a profile without a store has no queue for it), and so is
-            # the reply itself (the caller may have given up and gone).
-            best_effort = terminal and (bool(delivery.reply_to) or not self.outcomes_kept or best_effort_outcomes)
-            if terminal and not delivery.reply_to and not self.outcomes_kept:
+            if terminal and reply_to:
+                answers.append(out.body)
+                if not self.outcomes_kept:
+                    continue  # nothing would take the copy
+            elif terminal and not self.outcomes_kept:
                 log.info("job %s ended (%s) with no reply_to, in a profile that keeps no outcomes: not stored",
                          out.body.id, out.body.kind)
+            # The copy of a sync answer is best effort, and so is any outcome of a profile
+            # without a store (the caller may have given up and gone).
+            best_effort = terminal and (bool(reply_to) or not self.outcomes_kept or best_effort_outcomes)
+            out_headers = headers if out.traceparent is None else {**headers, TRACEPARENT: out.traceparent}
             publishes.append(self.outlets.outputs.publish(
-                out.body, out.routing_key, reply_to=delivery.reply_to, correlation_id=delivery.correlation_id,
-                headers=headers, persistent=persistent, mandatory=not best_effort,
+                out.body, out.routing_key, reply_to=reply_to, correlation_id=delivery.correlation_id,
+                headers=out_headers, persistent=persistent, mandatory=not best_effort,
             ))
-            if terminal and delivery.reply_to:
-                publishes.append(self.outlets.direct.publish(
-                    out.body, delivery.reply_to, correlation_id=delivery.correlation_id or str(out.body.id),
-                    persistent=False, mandatory=False,
-                ))
+        if answers:
+            publishes.append(self._answer(answers, delivery))
         await asyncio.gather(*publishes)
+
+    async def _answer(self, answers: list[Envelope], delivery: AbstractIncomingMessage) -> None:
+        """The answers to the reply queue: best effort, the caller may have given up and gone."""
+        assert delivery.reply_to
+        first = answers[0]
+        body: Envelope = first if len(answers) == 1 else Outcomes(id=_message_id(delivery), model=first.model,
+                                                                  items=answers)
+        await self.outlets.direct.publish(body, delivery.reply_to,
+                                          correlation_id=delivery.correlation_id or str(first.id),
+                                          persistent=False, mandatory=False)
 
     # -- what cannot be handled -----------------------------------------------------
 
@@ -336,11 +364,9 @@ class Settlement:
                 self.stats.retried += 1
                 self.metrics.retried.inc()
             else:
-                failure = self.stage.failure(
-                    message, FailureCode.INTERNAL,
-                    f"stage {self.stage.name!r} failed {attempts} times: {reason}",
-                )
-                await self.publish_all([outgoing(failure)], delivery)
+                await self.publish_all(self.stage.failures(
+                    message, FailureCode.INTERNAL, f"stage {self.stage.name!r} failed {attempts} times: {reason}",
+                ), delivery)
                 await self._dead_letter(delivery, reason)
         except PublishRefused:
             await self._requeue(delivery)
@@ -355,7 +381,7 @@ class Settlement:
                   f"(AMQP user_id), so stage {self.stage.name!r} refused it")
         log.warning("stage %s: %s (message %s)", self.stage.name, reason, delivery.message_id)
         self.metrics.untrusted.inc()
-        await self._end_and_dead_letter(delivery, None, reason)
+        await self._end_and_dead_letter(delivery, [], reason)
 
     async def _reject_oversized(self, delivery: AbstractIncomingMessage, size: int) -> None:
         """Too large to parse: fail its job (when its id is in the first bytes) and dead-letter its head."""
@@ -366,7 +392,8 @@ class Settlement:
         failure = None if ident is None else Failure(id=ident[0], model=ident[1], stage=self.stage.name,
                                                      code=FailureCode.TOO_LARGE, message=reason)
         log.warning("stage %s: %s", self.stage.name, reason)
-        await self._end_and_dead_letter(delivery, failure, reason, keep_bytes=SALVAGE_HEAD_BYTES)
+        await self._end_and_dead_letter(delivery, [] if failure is None else [outgoing(failure)], reason,
+                                        keep_bytes=SALVAGE_HEAD_BYTES)
 
     async def _reject_undecodable(self, delivery: AbstractIncomingMessage, exc: ValidationError) -> None:
         problems = "; ".join(
@@ -374,7 +401,7 @@ class Settlement:
         )
         reason = f"message is not a valid {self.stage.input_name()} for stage {self.stage.name!r}: {problems}"
         failure = self._salvaged_failure(delivery, FailureCode.INVALID_MESSAGE, reason[:4000])
-        if await self._end_and_dead_letter(delivery, failure, reason):
+        if await self._end_and_dead_letter(delivery, [] if failure is None else [outgoing(failure)], reason):
             log.warning("stage %s: %s", self.stage.name, reason)
 
     def _salvaged_failure(self, delivery: AbstractIncomingMessage, code: FailureCode, reason: str) -> Failure | None:
@@ -384,13 +411,13 @@ class Settlement:
             return None
         return Failure(id=ident[0], model=ident[1], stage=self.stage.name, code=code, message=reason)
 
-    async def _end_and_dead_letter(self, delivery: AbstractIncomingMessage, failure: Failure | None, reason: str,
+    async def _end_and_dead_letter(self, delivery: AbstractIncomingMessage, failures: list[Outgoing], reason: str,
                                    best_effort_outcomes: bool = False, keep_bytes: int | None = None) -> bool:
-        """End the job with ``failure`` (when whose job it is is known, so its caller learns
-        why), dead-letter the message, then ack; True once acked, False when requeued."""
+        """End the jobs with ``failures`` (when whose jobs they are is known, so their callers
+        learn why), dead-letter the message, then ack; True once acked, False when requeued."""
         try:
-            if failure is not None:
-                await self.publish_all([outgoing(failure)], delivery, best_effort_outcomes=best_effort_outcomes)
+            if failures:
+                await self.publish_all(failures, delivery, best_effort_outcomes=best_effort_outcomes)
             await self._dead_letter(delivery, reason, keep_bytes)
         except PublishRefused:
             await self._requeue(delivery)

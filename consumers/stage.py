@@ -28,6 +28,8 @@ class Outgoing:
     # False: a prediction on its way to a post-processing stage (a predict stage with
     # ``publishes``), not the job's answer: no sync caller is answered with it.
     final: bool = True
+    # The job's own trace, when the input carried many jobs (each with its own traceparent).
+    traceparent: str | None = None
 
 
 def outgoing(body: Envelope) -> Outgoing:
@@ -86,6 +88,15 @@ class Stage(ABC):
     def part_of(self, message: Envelope) -> str | None:
         """Model groups: the member this stage answers for (a failure is then a part's)."""
         return None
+
+    def failures(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> list[Outgoing]:
+        """The job's ``Failure``; one per job for a message that carries many (``Features.jobs``)."""
+        jobs = getattr(message, "jobs", None)
+        if not jobs:
+            return [outgoing(self.failure(message, code, text, retryable))]
+        return [Outgoing(Failure(**message.job_fields(job), stage=self.name, code=code, message=text,
+                                 retryable=retryable), f"failure.{message.model}", traceparent=job.traceparent)
+                for job in jobs]
 
     def failure(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> Failure:
         return Failure(

@@ -182,7 +182,10 @@ def asyncapi_specification(profile: Profile, settings: Settings) -> Specificatio
         + (" In this profile the ingress preprocesses tabular rows itself and publishes them as "
            "Features to features.<model>, with the same reply_to, correlation_id, deadline and "
            "trace; request.<model> (images, item ids, any other publisher) still reaches the "
-           "preprocess stage." if profile.ingress.preprocess_tabular_in_ingress else "")
+           "preprocess stage. Concurrent rows for one model may travel as ONE Features message "
+           "with jobs (one slice of the tensor's rows per request); its answers come back to "
+           "reply_to as ONE Outcomes message (kind outcomes, items: a Prediction or Failure per job)."
+           if profile.ingress.preprocess_tabular_in_ingress else "")
     )
     return AsyncAPI(spec_broker(profile, settings), title=f"toposerve profile {profile.name}", version="0.1.0",
                     description=description, schema_version=ASYNCAPI_VERSION).to_specification()

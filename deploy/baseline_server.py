@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    uvicorn.run("deploy.baseline_server:create_baseline_app", factory=True, host=args.host, port=args.port,
+    uvicorn.run("toposerve.deploy.baseline_server:create_baseline_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="warning", access_log=False)
 
 

@@ -73,10 +73,14 @@ async def one_job(session: aiohttp.ClientSession, path: str, body: bytes, mode: 
 async def run_closed_loop(
     base_url: str, path: str, payload: dict | Callable[[], dict], *, mode: str, concurrency: int,
     duration_s: float, warmup_s: float = 1.0,
+    on_window: tuple[Callable[[], None], Callable[[], None]] | None = None,
 ) -> tuple[LatencySummary, list[str]]:
-    """``payload`` is one body for every request, or a function making each request's body
-    (e.g. unique inputs, so a prediction cache never hits)."""
-    """Send requests from ``concurrency`` workers for ``duration_s`` (after a warm-up); summarize."""
+    """Send requests from ``concurrency`` workers for ``duration_s`` (after a warm-up); summarize.
+
+    ``payload`` is one body for every request, or a function making each request's body
+    (e.g. unique inputs, so a prediction cache never hits). ``on_window``: called when the
+    measured window opens and when it closes (e.g. to read CPU counters over exactly it).
+    """
     # aiohttp, not httpx: at 64 connections httpx's pool costs more CPU than the
     # server under test, and the generator shares the server's cores.
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -87,6 +91,9 @@ async def run_closed_loop(
         loop = asyncio.get_running_loop()
         measure_from = loop.time() + warmup_s
         stop_at = measure_from + duration_s
+        if on_window is not None:
+            loop.call_at(measure_from, on_window[0])
+            loop.call_at(stop_at, on_window[1])
 
         async def worker() -> None:
             while (start := loop.time()) < stop_at:
