@@ -69,11 +69,12 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.add_middleware(SecurityMiddleware, **security)
     install_openapi(app, api_keys=security["keys"].enabled, rate_limited=security["limiter"] is not None)
     app.add_middleware(ObservabilityMiddleware)
+    # Routes whose answers depend on the profile (its mode, its overload fallback) are built
+    # for it. Predict first: routes are matched in order, and it is the one under load.
+    app.include_router(routes_v1.predict_router(config))
     app.include_router(observability_router)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
-    # Routes whose answers depend on the profile (its mode, its overload fallback) are built for it.
-    app.include_router(routes_v1.predict_router(config))
     app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config))
     app.include_router(oip_routes.router)

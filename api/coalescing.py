@@ -30,7 +30,7 @@ from toposerve.models import encode_tensor
 PublishFn = Callable[[Features, float, str | None], Awaitable[None]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a value comparison of jobs would cost O(n) per lookup
 class _Waiting:
     job: JobSlice
     features: np.ndarray
@@ -65,10 +65,15 @@ class FeatureCoalescer:
         if self.window_s > 0:
             await asyncio.sleep(self.window_s)
         while self._queue:
-            batch = self._take()
-            live = [w for w in batch if w.job.deadline is None or w.job.deadline > utc_now()]
-            for gone in (w for w in batch if w not in live):
-                gone.published.set_exception(TimeoutError())  # its deadline passed while it waited
+            now = utc_now()
+            live = []
+            for waiting in self._take():
+                if waiting.published.done():
+                    continue  # cancelled
+                if waiting.job.deadline is not None and waiting.job.deadline <= now:
+                    waiting.published.set_exception(TimeoutError())  # its deadline passed while it waited
+                else:
+                    live.append(waiting)
             if not live:
                 continue
             message, ttl_s, trace = self.message_of(live)

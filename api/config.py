@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from toposerve.brokers import DeadLetterSpec, QueueSpec
 
@@ -51,6 +51,18 @@ class IngressSpec(BaseModel):
     coalesce_window_ms: float = Field(default=0.0, ge=0, le=100,
                                       description="Sync rows: how long a request waits for others (0: only while a "
                                                   "publish is in flight)")
+    # HTTP work (parsing, validation, JSON) is the ingress's cost per request; one Python
+    # process uses one core. N processes share the port (SO_REUSEPORT: the kernel spreads
+    # connections), each with its own broker connection and reply queue.
+    workers: int = Field(default=1, ge=1, le=64,
+                         description="Ingress processes sharing the port, each with its own reply queue")
+
+    @model_validator(mode="after")
+    def _one_process_runs_the_stages(self) -> IngressSpec:
+        if self.single_process and self.workers > 1:
+            raise ValueError("single_process runs every stage inside the ingress process: workers must be 1 "
+                             "(scale a single-process profile by running more copies of it)")
+        return self
 
 
 class IngressConfig(BaseModel):

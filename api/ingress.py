@@ -317,6 +317,9 @@ class Ingress:
             raise ApiError(503, "no_consumer", f"no stage is consuming {', '.join(idle)}; retry when it is up",
                            {"Retry-After": "1"})
 
+    def coalescers(self) -> list[FeatureCoalescer]:
+        return list(self._coalescers.values())
+
     def coalescer(self, request: Envelope) -> FeatureCoalescer | None:
         """The coalescer ``request`` goes through (None: it is published on its own).
 

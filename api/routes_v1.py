@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 
 from fastapi import APIRouter, Query, Request
@@ -173,7 +174,9 @@ async def stats(request: Request) -> Response:
     """Counters of this ingress process (cache hits and misses, sync replies)."""
     ingress = ingress_of(request)
     replies = ingress.replies
+    coalescers = ingress.coalescers()
     return json_response({
+        "pid": os.getpid(),
         "prediction_cache": {"enabled": ingress.prediction_cache is not None, "hits": ingress.stats.cache_hits,
                              "misses": ingress.stats.cache_misses, "coalesced": ingress.stats.cache_coalesced,
                              "errors": ingress.stats.cache_errors},
@@ -181,6 +184,7 @@ async def stats(request: Request) -> Response:
                     "late": replies.late_replies if replies else 0},
         "load": {"in_flight": ingress.stats.in_flight, "max_in_flight": ingress.config.spec.max_in_flight,
                  "shed": ingress.stats.shed},
+        "coalescing": {"messages": sum(c.messages for c in coalescers), "jobs": sum(c.jobs for c in coalescers)},
     })
 
 

@@ -141,12 +141,19 @@ class LoadStats(_Exact):
     shed: int
 
 
+class CoalescingStats(_Exact):
+    messages: int = Field(description="Sync messages published for coalesced requests")
+    jobs: int = Field(description="Requests they carried (jobs / messages: requests per message)")
+
+
 class Stats(_Exact):
     """``GET /v1/stats``: counters of this ingress process."""
 
+    pid: int = Field(description="This process (with ingress.workers: N, each worker answers for itself)")
     prediction_cache: CacheStats
     replies: ReplyStats
     load: LoadStats
+    coalescing: CoalescingStats
 
 
 # -- items and batches -------------------------------------------------------------------

@@ -54,6 +54,7 @@ from toposerve.brokers import (
     current_span,
     is_terminal,
     read_identity,
+    utc_now,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
 from toposerve.consumers.liveness import LoopStalls
@@ -76,6 +77,17 @@ def _message_id(delivery: AbstractIncomingMessage) -> uuid.UUID:
         return uuid.UUID(delivery.message_id or "")
     except ValueError:
         return uuid.uuid4()
+
+
+def sync_ttl_s(body: Envelope, reply_to: str | None) -> float | None:
+    """Sync work passed on to the next stage: RabbitMQ drops it once its caller's deadline passed.
+
+    Only for work a caller waits for (``reply_to``): an outcome, or async work, must reach
+    the store whatever the time.
+    """
+    if not reply_to or body.deadline is None:
+        return None
+    return max((body.deadline - utc_now()).total_seconds(), 0.001)
 
 
 def original_routing_key(delivery: AbstractIncomingMessage) -> str:
@@ -333,6 +345,7 @@ class Settlement:
             publishes.append(self.outlets.outputs.publish(
                 out.body, out.routing_key, reply_to=reply_to, correlation_id=delivery.correlation_id,
                 headers=out_headers, persistent=persistent, mandatory=not best_effort,
+                expiration_s=None if terminal else sync_ttl_s(out.body, reply_to),
             ))
         if answers:
             publishes.append(self._answer(answers, delivery))

@@ -6,6 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import uvicorn
 
@@ -72,9 +76,63 @@ def ingress_server_config(app: object, settings: Settings, host: str, port: int,
                           loop="uvloop" if _has_uvloop() else "asyncio", timeout_graceful_shutdown=10)
 
 
-def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, access_log: bool = False) -> None:
+def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, access_log: bool = False,
+                  profile_arg: str | None = None, worker: int | None = None) -> None:
+    """One ingress process; with ``ingress.workers: N`` (and ``worker`` unset) a parent of N."""
+    if profile.ingress.workers > 1 and worker is None:
+        sys.exit(run_ingress_workers(profile, profile_arg or profile.name, host, port, access_log))
     app = build_app(profile, settings, with_stages=profile.ingress.single_process)
-    uvicorn.Server(ingress_server_config(app, settings, host, port, access_log)).run()
+    server = uvicorn.Server(ingress_server_config(app, settings, host, port, access_log))
+    if worker is None:
+        server.run()
+    else:
+        server.run(sockets=[reuse_port_socket(host, port)])
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other processes may bind too: the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def run_ingress_workers(profile: Profile, profile_arg: str, host: str, port: int, access_log: bool) -> int:
+    """N ingress processes on one port until a signal (passed on to each) or until one exits.
+
+    One that exits takes the others down with it and its code is returned: whoever runs this
+    (the launcher, a container runtime) restarts the whole, so the port's workers never
+    quietly shrink to fewer than the profile asks for.
+    """
+    argv = [sys.executable, "-m", "toposerve", "ingress", "--profile", profile_arg, "--host", host,
+            "--port", str(port), *(["--access-log"] if access_log else [])]
+    workers = [subprocess.Popen([*argv, "--worker", str(index)]) for index in range(profile.ingress.workers)]
+    log.info("ingress %s: %d workers on %s:%d (pids %s)", profile.name, len(workers), host, port,
+             ", ".join(str(w.pid) for w in workers))
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, pass_on)
+    while all(w.poll() is None for w in workers):
+        time.sleep(0.2)
+    exited = next(w for w in workers if w.poll() is not None)
+    code = exited.returncode
+    pass_on(signal.SIGTERM, None)
+    for w in workers:
+        try:
+            w.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+    return code
 
 
 def _has_uvloop() -> bool:

@@ -68,11 +68,14 @@ def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
 @click.option("--access-log/--no-access-log", default=False)
-def ingress(profile_name: str, host: str | None, port: int | None, access_log: bool) -> None:
+@click.option("--worker", type=int, default=None, hidden=True,
+              help="One of the profile's ingress.workers (started by the parent ingress process)")
+def ingress(profile_name: str, host: str | None, port: int | None, access_log: bool, worker: int | None) -> None:
     """Run the HTTP ingress of a profile (what a container runs)."""
     from toposerve.deploy.processes import configure_logging, serve_ingress
 
     configure_logging()
     settings = Settings()
     profile = checked_profile(profile_name, settings)
-    serve_ingress(profile, settings, host or profile.ingress.host, port or profile.ingress.port, access_log)
+    serve_ingress(profile, settings, host or profile.ingress.host, port or profile.ingress.port, access_log,
+                  profile_arg=profile_name, worker=worker)

@@ -12,6 +12,7 @@ import pytest
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
 from toposerve.brokers.settings import Settings
+from toposerve.brokers.topology import exchange_name
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
@@ -252,3 +253,21 @@ async def test_sync_async_job_fails_with_the_reason_when_the_accurate_model_fail
     job = (await sync_async_stack.client.get(response.json()["job"]["location"], params={"wait": 15})).json()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "internal" and "accurate model runtime crashed" in job["error"]["message"]
+
+
+async def test_sync_work_a_stage_passes_on_carries_the_callers_remaining_deadline_as_its_ttl(sync_stack: Stack) -> None:
+    """An image goes request -> preprocess -> features: the features message expires with its caller."""
+    connection = await aio_pika.connect(sync_stack.settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(exchange_name(sync_stack.settings.namespace))
+        spy = await channel.declare_queue(exclusive=True)
+        await spy.bind(exchange, "features.#")
+        image, label = image_body()
+        response = await sync_stack.client.post("/v1/models/digits_accurate/predict", json=image,
+                                                params={"timeout": "3"})
+        assert response.status_code == 200 and response.json()["predictions"][0]["label"] == label
+        copy = await spy.get(timeout=5)
+        await copy.ack()
+    assert copy.reply_to == sync_stack.ingress.replies.queue_name
+    assert copy.expiration is not None and 0 < float(copy.expiration) <= 3  # RabbitMQ drops it when late
