@@ -9,24 +9,8 @@ from pathlib import Path
 import click
 
 from toposerve.brokers import Settings
-from toposerve.deploy.cli.common import checked_profile, say
-from toposerve.deploy.profile import Profile, available_profiles
-
-
-def refuse_over_another_profile(profile: Profile, settings: Settings) -> None:
-    """A stage or ingress binds its profile's queues as it starts: not over another live profile's.
-
-    When the broker or Redis cannot be asked it starts anyway (it waits for them as it always
-    did: in compose or Kubernetes a stage may start before them), and says so.
-    """
-    from toposerve.deploy.lifecycle import LifecycleError, LifecycleUnavailable, check_namespace
-
-    try:
-        asyncio.run(check_namespace(settings, profile))
-    except LifecycleUnavailable as exc:
-        say(f"could not check which profile is live in namespace {settings.namespace!r} ({exc}); starting anyway")
-    except LifecycleError as exc:
-        raise click.ClickException(str(exc)) from exc
+from toposerve.deploy.cli.common import checked_profile, refuse_over_another_profile, say
+from toposerve.deploy.profile import available_profiles
 
 
 @click.command()
