@@ -91,6 +91,10 @@ class NamespaceStatus(BaseModel):
     live: list[str] = Field(description="Profiles whose queues are bound (at most one, but for replicas' races)")
     profiles: list[ProfileStatus]
 
+    def live_others(self, name: str) -> list[ProfileStatus]:
+        """The profiles other than ``name`` that are bound (or still draining)."""
+        return [p for p in self.profiles if p.profile != name and p.state != "unbound"]
+
 
 class DownReport(BaseModel):
     profile: str
@@ -237,8 +241,7 @@ class Lifecycle:
     async def check(self, profile: Profile) -> None:
         """Raise ``OtherProfileLive`` when another profile is bound here (the same profile is fine:
         replicas on several machines share its queues)."""
-        status = await self.status()
-        others = [p.profile for p in status.profiles if p.profile != profile.name and p.state != "unbound"]
+        others = [p.profile for p in (await self.status()).live_others(profile.name)]
         if others:
             raise OtherProfileLive(self.namespace, profile.name, others)
 
@@ -249,7 +252,7 @@ class Lifecycle:
         unbound (they and their messages stay, for a later restart of it or ``down``).
         """
         status = await self.status()
-        others = [p.profile for p in status.profiles if p.profile != profile.name and p.state != "unbound"]
+        others = [p.profile for p in status.live_others(profile.name)]
         if others and not replace:
             raise OtherProfileLive(self.namespace, profile.name, others)
         records = await self.records()
@@ -288,9 +291,13 @@ class Lifecycle:
         if not force:
             waiting = sum(s.messages for s in states.values())
             if waiting and not _consumed(states.values()):
+                live = [p.profile for p in (await self.status()).live_others(name)]
+                # Over another live profile its stages start only by taking the traffic back.
+                start = (f"`toposerve up --profile {name} --replace` (takes the namespace back from "
+                         f"{', '.join(live)})" if live else f"`toposerve up --profile {name}`")
                 raise LifecycleError(
                     f"{waiting} messages wait in the queues of {name!r} and no consumer is attached to them: "
-                    f"draining would wait for nothing. Start its stages (`toposerve up --profile {name}`) and run "
+                    f"draining would wait for nothing. Start its stages ({start}) and run "
                     f"`toposerve down --profile {name}` again, or drop them: `toposerve down --profile {name} --force`")
             # New work first: the entry keys, so its stages can still pass work on to each other.
             await self._unbind(queues, keep=lambda key: key.split(".", 1)[0] not in ENTRY_KEY_WORDS)

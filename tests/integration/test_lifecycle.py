@@ -94,6 +94,10 @@ async def test_a_stopped_profiles_queue_collects_copies_until_another_profile_re
         # asynchronous taking over again binds it again (its 3 messages are still there to re-predict).
         with pytest.raises(OtherProfileLive):
             await lifecycle.check(asynchronous)
+    # Replaced, its 3 messages kept: starting its stages to drain them means taking the traffic back.
+    code, _, err = await toposerve(settings, "down", "--profile", "asynchronous")
+    assert code == 1 and "3 messages wait" in err, err
+    assert "`toposerve up --profile asynchronous --replace` (takes the namespace back from synchronous)" in err
 
 
 async def test_the_same_profile_twice_in_one_namespace_shares_its_queues(settings: Settings) -> None:
