@@ -113,7 +113,9 @@ def _first_words(keys: Iterable[str]) -> str:
 
 def _redis_rules(namespace: str, keys: Iterable[str], channels: bool) -> list[str]:
     ns = namespace
-    rules = ["on", "resetkeys", *(f"~{ns}:{pattern}" for pattern in sorted(set(keys))), "resetchannels"]
+    rules = ["on", "resetkeys", *(f"~{ns}:{pattern}" for pattern in sorted(set(keys))),
+             # Read only: which profile is live (deploy/lifecycle.py), checked by every process that binds.
+             f"%R~{ns}:lifecycle", "resetchannels"]
     if channels:
         rules.append(f"&{ns}:*")
     # Data commands, scripts, MULTI, pub/sub and the connection's own commands: no

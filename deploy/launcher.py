@@ -213,8 +213,12 @@ def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
 def running_profile(
     profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
     accounts_file: Path | None = None, provision: bool = False, management_url: str | None = None,
+    replace: bool = False,
 ) -> Iterator[tuple[str, Supervisor]]:
-    """Start services (if needed) and every process of the profile; stop them all on exit."""
+    """Start services (if needed) and every process of the profile; stop them all on exit.
+
+    The namespace must have no other live profile (deploy/lifecycle.py); ``replace`` unbinds it.
+    """
     if port_answers(host, port):
         raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
     accounts = profile_accounts(settings.namespace, profile)
@@ -223,8 +227,14 @@ def running_profile(
     settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
                                         acl=redis_acl(accounts, passwords))
     provisioned = set()
-    if provision:
-        provisioned = provision_given(settings, started, accounts, passwords, management_url, say)
+    try:
+        if provision:
+            provisioned = provision_given(settings, started, accounts, passwords, management_url, say)
+        claim_live(settings, profile, replace, say)
+    except BaseException:
+        for service in reversed(started):
+            service.stop()
+        raise
     logins = role_logins(settings, {s.name for s in started} | provisioned, accounts, passwords)
     if logins is not None:
         path = logins.save(path)
@@ -259,6 +269,16 @@ def running_profile(
         for service in reversed(started):
             say(f"stopping the throwaway {service.name} ...")
             service.stop()
+
+
+def claim_live(settings: Settings, profile: Profile, replace: bool, say: Say) -> None:
+    """Record the profile as the namespace's live one before any of its processes binds a queue."""
+    from toposerve.deploy.lifecycle import LifecycleError, claim_namespace
+
+    try:
+        claim_namespace(settings, profile, replace=replace, say=say)
+    except LifecycleError as exc:
+        raise LaunchError(str(exc)) from exc
 
 
 def provision_given(settings: Settings, started: list[LocalService], accounts: list[Account],
@@ -301,7 +321,8 @@ def role_logins(settings: Settings, ours: set[str], accounts: list[Account],
 
 
 def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
-                provision: bool = False, management_url: str | None = None, accounts_file: Path | None = None) -> int:
+                provision: bool = False, management_url: str | None = None, accounts_file: Path | None = None,
+                replace: bool = False) -> int:
     """``toposerve up``: run until Ctrl-C or SIGTERM."""
     stop_requested = False
 
@@ -313,7 +334,8 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running_profile(profile, profile_arg, settings, host, port, say, accounts_file=accounts_file,
-                             provision=provision, management_url=management_url) as (base_url, supervisor):
+                             provision=provision, management_url=management_url,
+                             replace=replace) as (base_url, supervisor):
             say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
             say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))
             say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "

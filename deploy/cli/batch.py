@@ -10,7 +10,7 @@ import click
 import orjson
 
 from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
-from toposerve.deploy.cli.common import say
+from toposerve.deploy.cli.common import refuse_over_another_profile, say
 from toposerve.deploy.components import load_checked_profile, models_dir, runs_batches
 from toposerve.deploy.profile import Profile, ProfileError
 
@@ -63,6 +63,7 @@ def submit(path: Path, model: str, chunk_rows: int, wait: bool, resume: str | No
            profile_name: str) -> None:
     """Submit PATH (CSV with or without a header, JSONL, or a directory of images); prints the batch id."""
     settings, profile, ttl = _setup(profile_name)
+    refuse_over_another_profile(profile, settings)  # the submitter declares (binds) the profile's queues
     code = asyncio.run(_submit(settings, profile, ttl, path, model, chunk_rows, wait, resume, window))
     sys.exit(code)
 

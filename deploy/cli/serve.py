@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from toposerve.brokers import Settings
-from toposerve.deploy.cli.common import checked_profile, say
+from toposerve.deploy.cli.common import checked_profile, refuse_over_another_profile, say
 from toposerve.deploy.profile import available_profiles
 
 
@@ -24,8 +24,10 @@ from toposerve.deploy.profile import available_profiles
               help="RabbitMQ's management API, for --provision (default: the broker's host, port 15672)")
 @click.option("--accounts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where the roles' URLs are kept (0600; default: the user's state directory)")
+@click.option("--replace", is_flag=True,
+              help="Take the namespace over from another live profile: its queues are unbound (their messages kept)")
 def up(profile_name: str, host: str | None, port: int | None, provision: bool, management_url: str | None,
-       accounts_file: Path | None) -> None:
+       accounts_file: Path | None, replace: bool) -> None:
     """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
     from toposerve.deploy.launcher import LaunchError, run_profile
     from toposerve.deploy.local_services import ServiceUnavailable
@@ -37,7 +39,7 @@ def up(profile_name: str, host: str | None, port: int | None, provision: bool, m
     try:
         code = run_profile(profile, profile_name, settings, host or profile.ingress.host,
                            port or profile.ingress.port, say, provision=provision, management_url=management_url,
-                           accounts_file=accounts_file)
+                           accounts_file=accounts_file, replace=replace)
     except (LaunchError, ServiceUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)
@@ -59,6 +61,7 @@ def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None
     profile = checked_profile(profile_name, settings)
     if stage not in profile.stages:
         raise click.ClickException(f"profile {profile.name!r} has no stage {stage!r}; stages: {', '.join(profile.stages)}")
+    refuse_over_another_profile(profile, settings)
     install_uvloop()
     asyncio.run(run_stage(profile, stage, settings, replica, metrics_port=metrics_port, metrics_host=metrics_host))
 
@@ -77,5 +80,7 @@ def ingress(profile_name: str, host: str | None, port: int | None, access_log: b
     configure_logging()
     settings = Settings()
     profile = checked_profile(profile_name, settings)
+    if worker is None:  # a worker's parent checked already
+        refuse_over_another_profile(profile, settings)
     serve_ingress(profile, settings, host or profile.ingress.host, port or profile.ingress.port, access_log,
                   profile_arg=profile_name, worker=worker)
