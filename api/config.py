@@ -51,11 +51,23 @@ class IngressSpec(BaseModel):
     coalesce_window_ms: float = Field(default=0.0, ge=0, le=100,
                                       description="Sync rows: how long a request waits for others (0: only while a "
                                                   "publish is in flight)")
+    # Sync answers readable later: the profile gets a store stage (deploy/profile.py), every
+    # sync answer is also stored, for this many seconds, and ``GET /v1/jobs/{id}`` answers for
+    # it; an outcome of a direct AMQP publish with no reply_to is stored instead of dropped.
+    keep_sync_answers_s: int | None = Field(
+        default=None, ge=1, le=7 * 24 * 3600,
+        description="Sync: also store answers this many seconds, readable at /v1/jobs/{id} (None: not stored)")
     # HTTP work (parsing, validation, JSON) is the ingress's cost per request; one Python
     # process uses one core. N processes share the port (SO_REUSEPORT: the kernel spreads
     # connections), each with its own broker connection and reply queue.
     workers: int = Field(default=1, ge=1, le=64,
                          description="Ingress processes sharing the port, each with its own reply queue")
+
+    @model_validator(mode="after")
+    def _kept_answers_are_sync(self) -> IngressSpec:
+        if self.keep_sync_answers_s is not None and self.mode != "sync":
+            raise ValueError("keep_sync_answers_s is for mode: sync (the other modes store every job already)")
+        return self
 
     @model_validator(mode="after")
     def _one_process_runs_the_stages(self) -> IngressSpec:

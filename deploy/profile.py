@@ -149,6 +149,21 @@ class Profile(_Strict):
     stages: dict[StageName, StageSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
+    def _kept_sync_answers_have_a_store(self) -> Profile:
+        # ingress.keep_sync_answers_s: a store stage takes every outcome's copy (the predict
+        # stage then publishes it, as in an async profile), and job records live that long.
+        keep = self.ingress.keep_sync_answers_s
+        if keep is None:
+            return self
+        self.ingress.result_ttl_s = keep
+        if not any(isinstance(stage, StoreSpec | BatchStoreSpec) for stage in self.stages.values()):
+            if "store" in self.stages:
+                raise ValueError("ingress.keep_sync_answers_s adds a stage named 'store'; this profile has a "
+                                 "stage of that name that is not a store")
+            self.stages["store"] = StoreSpec(kind="store", consumes=["prediction.*", "failure.*"])
+        return self
+
+    @model_validator(mode="after")
     def _groups_are_sound(self) -> Profile:
         for name, group in self.groups.items():
             if name in self.models:
