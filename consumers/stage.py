@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from toposerve.brokers import Envelope, Failure, FailureCode, QueueSpec
+from toposerve.brokers import Envelope, Failure, FailureCode, Features, QueueSpec
 from toposerve.consumers.metrics import StageMetrics
 
 
@@ -91,12 +91,11 @@ class Stage(ABC):
 
     def failures(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> list[Outgoing]:
         """The job's ``Failure``; one per job for a message that carries many (``Features.jobs``)."""
-        jobs = getattr(message, "jobs", None)
-        if not jobs:
+        if not (isinstance(message, Features) and message.jobs):
             return [outgoing(self.failure(message, code, text, retryable))]
         return [Outgoing(Failure(**message.job_fields(job), stage=self.name, code=code, message=text,
                                  retryable=retryable), f"failure.{message.model}", traceparent=job.traceparent)
-                for job in jobs]
+                for job in message.jobs]
 
     def failure(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> Failure:
         return Failure(
