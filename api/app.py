@@ -21,6 +21,7 @@ from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
+from toposerve.api.predict_fast_path import PredictFastPath
 from toposerve.brokers import Settings
 
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     # API keys and the rate limit (both optional), inside the observability middleware so
     # refused requests are traced and counted too.
     security = security_options(settings)
+    app.add_middleware(PredictFastPath)  # innermost of ours: inside security and observability
     app.add_middleware(SecurityMiddleware, **security)
     install_openapi(app, api_keys=security["keys"].enabled, rate_limited=security["limiter"] is not None)
     app.add_middleware(ObservabilityMiddleware)

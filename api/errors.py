@@ -71,14 +71,24 @@ def describe_validation_errors(errors: list[dict]) -> str:
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
 
 
+def api_error_response(exc: ApiError) -> Response:
+    """What a caller gets for ``exc``: its error shape, or the profile's fallback answer."""
+    fallback = getattr(exc, "fallback", None)
+    if fallback is not None:
+        # The profile's degraded answer instead of an error (the circuit-break pattern).
+        return json_response({**fallback, "fallback": True, "reason": exc.message}, headers={"X-Fallback": "true"})
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+def unexpected_error_response() -> Response:
+    """A bug, not the caller's fault: logged whole (by the caller of this), told little."""
+    return error_response(500, "internal", "internal error; the server log has the details")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
-        fallback = getattr(exc, "fallback", None)
-        if fallback is not None:
-            # The profile's degraded answer instead of an error (the circuit-break pattern).
-            return json_response({**fallback, "fallback": True, "reason": exc.message}, headers={"X-Fallback": "true"})
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -91,6 +101,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        # A bug, not the caller's fault: log it whole, tell the caller little.
         log.exception("unhandled error")
-        return error_response(500, "internal", "internal error; the server log has the details")
+        return unexpected_error_response()

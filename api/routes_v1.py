@@ -124,10 +124,12 @@ async def predict(
     """Async profiles answer 202 with a job; sync profiles wait for the prediction; sync_async do both."""
     ingress = ingress_of(request)
     ingress.manifest(model)  # 404 for an unknown model before reading the body
-    return await _predict(ingress, model, request, timeout)
+    return await handle_predict(ingress, model, request, timeout)
 
 
-async def _predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
+async def handle_predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
+    """A predict request for a served ``model``, admitted: the FastAPI route and the fast path
+    (api/predict_fast_path.py) both answer with this."""
     inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import BaseModel
 
 from toposerve.brokers import Settings
@@ -36,6 +37,7 @@ from toposerve.producers import LatencySummary, run_closed_loop, run_in_process_
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 PLAIN = "plain_fastapi_ort"  # the plain FastAPI + ONNX Runtime server (deploy/baseline_server.py)
+CELERY = "fastapi_celery"  # FastAPI + Celery, RabbitMQ broker, Redis backend (deploy/celery_baseline.py)
 
 
 class BenchRun(BaseModel):
@@ -60,7 +62,8 @@ class BenchMedian(BaseModel):
     errors: int
     cpu_ms_per_request: dict[str, float]
     cpu_ms_total: float | None
-    ratio_to_plain: float | None = None  # req/s over the plain server's, same concurrency
+    # req/s over the baseline's at the same concurrency: the plain server (sync), Celery (async)
+    ratio_to_baseline: float | None = None
 
 
 class BenchReport(BaseModel):
@@ -109,6 +112,43 @@ def plain_server(say: Say, workers: int | None = None) -> Iterator[tuple[str, in
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def celery_baseline(env: dict[str, str], say: Say) -> Iterator[tuple[str, dict[str, list[int]]]]:
+    """FastAPI + Celery (deploy/celery_baseline.py): a prefork worker (one process per core)
+    and the web app, on the given RabbitMQ and Redis; its URL and its processes."""
+    port = free_port()
+    base = [sys.executable, "-m", "toposerve.deploy.celery_baseline"]
+    child_env = {**os.environ, **{k: v for k, v in env.items() if k in ("TOPOSERVE_AMQP_URL", "TOPOSERVE_REDIS_URL")}}
+    worker = subprocess.Popen([*base, "worker", "--concurrency", str(os.cpu_count() or 1)], env=child_env)
+    web = subprocess.Popen([*base, "web", "--port", str(port)], env=child_env)
+    try:
+        deadline = time.monotonic() + 60
+        url = f"http://127.0.0.1:{port}"
+        while not _celery_answers(url):
+            if worker.poll() is not None or web.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the FastAPI + Celery baseline did not start")
+            time.sleep(0.3)
+        yield url, {"celery web": [web.pid], "celery worker": [worker.pid]}
+    finally:
+        for process in (web, worker):
+            process.terminate()
+        for process in (web, worker):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _celery_answers(url: str) -> bool:
+    """One job through the baseline, end to end (its worker has loaded the model)."""
+    try:
+        submitted = httpx.post(f"{url}/v1/models/iris/predict", json={"instances": [IRIS_ROW]}, timeout=2)
+        result = httpx.get(f"{url}{submitted.headers['location']}", params={"wait": 2}, timeout=5)
+        return result.status_code == 200 and result.json().get("status") == "succeeded"
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
 
 
 @dataclass
@@ -168,10 +208,10 @@ def medians_of(runs: list[BenchRun]) -> list[BenchMedian]:
             p99_ms=round(statistics.median(r.summary.p99_ms for r in group), 3),
             errors=sum(r.summary.errors for r in group), cpu_ms_per_request=cpu,
             cpu_ms_total=round(statistics.median(server_cpu), 4) if roles else None))
-    plain = {m.concurrency: m.throughput_rps for m in medians if m.target == PLAIN}
+    baselines = {m.concurrency: m.throughput_rps for m in medians if m.target in (PLAIN, CELERY)}
     for m in medians:
-        if m.target != PLAIN and plain.get(m.concurrency):
-            m.ratio_to_plain = round(m.throughput_rps / plain[m.concurrency], 3)
+        if m.target not in (PLAIN, CELERY) and baselines.get(m.concurrency):
+            m.ratio_to_baseline = round(m.throughput_rps / baselines[m.concurrency], 3)
     return medians
 
 
@@ -195,18 +235,24 @@ def run_bench(
 
     with ExitStack() as stack:
         if url:
-            processes = service_processes({"TOPOSERVE_AMQP_URL": settings.amqp_url,
-                                           "TOPOSERVE_REDIS_URL": settings.redis_url})
-            targets = [Target(name, url, body, profile.ingress.mode, processes) for name, body in variants]
+            env = {"TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url}
+            services = service_processes(env)
+            targets = [Target(name, url, body, profile.ingress.mode, services) for name, body in variants]
         else:
             base_url, supervisor = stack.enter_context(
                 running_profile(profile, profile_arg, settings, "127.0.0.1", free_port(), say))
+            env = supervisor.env
+            services = service_processes(env)
             processes = {child.name: [child.process.pid] for child in supervisor.children if child.process}
-            processes |= service_processes(supervisor.env)
-            targets = [Target(name, base_url, body, profile.ingress.mode, processes) for name, body in variants]
+            targets = [Target(name, base_url, body, profile.ingress.mode, processes | services)
+                       for name, body in variants]
         if baseline_server and profile.ingress.mode == "sync":
             plain_url, plain_pid = stack.enter_context(plain_server(say))
             targets.append(Target(PLAIN, plain_url, payload, "sync", {"plain server": [plain_pid]}))
+        if baseline_server and profile.ingress.mode == "async":
+            # The same RabbitMQ and Redis as the profile: measured in turn, their CPU is the target's.
+            celery_url, celery_pids = stack.enter_context(celery_baseline(env, say))
+            targets.append(Target(CELERY, celery_url, payload, "async", {**celery_pids, **services}))
         for repetition in range(repeat):
             for concurrency in concurrencies:
                 for target in targets:

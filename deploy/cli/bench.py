@@ -52,11 +52,11 @@ def bench(profile_name: str, concurrencies: tuple[int, ...], duration: float, re
         raise click.ClickException(str(exc)) from exc
     title = f"toposerve bench: profile {profile.name} ({profile.ingress.mode}), model {model}"
     table = Table(title=f"{title}, medians of {repeat} interleaved round(s)")
-    for column in ("target", "concurrency", "req/s", "vs plain", "p50 ms", "p99 ms", "errors", "CPU ms/req"):
+    for column in ("target", "concurrency", "req/s", "vs baseline", "p50 ms", "p99 ms", "errors", "CPU ms/req"):
         table.add_column(column, justify="right")
     for m in report.medians:
         table.add_row(m.target, str(m.concurrency), f"{m.throughput_rps:,.0f}",
-                      "" if m.ratio_to_plain is None else f"{m.ratio_to_plain:.2f}x", f"{m.p50_ms:.3f}",
+                      "" if m.ratio_to_baseline is None else f"{m.ratio_to_baseline:.2f}x", f"{m.p50_ms:.3f}",
                       f"{m.p99_ms:.3f}", str(m.errors), "" if m.cpu_ms_total is None else f"{m.cpu_ms_total:.3f}")
     console = Console() if Console().is_terminal else Console(width=160)  # a log file: no truncated columns
     console.print(table)

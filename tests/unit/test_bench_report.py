@@ -31,11 +31,11 @@ def test_medians_over_repetitions_and_the_ratio_to_the_plain_server_at_the_same_
     runs += [run("synchronous", 1, 50, {"ingress": 1.5})]
     medians = {(m.target, m.concurrency): m for m in medians_of(runs)}
     sync = medians[("synchronous", 64)]
-    assert (sync.repetitions, sync.throughput_rps, sync.ratio_to_plain) == (3, 200, 0.4)
+    assert (sync.repetitions, sync.throughput_rps, sync.ratio_to_baseline) == (3, 200, 0.4)
     assert sync.cpu_ms_per_request == {"ingress": 2.0, "load generator": 9.0}
     assert sync.cpu_ms_total == 2.0  # the load generator is not the server's cost
-    assert medians[(PLAIN, 64)].ratio_to_plain is None
-    assert medians[("synchronous", 1)].ratio_to_plain is None  # no plain run at c=1
+    assert medians[(PLAIN, 64)].ratio_to_baseline is None
+    assert medians[("synchronous", 1)].ratio_to_baseline is None  # no plain run at c=1
 
 
 @linux_only
