@@ -23,7 +23,7 @@ from datetime import datetime
 
 import numpy as np
 
-from toposerve.brokers import Features, JobSlice, utc_now
+from toposerve.brokers import Features, JobSlice, ttl_until, utc_now
 from toposerve.models import encode_tensor
 
 # Publishes one message; returns when the broker confirmed it (raises PublishRefused otherwise).
@@ -119,17 +119,14 @@ class FeatureCoalescer:
         A job alone travels as the plain message of one request (its id, no ``jobs``): what a
         caller at low load sends is what it sent before coalescing existed.
         """
-        if len(live) == 1:
-            job = live[0].job
-            ttl_s = max((job.deadline - utc_now()).total_seconds(), 0.001) if job.deadline is not None else 0.0
-            return (Features(id=job.id, model=self.model, created_at=job.created_at, deadline=job.deadline,
-                             timings=dict(job.timings), tensor=encode_tensor(live[0].features)),
-                    ttl_s, job.traceparent)
-        deadlines: list[datetime] = [w.job.deadline for w in live if w.job.deadline is not None]
-        deadline = max(deadlines) if len(deadlines) == len(live) else None
-        now = utc_now()
-        ttl_s = max((deadline - now).total_seconds(), 0.001) if deadline is not None else 0.0
-        array = live[0].features if len(live) == 1 else np.concatenate([w.features for w in live])
-        message = Features(id=uuid.uuid4(), model=self.model, created_at=min(w.job.created_at for w in live),
-                           deadline=deadline, tensor=encode_tensor(array), jobs=[w.job for w in live])
-        return message, ttl_s, live[0].job.traceparent
+        jobs = [w.job for w in live]
+        deadlines: list[datetime] = [job.deadline for job in jobs if job.deadline is not None]
+        deadline = max(deadlines) if len(deadlines) == len(jobs) else None  # one without: none for the message
+        if len(jobs) == 1:
+            message = Features(id=jobs[0].id, model=self.model, created_at=jobs[0].created_at, deadline=deadline,
+                               timings=dict(jobs[0].timings), tensor=encode_tensor(live[0].features))
+        else:
+            message = Features(id=uuid.uuid4(), model=self.model, created_at=min(job.created_at for job in jobs),
+                               deadline=deadline, tensor=encode_tensor(np.concatenate([w.features for w in live])),
+                               jobs=jobs)
+        return message, ttl_until(deadline) or 0.0, jobs[0].traceparent

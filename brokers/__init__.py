@@ -76,8 +76,10 @@ from toposerve.brokers.messages import (
     decode_terminal,
     is_model_name,
     is_terminal,
+    published_key,
     read_identity,
     routing_key,
+    ttl_until,
     utc_now,
 )
 from toposerve.brokers.redaction import redact
@@ -195,7 +197,9 @@ __all__ = [
     "new_batch_id",
     "prediction_key",
     "redact",
+    "published_key",
     "routing_key",
+    "ttl_until",
     "stage_queue_name",
     "stop_task",
     "topic_matches",

@@ -39,8 +39,7 @@ from toposerve.brokers.topology import (
 log = logging.getLogger(__name__)
 
 
-def make_broker(settings: Settings | str, name: str, *, middlewares: Sequence = (),
-                connect_timeout_s: float = 10) -> RabbitBroker:
+def make_broker(settings: Settings | str, name: str, *, connect_timeout_s: float = 10) -> RabbitBroker:
     """A FastStream broker for ``settings.amqp_url`` (or a URL); not connected yet.
 
     Publisher confirms on (FastStream's default channel), a returned ``mandatory`` publish
@@ -63,7 +62,6 @@ def make_broker(settings: Settings | str, name: str, *, middlewares: Sequence = 
         logger=None,
         decoder=_the_delivery,
         apply_types=False,
-        middlewares=middlewares,
     )
 
 
@@ -187,7 +185,7 @@ class Publisher:
     async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:
         """``mandatory=False`` is for best-effort copies: a message no queue takes is dropped, not refused."""
         try:
-            target = await self._target()
+            target = self._exchange_obj if self._exchange_obj is not None else await self._target()
             if target is not None:
                 await target.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
             else:

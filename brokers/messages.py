@@ -267,6 +267,16 @@ def decode_reply(body: bytes) -> list[Prediction | Failure]:
     return reply.items if isinstance(reply, Outcomes) else [reply]
 
 
+def published_key(template: str | None, kind: str, model: str) -> str:
+    """The routing key of a ``publishes`` template (``{kind}``, ``{model}``); none: ``<kind>.<model>``."""
+    return routing_key(kind, model) if template is None else template.format(kind=kind, model=model)
+
+
+def ttl_until(deadline: datetime | None) -> float | None:
+    """A per-message TTL in seconds that ends at ``deadline`` (at least 1 ms: 0 would mean none)."""
+    return None if deadline is None else max((deadline - utc_now()).total_seconds(), 0.001)
+
+
 def routing_key(kind: str, model: str, part: str | None = None) -> str:
     return f"{kind}.{model}" if part is None else f"{kind}.{model}.{part}"
 

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Union
 
 from pydantic import TypeAdapter
 
-from toposerve.brokers import Envelope, Failure, Prediction
+from toposerve.brokers import Envelope, Failure, Prediction, published_key
 from toposerve.consumers.stage import Outgoing, Stage
 
 Handler = Callable[[Any], Any]
@@ -122,6 +122,4 @@ class CustomStage(Stage):
         return [Outgoing(body=output, routing_key=self.routing_key(output)) for output in outputs]
 
     def routing_key(self, output: Envelope) -> str:
-        if self.publishes is None:
-            return output.routing_key()
-        return self.publishes.format(kind=output.kind, model=output.model)
+        return published_key(self.publishes, output.kind, output.model)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, utc_now
+from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, published_key, utc_now
 from toposerve.consumers.batching import MicroBatcher
 from toposerve.consumers.metrics import StageMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
@@ -99,8 +99,7 @@ class PredictStage(Stage):
             fields = message.job_fields(job)
             if job.deadline is not None and job.deadline <= now:
                 failure = Failure(**fields, stage=self.name, code=FailureCode.DEADLINE_EXCEEDED,
-                                  message=f"the deadline {job.deadline.isoformat()} passed before stage "
-                                          f"{self.name!r} started")
+                                  message=self.too_late(job.deadline))
             else:
                 try:
                     live.append((job, check_features(rows, loaded.manifest, self.max_rows)))
@@ -120,18 +119,18 @@ class PredictStage(Stage):
                 rows=to_row_predictions(class_indices[start:end], probabilities[start:end], loaded.manifest.labels),
             )
             start = end
-            key = self.publishes.format(kind=prediction.kind, model=prediction.model) if self.publishes \
-                else prediction.routing_key()
-            outputs.append(Outgoing(prediction, key, final=self.publishes is None, traceparent=job.traceparent))
+            outputs.append(self._answer(prediction, job.traceparent))
         return outputs
+
+    def _answer(self, prediction: Prediction, traceparent: str | None = None) -> Outgoing:
+        """The job's answer; or, with ``publishes``, a prediction on its way to a post-processor."""
+        return Outgoing(prediction, published_key(self.publishes, prediction.kind, prediction.model),
+                        final=self.publishes is None, traceparent=traceparent)
 
     def _slices(self, message: Features) -> list[tuple[JobSlice, np.ndarray]]:
         """Each job with its rows of the tensor (whose row count the message's schema checked)."""
         assert message.jobs is not None
-        try:
-            array = decode_tensor(message.tensor)
-        except TensorError as exc:
-            raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc
+        array = _decoded(message)
         if array.ndim != 2:
             raise InputError(f"features have shape {list(array.shape)}; a message with jobs needs rows",
                              FailureCode.INVALID_MESSAGE)
@@ -155,11 +154,7 @@ class PredictStage(Stage):
     async def _handle_one(self, message: Features) -> list[Outgoing]:
         part = self.part_of(message)
         loaded = self._model(message)
-        try:
-            array = decode_tensor(message.tensor)
-        except TensorError as exc:
-            raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc
-        features = check_features(array, loaded.manifest, self.max_rows)
+        features = check_features(_decoded(message), loaded.manifest, self.max_rows)
         class_indices, probabilities = await self.batcher.submit(loaded.manifest.name, features)
         if self.cascade is not None and part is None:
             threshold, next_model = self.cascade
@@ -171,7 +166,12 @@ class PredictStage(Stage):
             answered_by=loaded.manifest.name,
             rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
         )
-        if self.publishes is not None:
-            return [Outgoing(prediction, self.publishes.format(kind=prediction.kind, model=prediction.model),
-                             final=False)]
-        return [outgoing(prediction)]
+        return [self._answer(prediction)]
+
+
+def _decoded(message: Features) -> np.ndarray:
+    """The message's tensor; a wrong encoding fails its job(s) as an invalid message."""
+    try:
+        return decode_tensor(message.tensor)
+    except TensorError as exc:
+        raise InputError(str(exc), FailureCode.INVALID_MESSAGE) from exc

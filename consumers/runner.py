@@ -114,11 +114,11 @@ class StageRunner:
         namespace = self.settings.namespace
         await declare_dead_letters(self.broker, namespace, self.dead_letters)
         channel = Channel(prefetch_count=self.prefetch)
-        await declare_topology(self.broker, namespace, [self.queue_spec, *self.stage.extra_queues], channel=channel)
+        topology = await declare_topology(self.broker, namespace, [self.queue_spec, *self.stage.extra_queues],
+                                          channel=channel)
         self.stalls.start()
         if self.consume_directly:
-            self._queue = await self.broker.config.declarer.declare_queue(
-                rabbit_queue(self.queue_spec, namespace), channel=channel)
+            self._queue = topology.queues[self.queue_spec.name]
             self._consumer_tag = await self._queue.consume(self.settlement.settle)
         else:
             self._subscribe(channel)

@@ -54,7 +54,7 @@ from toposerve.brokers import (
     current_span,
     is_terminal,
     read_identity,
-    utc_now,
+    ttl_until,
 )
 from toposerve.consumers.crash_guard import RedeliveryGuard, Tracked
 from toposerve.consumers.liveness import LoopStalls
@@ -85,9 +85,7 @@ def sync_ttl_s(body: Envelope, reply_to: str | None) -> float | None:
     Only for work a caller waits for (``reply_to``): an outcome, or async work, must reach
     the store whatever the time.
     """
-    if not reply_to or body.deadline is None:
-        return None
-    return max((body.deadline - utc_now()).total_seconds(), 0.001)
+    return ttl_until(body.deadline) if reply_to else None
 
 
 def original_routing_key(delivery: AbstractIncomingMessage) -> str:
@@ -273,9 +271,7 @@ class Settlement:
     async def _work(self, message: Envelope) -> list[Outgoing]:
         """The stage's outputs for ``message``; a deadline that passed or bad input become a ``Failure``."""
         if self.stage.honours_deadline and message.expired():
-            return self.stage.failures(message, FailureCode.DEADLINE_EXCEEDED,
-                                       f"the deadline {message.deadline.isoformat()} passed "
-                                       f"before stage {self.stage.name!r} started")
+            return self.stage.failures(message, FailureCode.DEADLINE_EXCEEDED, self.stage.too_late(message.deadline))
         try:
             return await self.stage.handle(message)
         except InputError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import ClassVar
 
 from toposerve.brokers import Envelope, Failure, FailureCode, Features, QueueSpec
@@ -96,6 +97,10 @@ class Stage(ABC):
         return [Outgoing(Failure(**message.job_fields(job), stage=self.name, code=code, message=text,
                                  retryable=retryable), f"failure.{message.model}", traceparent=job.traceparent)
                 for job in message.jobs]
+
+    def too_late(self, deadline: datetime) -> str:
+        """Why a job whose deadline passed was not started here."""
+        return f"the deadline {deadline.isoformat()} passed before stage {self.name!r} started"
 
     def failure(self, message: Envelope, code: FailureCode, text: str, retryable: bool = False) -> Failure:
         return Failure(

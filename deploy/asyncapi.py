@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
 
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit import RabbitBroker, RabbitQueue
 from faststream.specification import AsyncAPI
 from faststream.specification.base import Specification
 
@@ -29,6 +29,8 @@ from toposerve.brokers import (
     Telemetry,
     dead_exchange_name,
     exchange_name,
+    inference_exchange,
+    published_key,
     topic_matches,
 )
 from toposerve.deploy.profile import (
@@ -91,7 +93,7 @@ def produced(profile: Profile, tabular: set[str] | None = None) -> Produced:
                 out.add(f"failure.{name}", stage_name)
         elif isinstance(spec, PredictSpec):
             for model in profile.stage_models(stage_name):
-                key = spec.publishes.format(kind="prediction", model=model) if spec.publishes else f"prediction.{model}"
+                key = published_key(spec.publishes, "prediction", model)
                 out.add(key, stage_name, Prediction)
                 out.add(f"failure.{model}", stage_name)
             for group, member in profile.group_parts(stage_name).items():
@@ -106,7 +108,7 @@ def produced(profile: Profile, tabular: set[str] | None = None) -> Produced:
             # A user's stage: a post-processor's answer (what it returns is not known here).
             for model in profile.models:
                 for kind, message in (("prediction", Prediction), ("failure", Failure)):
-                    key = spec.publishes.format(kind=kind, model=model) if spec.publishes else f"{kind}.{model}"
+                    key = published_key(spec.publishes, kind, model)
                     out.add(key, stage_name, message)
     return out
 
@@ -149,7 +151,7 @@ def spec_broker(profile: Profile, settings: Settings) -> RabbitBroker:
     broker = RabbitBroker(
         "amqp://127.0.0.1:5672/", logger=None,
         description="The broker of TOPOSERVE_AMQP_URL (each role logs in with its own account)")
-    exchange = RabbitExchange(exchange_name(ns), type=ExchangeType.TOPIC, durable=True)
+    exchange = inference_exchange(ns)
     made = produced(profile, tabular_names(profile, Path(settings.models_dir or MODELS_DIR)))
     keys = profile_routing_keys(profile)
     for key in keys:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toposerve.api import IngressSpec
-from toposerve.brokers import DeadLetterSpec, QueueSpec, any_binding_matches, stage_queue_name
+from toposerve.brokers import DeadLetterSpec, QueueSpec, any_binding_matches, published_key, stage_queue_name
 
 DEPLOY_DIR = Path(__file__).parent
 PROFILES_DIR = DEPLOY_DIR / "profiles"
@@ -207,7 +207,7 @@ class Profile(_Strict):
         for name, stage in self.stages.items():
             if isinstance(stage, PredictSpec) and stage.publishes:
                 patterns = [p for other, s in self.stages.items() if other != name for p in s.consumes]
-                keys = [stage.publishes.format(kind="prediction", model=m) for m in self.stage_models(name)]
+                keys = [published_key(stage.publishes, "prediction", m) for m in self.stage_models(name)]
                 orphans = [key for key in keys if not any_binding_matches(patterns, key)]
                 if orphans:
                     raise ValueError(f"stage {name!r} publishes {', '.join(orphans)}, which no other stage consumes")

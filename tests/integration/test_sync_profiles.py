@@ -11,8 +11,8 @@ import pytest
 
 from tests.integration.conftest import Stack, start_stack
 from tests.support.images import b64, sample_images
+from tests.support.spy import spy_queue
 from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import exchange_name
 
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
@@ -257,12 +257,7 @@ async def test_sync_async_job_fails_with_the_reason_when_the_accurate_model_fail
 
 async def test_sync_work_a_stage_passes_on_carries_the_callers_remaining_deadline_as_its_ttl(sync_stack: Stack) -> None:
     """An image goes request -> preprocess -> features: the features message expires with its caller."""
-    connection = await aio_pika.connect(sync_stack.settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.get_exchange(exchange_name(sync_stack.settings.namespace))
-        spy = await channel.declare_queue(exclusive=True)
-        await spy.bind(exchange, "features.#")
+    async with spy_queue(sync_stack.settings, "features.#") as spy:
         image, label = image_body()
         response = await sync_stack.client.post("/v1/models/digits_accurate/predict", json=image,
                                                 params={"timeout": "3"})

@@ -17,9 +17,9 @@ import pytest
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_caches import cache_filled, profile_variant
 from tests.support.images import b64, sample_images
+from tests.support.spy import spy_queue
 from toposerve.brokers.messages import Features
 from toposerve.brokers.settings import Settings
-from toposerve.brokers.topology import exchange_name
 from toposerve.brokers.tracing import TRACEPARENT
 
 IRIS = "/v1/models/iris/predict"
@@ -103,12 +103,7 @@ async def test_a_deadline_too_short_to_meet_is_still_a_504(rows_stack: Stack) ->
 
 async def test_the_features_carry_the_reply_address_deadline_and_trace(rows_stack: Stack) -> None:
     # A spy queue bound next to the predict stage's: it gets a copy of what the ingress publishes.
-    connection = await aio_pika.connect(rows_stack.settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.get_exchange(exchange_name(rows_stack.settings.namespace))
-        spy = await channel.declare_queue(exclusive=True)
-        await spy.bind(exchange, "features.iris")
+    async with spy_queue(rows_stack.settings, "features.iris") as spy:
         response = await rows_stack.client.post(
             IRIS, json={"instances": ROWS}, params={"timeout": "3"},
             headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})
