@@ -10,9 +10,11 @@ from datetime import timedelta
 
 import aio_pika
 import numpy as np
+import orjson
 
 from tests.integration.conftest import Stack
 from tests.integration.test_sync_profiles import Gate
+from tests.support.spy import spy_queue
 from toposerve.brokers import Features, JobSlice, decode_reply, utc_now
 from toposerve.brokers.topology import exchange_name
 from toposerve.models import encode_tensor
@@ -96,3 +98,32 @@ async def test_with_coalescing_off_every_request_is_a_message_of_its_own(sync_st
     assert {r.status_code for r in responses} == {200}
     assert sync_stack.runners["predict"].stats.handled - handled_before == 50
     assert "iris" not in sync_stack.ingress._coalescers
+
+
+async def test_a_coalesced_message_whose_slices_do_not_add_up_is_refused_whole_and_the_stage_serves_on(
+    sync_stack: Stack,
+) -> None:
+    """Built by hand (the schema would refuse to build it): 2 job rows claimed, 3 in the tensor."""
+    now = utc_now()
+    jobs = [JobSlice(id=uuid.uuid4(), rows=1, created_at=now) for _ in range(2)]
+    tensor = np.array([ROWS["setosa"]] * 3, dtype=np.float32)
+    message_id = uuid.uuid4()
+    body = {"kind": "features", "id": str(message_id), "model": "iris", "created_at": now.isoformat(),
+            "tensor": encode_tensor(tensor).model_dump(mode="json"), "jobs": [j.model_dump(mode="json") for j in jobs]}
+    async with spy_queue(sync_stack.settings, "failure.#") as failures:
+        connection = await aio_pika.connect(sync_stack.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            replies = await channel.declare_queue(exclusive=True)
+            exchange = await channel.get_exchange(exchange_name(sync_stack.settings.namespace))
+            await exchange.publish(aio_pika.Message(orjson.dumps(body), reply_to=replies.name,
+                                                    correlation_id=str(message_id)), "features.iris")
+            reply = await asyncio.wait_for(anext(aiter(replies.iterator())), 10)
+            await reply.ack()
+        answers = decode_reply(reply.body)
+        assert [(a.kind, a.id) for a in answers] == [("failure", message_id)]
+        assert answers[0].code == "invalid_message" and "add up to 2; the tensor has 3" in answers[0].message
+        assert await failures.get(timeout=5, fail=False) is None  # no job of the message was taken as ended
+    assert sync_stack.runners["predict"].stats.dead_lettered == 1
+    response = await sync_stack.client.post("/v1/models/iris/predict", json={"instances": [ROWS["virginica"]]})
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == "virginica"
