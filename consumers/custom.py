@@ -122,4 +122,6 @@ class CustomStage(Stage):
         return [Outgoing(body=output, routing_key=self.routing_key(output)) for output in outputs]
 
     def routing_key(self, output: Envelope) -> str:
+        if self.publishes is None:
+            return output.routing_key()  # a part's key has its part
         return published_key(self.publishes, output.kind, output.model)

@@ -124,8 +124,10 @@ class PredictStage(Stage):
 
     def _answer(self, prediction: Prediction, traceparent: str | None = None) -> Outgoing:
         """The job's answer; or, with ``publishes``, a prediction on its way to a post-processor."""
-        return Outgoing(prediction, published_key(self.publishes, prediction.kind, prediction.model),
-                        final=self.publishes is None, traceparent=traceparent)
+        if self.publishes is None:
+            return Outgoing(prediction, prediction.routing_key(), traceparent=traceparent)  # a part's key has its part
+        return Outgoing(prediction, published_key(self.publishes, prediction.kind, prediction.model), final=False,
+                        traceparent=traceparent)
 
     def _slices(self, message: Features) -> list[tuple[JobSlice, np.ndarray]]:
         """Each job with its rows of the tensor (whose row count the message's schema checked)."""
