@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from fastapi import FastAPI
 from faststream.specification.base import Specification
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +20,7 @@ from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
-from toposerve.api.predict_fast_path import PredictFastPath
+from toposerve.api.predict_fast_path import IngressApp
 from toposerve.brokers import Settings
 
 
@@ -34,12 +33,12 @@ class Companion(Protocol):
 
 
 def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = (),
-               registry: CollectorRegistry | None = None, asyncapi: Callable[[], Specification] | None = None) -> FastAPI:
+               registry: CollectorRegistry | None = None, asyncapi: Callable[[], Specification] | None = None) -> IngressApp:
     """``registry``: where the process's metrics live (web_single shares it with its stages);
     ``asyncapi``: makes the profile's AsyncAPI document, served at /asyncapi.json and /asyncapi."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: IngressApp) -> AsyncIterator[None]:
         metrics = IngressMetrics(registry if registry is not None else CollectorRegistry())
         app.state.metrics = metrics
         app.state.asyncapi = AsyncApiDocument.of(asyncapi()) if asyncapi is not None else None
@@ -57,7 +56,7 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
             for companion in companions:
                 await companion.drain_and_close()
 
-    app = FastAPI(
+    app = IngressApp(
         title="toposerve",
         version="0.1.0",
         summary=f"Inference ingress, profile {config.profile!r} ({config.mode})",
@@ -67,10 +66,11 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     # API keys and the rate limit (both optional), inside the observability middleware so
     # refused requests are traced and counted too.
     security = security_options(settings)
-    app.add_middleware(PredictFastPath)  # innermost of ours: inside security and observability
     app.add_middleware(SecurityMiddleware, **security)
     install_openapi(app, api_keys=security["keys"].enabled, rate_limited=security["limiter"] is not None)
     app.add_middleware(ObservabilityMiddleware)
+    # The same two around the predict fast path (sharing the limiters: one budget per caller).
+    app.enable_fast_path(lambda fast: ObservabilityMiddleware(SecurityMiddleware(fast, **security)))
     # Routes whose answers depend on the profile (its mode, its overload fallback) are built
     # for it. Predict first: routes are matched in order, and it is the one under load.
     app.include_router(routes_v1.predict_router(config))

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -30,11 +30,11 @@ from toposerve.models import encode_tensor
 PublishFn = Callable[[Features, float, str | None], Awaitable[None]]
 
 
-@dataclass(eq=False)  # compared by identity: a value comparison of jobs would cost O(n) per lookup
+@dataclass(eq=False, slots=True)  # compared by identity: a value comparison of jobs would cost O(n) per lookup
 class _Waiting:
     job: JobSlice
     features: np.ndarray
-    published: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    published: asyncio.Future[None]
 
 
 class FeatureCoalescer:
@@ -49,11 +49,14 @@ class FeatureCoalescer:
         self.window_s = window_s
         self._queue: list[_Waiting] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.messages = 0
         self.jobs = 0
 
     async def submit(self, job: JobSlice, features: np.ndarray) -> None:
-        waiting = _Waiting(job, features)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
+        waiting = _Waiting(job, features, self._loop.create_future())
         # Read the outcome even when its caller left, so a failed publish is not logged as unretrieved.
         waiting.published.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._queue.append(waiting)

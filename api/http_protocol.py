@@ -8,6 +8,9 @@
   connection being opened): a client that drips them (slowloris) is answered 408 and
   disconnected. The body has its own deadline, kept where it is read (``api/body.py``).
 - Protocol-level refusals use the API's error shape, ``{"error": {"code", "message"}}``.
+- A response's status line and headers leave with its first body bytes, in one write
+  (``HeadWithBody``): uvicorn writes them apart, which costs a system call and, worse, wakes
+  the client twice per response (once to read headers alone).
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ def guarded_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._cancel_header_timer()
             super().on_headers_complete()
+            cycle = getattr(self, "cycle", None)  # none for an upgrade (WebSocket), which is refused
+            # HEAD answers have no body bytes to wait for.
+            if cycle is not None and cycle.scope["method"] != "HEAD" and not isinstance(cycle.transport, HeadWithBody):
+                cycle.transport = HeadWithBody(cycle.transport)
 
         def on_response_complete(self) -> None:
             # Between requests the keep-alive timeout applies, not ours.
             self._cancel_header_timer()
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and isinstance(cycle.transport, HeadWithBody):
+                cycle.transport.flush()  # a response without body bytes (HEAD, 304): its head now
             super().on_response_complete()
 
         def send_400_response(self, msg: str) -> None:
@@ -73,3 +83,41 @@ def guarded_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
             self.transport.close()
 
     return GuardedHttpProtocol
+
+
+class HeadWithBody:
+    """One response's transport: the status line and headers (uvicorn's first write) wait for the
+    first body bytes and go out with them; ``flush`` and ``close`` send a head still waiting.
+    Informational answers (``100 Continue``) and answers without a body (204, 304) pass at
+    once. Anything else is the transport's."""
+
+    __slots__ = ("_transport", "_head", "_head_seen")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self._head_seen:
+            if data.startswith((b"HTTP/1.1 1", b"HTTP/1.1 204", b"HTTP/1.1 304")):
+                self._transport.write(data)
+                return
+            self._head_seen = True
+            self._head = bytes(data)
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)

@@ -6,7 +6,6 @@ app; the ``Ingress`` object is created and closed by the FastAPI lifespan, never
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -375,7 +374,7 @@ class Ingress:
                     correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
                 )
             remaining = (request.deadline - utc_now()).total_seconds()
-            return await asyncio.wait_for(future, max(remaining, 0.0))
+            return await self.replies.wait(future, max(remaining, 0.0))
         except PublishRefused as exc:
             self.refused(exc)
         except TimeoutError as exc:

@@ -29,10 +29,14 @@ class ReplyRouter:
         # Accounts whose replies are believed (their AMQP user_id): stages. None: any.
         self.trusted = trusted
         self._pending: dict[str, asyncio.Future[Prediction | Failure]] = {}
+        # Kept from start(): on Python 3.11 every asyncio.get_running_loop() is a getpid()
+        # system call, and this runs twice per sync request.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.late_replies = 0
         self.refused_replies = 0
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         channel = await self.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=1000)
         # Exclusive + auto-delete: the queue lives exactly as long as this process's connection.
@@ -40,9 +44,21 @@ class ReplyRouter:
         await queue.consume(self._on_reply, no_ack=True)
 
     def expect(self, correlation_id: str) -> asyncio.Future[Prediction | Failure]:
-        future: asyncio.Future[Prediction | Failure] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[Prediction | Failure] = self._loop.create_future()
         self._pending[correlation_id] = future
         return future
+
+    async def wait(self, future: asyncio.Future[Prediction | Failure], timeout_s: float) -> Prediction | Failure:
+        """The answer ``future`` gets within ``timeout_s``, else ``TimeoutError`` (the future is
+        failed, so a late reply counts as late). What ``asyncio.wait_for`` does for a future,
+        with one timer and none of its task machinery, on the path every sync request takes."""
+        assert self._loop is not None, "start() first"
+        timer = self._loop.call_later(timeout_s, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def forget(self, correlation_id: str) -> None:
         self._pending.pop(correlation_id, None)
@@ -75,3 +91,8 @@ class ReplyRouter:
                 self.late_replies += 1
                 continue
             future.set_result(answer)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -169,9 +169,10 @@ class Features(Envelope):
             raise ValueError("a job id appears twice in jobs")
         return self
 
-    def job_fields(self, job: JobSlice) -> dict[str, object]:
-        """What a message for one of the jobs carries (``carried()``, with the job's own id and times)."""
-        return {**self.carried(), "id": job.id, "created_at": job.created_at, "deadline": job.deadline,
+    def job_fields(self, job: JobSlice, carried: dict[str, object] | None = None) -> dict[str, object]:
+        """What a message for one of the jobs carries (``carried()``, passed in when known, with the
+        job's own id and times)."""
+        return {**(self.carried() if carried is None else carried), "id": job.id, "created_at": job.created_at, "deadline": job.deadline,
                 "timings": dict(job.timings)}
 
 

@@ -109,3 +109,55 @@ async def test_a_body_that_trickles_in_gets_408_and_the_connection_closed(server
 async def test_a_well_formed_request_on_the_same_server_is_served(server: int) -> None:
     response, _ = await exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait_s=1.0)
     assert response.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in response
+
+
+async def test_pipelined_requests_and_a_head_request_are_all_answered_whole(server: int) -> None:
+    """The head of a response waits for its body (one write); a HEAD answer, which has no body,
+    and pipelined requests behind it must still all arrive, on a connection kept open."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    response, closed = await exchange(server, get + head + get, wait_s=1.5)
+    assert not closed  # kept alive: everything below arrived without the server closing
+    assert response.count(b"HTTP/1.1 ") == 3, response
+    assert response.count(b'"status":"ok"') == 2  # the two GETs have bodies, the HEAD none
+
+
+async def test_a_response_leaves_in_one_write() -> None:
+    """Status line, headers and body reach the socket together: one system call, one wake-up of
+    the client per response (uvicorn alone writes the head and the body apart)."""
+    from toposerve.api.http_protocol import HeadWithBody
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(bytes(data))
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    sink = Recording()
+    transport = HeadWithBody(sink)  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert sink.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # informational: at once
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert len(sink.writes) == 1  # the head waits for its body
+    transport.write(b"{}")
+    assert sink.writes[1] == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    assert not transport.is_closing()  # the rest is the transport's
+
+    for status in (b"204 No Content", b"304 Not Modified"):
+        bodiless = Recording()
+        HeadWithBody(bodiless).write(b"HTTP/1.1 " + status + b"\r\n\r\n")  # type: ignore[arg-type]
+        assert len(bodiless.writes) == 1  # no body follows: at once
+
+    crashed = Recording()
+    held = HeadWithBody(crashed)  # type: ignore[arg-type]
+    held.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+    held.close()  # the app failed after starting its answer: the head still goes, then the close
+    assert crashed.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"] and crashed.closed

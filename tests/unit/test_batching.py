@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from toposerve.consumers.batching import MicroBatcher
+from toposerve.consumers.batching import INLINE_BUDGET_S, UNCALIBRATED_INLINE_ROWS, MicroBatcher, inline_rows
 
 MARKER = -999.0  # a row holding this value makes the fake model raise
 
@@ -228,3 +228,31 @@ async def test_small_batches_run_inline_and_large_ones_on_the_worker_thread(make
     assert model.threads == {threading.current_thread().name}
     await asyncio.wait_for(batcher.submit("iris", rows(1, 2, 3)), 5)
     assert len(model.threads) == 2 and any(name.startswith("onnx") for name in model.threads)
+
+
+def test_inline_rows_follow_the_measured_cost_of_the_model() -> None:
+    budget = INLINE_BUDGET_S
+    # iris-like: 64 rows in 8 us, every batch fits the budget
+    assert inline_rows(5e-6, 8e-6, 64, budget) == 64
+    # digits_accurate-like: 127 us for one row, 1141 us for 64: 16 us per further row, 5 fit 200 us
+    assert inline_rows(127e-6, 1141e-6, 64, budget) == 5
+    # a model slower than the budget on one row never runs on the event loop
+    assert inline_rows(250e-6, 3e-3, 64, budget) == 0
+    assert inline_rows(1e-6, 1e-6, 1, budget) == 1
+
+
+async def test_a_calibrated_model_inlines_its_cheap_batches_and_threads_its_dear_ones(make_batcher) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_delay_ms=0, inline_max_rows=None, max_batch_size=64)
+    assert batcher.calibrate("cheap", 5e-6, 8e-6) == 64
+    assert batcher.calibrate("dear", 127e-6, 1141e-6) == 5
+    assert batcher.runs_inline("cheap", 64) and batcher.runs_inline("dear", 5)
+    assert not batcher.runs_inline("dear", 6)
+    assert batcher.runs_inline("uncalibrated", UNCALIBRATED_INLINE_ROWS)
+    assert not batcher.runs_inline("uncalibrated", UNCALIBRATED_INLINE_ROWS + 1)
+    await asyncio.wait_for(batcher.submit("cheap", rows(*range(20))), 5)
+    assert model.threads == {threading.current_thread().name}
+    await asyncio.wait_for(batcher.submit("dear", rows(*range(6))), 5)
+    assert any(name.startswith("onnx") for name in model.threads)
+    batcher.inline_max_rows = 0  # the cap holds over a calibration: always the thread
+    assert not batcher.runs_inline("cheap", 1)

@@ -143,10 +143,14 @@ async def test_a_caller_that_leaves_does_not_cancel_the_others_publish() -> None
 
 async def test_the_message_carries_the_first_jobs_trace_and_a_ttl_to_the_latest_deadline() -> None:
     coalescer = FeatureCoalescer("iris", GatedPublish(), max_jobs=64, max_rows=100)
-    jobs = [_Waiting(job(deadline_s=1, traceparent=TRACE), rows(SETOSA)), _Waiting(job(deadline_s=5), rows(SETOSA))]
+
+    def waiting(deadline_s: float | None, **kw: object) -> _Waiting:
+        return _Waiting(job(deadline_s=deadline_s, **kw), rows(SETOSA), asyncio.get_running_loop().create_future())
+
+    jobs = [waiting(1, traceparent=TRACE), waiting(5)]
     message, ttl_s, trace = coalescer.message_of(jobs)
     assert trace == TRACE and 4 < ttl_s <= 5
-    no_deadline = [_Waiting(job(deadline_s=None), rows(SETOSA)), _Waiting(job(deadline_s=5), rows(SETOSA))]
+    no_deadline = [waiting(None), waiting(5)]
     message, ttl_s, _ = coalescer.message_of(no_deadline)
     assert message.deadline is None and ttl_s == 0.0  # one job may wait for ever: no TTL on the message
 
