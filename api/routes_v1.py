@@ -45,7 +45,7 @@ from toposerve.api.schemas import (
     Stats,
     SyncAsyncAnswer,
 )
-from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction, issued_by
+from toposerve.brokers import Failure, InferenceRequest, JobDone, JobRecord, JobStatus, Prediction, issued_by
 from toposerve.models import ModelManifest
 
 router = APIRouter(prefix="/v1")
@@ -232,9 +232,13 @@ async def get_job(
             # takes it: with ``wait``, wait for it to appear as for it to end.
             if record is not None and (record.status is not JobStatus.PENDING or remaining <= 0):
                 return job_response(record)
-            # Woken by the store's announcement; re-read at least every second regardless.
+            # Woken by the store's announcement, which carries the record (no second read);
+            # re-read at least every second regardless.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0))
+                done = JobDone.parse(await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0)))
+                record = done.record_for(current_owner())
+                if record is not None and record.status is not JobStatus.PENDING:
+                    return job_response(record)
 
 
 def predict_responses(config: IngressConfig) -> dict[int | str, dict]:

@@ -83,7 +83,7 @@ from toposerve.brokers.messages import (
     utc_now,
 )
 from toposerve.brokers.redaction import redact
-from toposerve.brokers.results import CompletionListener, JobError, JobRecord, JobStatus, ResultStore
+from toposerve.brokers.results import CompletionListener, JobDone, JobError, JobRecord, JobStatus, ResultStore
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.telemetry_messages import (
     CLIENT_ID_PATTERN,
@@ -148,6 +148,7 @@ __all__ = [
     "decode_reply",
     "JobRecord",
     "JobStatus",
+    "JobDone",
     "JobError",
     "JoinStore",
     "JoinTick",

@@ -12,11 +12,12 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
 import redis.asyncio as redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
@@ -96,7 +97,8 @@ if ARGV[5] ~= '' then
 else
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+-- The announcement carries what a waiter needs (owner, record): it answers without a read.
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. (redis.call('GET', KEYS[2]) or '') .. '\\n' .. ARGV[1])
 return 1
 """
 
@@ -182,6 +184,31 @@ class ResultStore:
         return record
 
 
+@dataclass(frozen=True, slots=True)
+class JobDone:
+    """A ``job-done`` announcement: ``<job id>\\n<owner>\\n<terminal record JSON>``, published by
+    the store in the same script that wrote the record (so it is the record, not a hint)."""
+
+    job_id: str
+    owner: str | None
+    record: bytes | None  # None: the id alone
+
+    @classmethod
+    def parse(cls, data: bytes) -> JobDone:
+        job_id, _, rest = data.partition(b"\n")
+        owner, _, record = rest.partition(b"\n")
+        return cls(job_id.decode(errors="replace"), owner.decode(errors="replace") or None, record or None)
+
+    def record_for(self, reader: str | None) -> JobRecord | None:
+        """The record if ``reader`` may read it (the rule ``get_for`` applies in Redis), else None."""
+        if self.record is None or (reader and self.owner and self.owner != reader):
+            return None
+        try:
+            return ResultStore._record(self.record, self.owner)
+        except ValidationError:
+            return None  # not a record after all: the caller reads it from the store instead
+
+
 class CompletionListener:
     """Wakes callers waiting for a job to end, from the store's ``job-done`` announcements.
 
@@ -193,7 +220,7 @@ class CompletionListener:
     def __init__(self, client: redis.Redis, channel: str) -> None:
         self.client = client
         self.channel = channel
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[bytes]]] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -203,14 +230,15 @@ class CompletionListener:
         await stop_task(self._task)
 
     @contextlib.contextmanager
-    def watch(self, job_id: uuid.UUID | str) -> Iterator[asyncio.Future[None]]:
-        """A future that resolves when ``job_id`` is announced.
+    def watch(self, job_id: uuid.UUID | str) -> Iterator[asyncio.Future[bytes]]:
+        """A future that resolves, with the announcement, when ``job_id`` is announced (an
+        announcement is the key alone, or the key and a newline and what follows it).
 
         Watch *before* reading the record: an announcement between the read and the
         wait would otherwise be missed, and the caller would wait out its fallback.
         """
         key = str(job_id)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(future)
         try:
             yield future
@@ -230,10 +258,11 @@ class CompletionListener:
                 backoff = 0.1
                 async for message in pubsub.listen():
                     data = message.get("data")
-                    key = data.decode() if isinstance(data, bytes) else str(data)
+                    data = data if isinstance(data, bytes) else str(data).encode()
+                    key = data.partition(b"\n")[0].decode(errors="replace")
                     for future in self._waiters.get(key, ()):
                         if not future.done():
-                            future.set_result(None)
+                            future.set_result(data)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: waiters fall back to polling meanwhile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -157,3 +158,31 @@ async def test_waiting_for_a_direct_publish_waits_for_its_record_to_appear(setti
         finally:
             await preprocess.drain_and_close()
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
+
+
+async def test_a_long_poll_is_answered_from_the_stores_announcement_without_a_second_read(settings: Settings) -> None:
+    """The store announces a job's end with its record (written in the same script), so a caller
+    waiting on ?wait= is answered from it: one read of the store per long poll, not two."""
+    async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
+        assert response.status_code == 202
+        reads: list[uuid.UUID] = []
+        get_for = stack.ingress.results.get_for
+
+        async def counted(job_id: uuid.UUID, reader: str | None, reads=reads, get_for=get_for):
+            reads.append(job_id)
+            return await get_for(job_id, reader)
+
+        stack.ingress.results.get_for = counted  # type: ignore[method-assign]
+        waiting = asyncio.create_task(stack.client.get(response.headers["location"], params={"wait": 10}))
+        await asyncio.sleep(0.3)  # the poll read the pending record and waits
+        assert len(reads) == 1 and not waiting.done()
+        predict = build_stage_runner(stack.profile, "predict", settings)
+        await predict.start()
+        try:
+            answer = await asyncio.wait_for(waiting, 10)
+        finally:
+            await predict.drain_and_close()
+        assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
+        assert answer.json()["predictions"][0]["label"] == "setosa"
+        assert len(reads) == 1  # answered from the announcement

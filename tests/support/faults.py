@@ -22,6 +22,7 @@ import redis.asyncio as redis
 
 from tests.integration.conftest import Stack
 from tests.support.images import b64, sample_images
+from toposerve.brokers import JobDone
 
 # "Quick, never a hang": a refused call is typically answered in milliseconds (the summaries
 # report the slowest); a hang would last until the client gives up (5 s). The bound between
@@ -179,7 +180,7 @@ class DoneCounter:
                     await pubsub.subscribe(self.channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            self.counts[message["data"].decode()] += 1
+                            self.counts[JobDone.parse(message["data"]).job_id] += 1
             except (redis.RedisError, OSError):
                 await asyncio.sleep(0.2)
             finally:

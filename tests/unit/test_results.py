@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from toposerve.brokers.messages import Failure, FailureCode, Prediction, RowPrediction
-from toposerve.brokers.results import JobRecord, JobStatus
+from toposerve.brokers.messages import Failure, FailureCode, Prediction, RowPrediction, utc_now
+from toposerve.brokers.results import JobDone, JobRecord, JobStatus
 
 ROWS = [RowPrediction(label="setosa", class_index=0, probabilities=[0.97, 0.02, 0.01]),
         RowPrediction(label="virginica", class_index=2, probabilities=[0.01, 0.01, 0.98])]
@@ -79,3 +79,17 @@ def test_terminal_message_with_a_naive_created_at_is_refused_or_recorded() -> No
     except ValueError:
         return  # refusing it at decode time is a fine answer
     assert JobRecord.from_terminal(message).status == JobStatus.SUCCEEDED
+
+
+def test_a_job_done_announcement_carries_the_record_to_whoever_may_read_it() -> None:
+    record = JobRecord(id=uuid.uuid4(), model="iris", status=JobStatus.SUCCEEDED, created_at=utc_now())
+    owned = JobDone.parse(f"{record.id}\nkey-a\n".encode() + record.model_dump_json().encode())
+    assert owned.job_id == str(record.id) and owned.owner == "key-a"
+    assert owned.record_for("key-a") == record.model_copy(update={"owner": "key-a"})
+    assert owned.record_for(None) is not None  # authentication off: every caller reads every job
+    assert owned.record_for("key-b") is None  # another key: the caller reads the store (and gets 404)
+    unowned = JobDone.parse(f"{record.id}\n\n".encode() + record.model_dump_json().encode())
+    assert unowned.owner is None and unowned.record_for("key-b") is not None
+    bare = JobDone.parse(str(record.id).encode())  # the id alone: nothing to answer with
+    assert bare.job_id == str(record.id) and bare.record_for(None) is None
+    assert JobDone.parse(f"{record.id}\n\nnot json".encode()).record_for(None) is None
