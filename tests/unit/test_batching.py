@@ -256,3 +256,19 @@ async def test_a_calibrated_model_inlines_its_cheap_batches_and_threads_its_dear
     assert any(name.startswith("onnx") for name in model.threads)
     batcher.inline_max_rows = 0  # the cap holds over a calibration: always the thread
     assert not batcher.runs_inline("cheap", 1)
+
+
+async def test_a_lone_cheap_request_runs_in_its_callers_turn_without_the_batch_loop(make_batcher) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_delay_ms=0, inline_max_rows=None)
+    batcher.calibrate("iris", 5e-6, 8e-6)
+    task = asyncio.ensure_future(batcher.submit("iris", rows(1)))
+    await asyncio.sleep(0)  # one turn of the loop: the task's first step ran the model
+    assert task.done() and task.result()[0].tolist() == [1]
+    assert batcher.stats.batches == 1 and batcher.stats.rows == 1
+    delayed = make_batcher(FakeModel(), max_batch_delay_ms=5, inline_max_rows=None)
+    delayed.calibrate("iris", 5e-6, 8e-6)
+    waiting = asyncio.ensure_future(delayed.submit("iris", rows(1)))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # a delay is the profile's to wait out, for companions to join
+    assert (await asyncio.wait_for(waiting, 5))[0].tolist() == [1]
