@@ -187,3 +187,17 @@ def test_every_stage_replica_gets_its_own_metrics_port() -> None:
     single = load_checked_profile("web_single", Settings())
     only = launcher.child_processes(single, "web_single", "127.0.0.1", 8000, metrics_port=lambda: next(ports))
     assert [(c.name, c.metrics_url) for c in only] == [("ingress", "http://127.0.0.1:8000/metrics")]
+
+
+def test_server_processes_settle_their_heap_after_start_up() -> None:
+    """Frozen start-up objects and a larger young generation (deploy/processes.settle_heap), in
+    a process of its own: the test process must not freeze its own garbage for good."""
+    import subprocess
+    import sys
+
+    check = ("import gc\nfrom toposerve.deploy.processes import GC_YOUNG_THRESHOLD, settle_heap\n"
+             "before = gc.get_threshold()\nsettle_heap()\n"
+             "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
+             "assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]), gc.get_threshold()\n")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
