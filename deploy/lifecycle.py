@@ -62,6 +62,13 @@ class ProfileRecord(BaseModel):
     state: ProfileState
     queues: list[QueueRecord] = Field(min_length=1)
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # What `up` / `swap --to` was given (a shipped name or a YAML path): what an ingress that
+    # follows the namespace loads when this profile becomes live (deploy/live_profile.py).
+    source: str | None = None
+    # Set by a swap (deploy/swap.py) while this live profile hands the namespace over: the
+    # ingresses hold new requests until the profile named here is live.
+    handing_over_to: str | None = None
+    swap_id: str | None = None
 
 
 class QueueStatus(BaseModel):
@@ -163,6 +170,14 @@ class Lifecycle:
             pipe.expire(self.key, RECORD_TTL_S)
             await pipe.execute()
 
+    async def save(self, record: ProfileRecord) -> None:
+        """Write one profile's record (the swap's steps, deploy/swap.py)."""
+        await self._save(record)
+
+    async def forget(self, profile: str) -> None:
+        """Drop one profile's record (a swap's new profile that did not start, and had none)."""
+        await self._forget(profile)
+
     async def _forget(self, profile: str) -> None:
         await self.redis.hdel(self.key, profile)
 
@@ -195,6 +210,40 @@ class Lifecycle:
                         await declared.unbind(exchange_name(self.namespace), routing_key=key)
             finally:
                 await channel.close()
+
+    async def unbind(self, queues: Sequence[QueueRecord], entry_only: bool = False) -> None:
+        """Unbind ``queues`` from the exchange; ``entry_only``: only the keys new work arrives on."""
+        await self._unbind(queues, keep=(lambda key: key.split(".", 1)[0] not in ENTRY_KEY_WORDS) if entry_only
+                           else (lambda key: False))
+
+    async def bind(self, queues: Sequence[QueueRecord]) -> None:
+        """Bind ``queues`` (which exist: their stages declared them) to every key they consume."""
+        for queue in queues:
+            channel = await self.connection.channel(publisher_confirms=False)
+            try:
+                declared = await channel.declare_queue(queue.name, passive=True)
+                for key in queue.binding_keys:
+                    await declared.bind(exchange_name(self.namespace), routing_key=key)
+            finally:
+                await channel.close()
+
+    async def delete_if_empty(self, queues: Sequence[QueueRecord]) -> list[str]:
+        """Delete the queues that exist and hold nothing (a swap's new profile that did not start)."""
+        deleted = []
+        for queue in queues:
+            state = await self.queue_status(queue.name)
+            if not state.exists or state.messages:
+                continue
+            channel = await self.connection.channel(publisher_confirms=False)
+            try:
+                await channel.queue_delete(queue.name, if_empty=True)
+                deleted.append(queue.name)
+            except ChannelClosed:  # a message arrived meanwhile: kept
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        return deleted
 
     async def _delete(self, queues: Sequence[QueueRecord]) -> tuple[list[str], int]:
         """Delete the queues that exist: their names, and how many messages they still held."""
