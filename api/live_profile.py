@@ -47,6 +47,9 @@ class LiveProfile(BaseModel):
     source: str  # what to load it from: a shipped profile's name, or a YAML path
     handing_over_to: str | None = None
     swap_id: str | None = None
+    # Every profile recorded live (two, for a moment, when replicas race): an ingress whose own
+    # profile is among them keeps serving it.
+    all_live: list[str] = []
 
 
 class LiveProfileSource(Protocol):
@@ -163,6 +166,8 @@ class IngressSwitch:
                 log.info("swap called off: serving profile %s again", live.profile)
                 self.holding_for = None
                 self.open.set()
+            return
+        if self.current.config.profile in live.all_live:
             return
         await self._switch(live)
 

@@ -50,9 +50,11 @@ def live_of(records: dict[str, ProfileRecord]) -> LiveProfile | None:
     live = sorted((r for r in records.values() if r.state == "live"), key=lambda r: r.updated_at)
     if not live:
         return None
-    record = live[-1]  # replicas' races aside there is one; else the latest claim
+    # Replicas' races aside there is one; else the one handing over, else the latest claim.
+    record = next((r for r in live if r.handing_over_to), live[-1])
     return LiveProfile(profile=record.profile, source=record.source or record.profile,
-                       handing_over_to=record.handing_over_to, swap_id=record.swap_id)
+                       handing_over_to=record.handing_over_to, swap_id=record.swap_id,
+                       all_live=[r.profile for r in live])
 
 
 async def announce(client: redis.Redis, namespace: str) -> int:

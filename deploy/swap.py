@@ -191,7 +191,7 @@ class ProfileSwap:
 
     async def _drain(self, old: Profile, stopped: list[str]) -> None:
         deadline = time.monotonic() + self.timeout_s
-        for stage in sorted(old.stages, key=lambda name: _drain_rank(old.stages[name].kind)):
+        for stage in sorted(old.stages, key=lambda name: drain_rank(old.stages[name].kind)):
             queues = [old.queue_spec(self.namespace, stage).name]
             spec = old.stages[stage]
             if isinstance(spec, AggregateSpec):  # a join's timeouts wait in its delay queue
@@ -248,7 +248,7 @@ class ProfileSwap:
             "updated_at": datetime.now(UTC)}))
 
 
-def _drain_rank(kind: str) -> int:
+def drain_rank(kind: str) -> int:
     return DRAIN_ORDER.index(kind) if kind in DRAIN_ORDER else len(DRAIN_ORDER)
 
 
