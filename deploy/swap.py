@@ -281,8 +281,9 @@ async def carry_out(order: SwapOrder, old: Profile, settings: Settings, stages: 
     except ProfileError as exc:
         raise SwapFailed(f"{exc}; the swap is called off and {old.name!r} serves on, untouched") from exc
     async with open_lifecycle(settings, with_profile(with_profile(shipped_profiles(), old), new)) as lifecycle:
-        refusal = swap_refusal(settings.namespace, (await lifecycle.status()).live, new, old)
-        if refusal is None and (await lifecycle.status()).live != [old.name]:
+        live = (await lifecycle.status()).live
+        refusal = swap_refusal(settings.namespace, live, new, old)
+        if refusal is None and live != [old.name]:
             refusal = f"profile {old.name!r} is no longer the live one in namespace {settings.namespace!r}"
         if refusal is not None:
             raise SwapFailed(refusal)

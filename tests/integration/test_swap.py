@@ -43,6 +43,11 @@ class LoadTally:
     accepted: list[str] = field(default_factory=list)  # 202: a job to poll
     errors: list[str] = field(default_factory=list)  # 5xx and transport errors, with what was said
     by_phase: collections.Counter = field(default_factory=collections.Counter)  # (status, model)
+    answers: list[tuple[float, int, str]] = field(default_factory=list)  # (when it came, status, model)
+
+    def between(self, start: float, end: float) -> collections.Counter:
+        """(status, model) of the answers that came in [start, end)."""
+        return collections.Counter((status, model) for when, status, model in self.answers if start <= when < end)
 
 
 async def steady_load(base_url: str, models: list[str], stop: asyncio.Event, tally: LoadTally,
@@ -63,6 +68,7 @@ async def steady_load(base_url: str, models: list[str], stop: asyncio.Event, tal
                 continue
             tally.statuses[response.status_code] += 1
             tally.by_phase[(response.status_code, model)] += 1
+            tally.answers.append((time.monotonic(), response.status_code, model))
             if response.status_code == 200:
                 tally.answered.append(response.json()["id"])
             elif response.status_code == 202:
@@ -106,22 +112,35 @@ async def wait_for_jobs(settings: Settings, ids: list[str], timeout_s: float = 3
         await client.aclose()
 
 
-async def swap_under_load(settings: Settings, tmp_path: Path, old: str, new: str, models: list[str],
-                          swap_args: tuple[str, ...] = ()) -> tuple[LoadTally, collections.Counter, tuple[int, str, str],
-                                                                    RunningProfile]:
+@dataclass
+class SwapRun:
+    """One command's outcome, and when it ran (monotonic)."""
+
+    code: int
+    out: str
+    err: str
+    started: float
+    ended: float
+
+
+async def swaps_under_load(settings: Settings, tmp_path: Path, old: str, targets: list[str], models: list[str],
+                           ) -> tuple[LoadTally, collections.Counter, list[SwapRun], RunningProfile]:
+    """`toposerve up` of ``old`` under a steady load, then `toposerve swap --to` each of ``targets`` in turn."""
     up = RunningProfile(old, cli_env(settings), tmp_path / "up.log")
     await asyncio.to_thread(up.wait_ready)
-    tally, seen = LoadTally(), collections.Counter()
+    tally, seen, runs = LoadTally(), collections.Counter(), []
     stop_load, stop_spy = asyncio.Event(), asyncio.Event()
     spy = asyncio.create_task(terminal_messages(settings, stop_spy, seen))
-    await asyncio.sleep(0.5)  # the spy queues bound
+    await asyncio.sleep(0.3)  # the spy queues bound
     load = asyncio.create_task(steady_load(up.base_url, models, stop_load, tally))
     try:
-        await asyncio.sleep(1.5)
-        before = sum(tally.statuses.values())
-        result = await toposerve(settings, "swap", "--to", new, "--timeout", "30", *swap_args)
-        assert sum(tally.statuses.values()) > before  # the load ran through the swap
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
+        for target in targets:
+            before, started = sum(tally.statuses.values()), time.monotonic()
+            code, out, err = await toposerve(settings, "swap", "--to", target, "--timeout", "30")
+            runs.append(SwapRun(code, out, err, started, time.monotonic()))
+            assert sum(tally.statuses.values()) > before  # the load ran through the swap
+            await asyncio.sleep(1.0)
     finally:
         stop_load.set()
         await load
@@ -129,9 +148,10 @@ async def swap_under_load(settings: Settings, tmp_path: Path, old: str, new: str
     stop_spy.set()
     await spy
     assert [s for s in statuses.values() if s != "succeeded"] == [], statuses
-    print(f"[fault swap {old} -> {Path(new).stem}] {sum(tally.statuses.values())} requests: "
-          f"{dict(sorted(tally.by_phase.items()))}; {len(tally.errors)} errors; swap exit {result[0]}")
-    return tally, seen, result, up
+    print(f"[fault swap {old} -> {' -> '.join(Path(t).stem for t in targets)}] {sum(tally.statuses.values())} "
+          f"requests: {dict(sorted(tally.by_phase.items()))}; {len(tally.errors)} errors; "
+          f"swaps exit {[r.code for r in runs]}, took {[round(r.ended - r.started, 1) for r in runs]} s")
+    return tally, seen, runs, up
 
 
 def assert_every_request_counted(tally: LoadTally, seen: collections.Counter, up: RunningProfile,
@@ -151,34 +171,48 @@ def assert_every_request_counted(tally: LoadTally, seen: collections.Counter, up
             and n != 1] == []
 
 
-async def test_swap_asynchronous_to_synchronous_under_load(settings: Settings, tmp_path: Path) -> None:
-    tally, seen, (code, out, err), up = await swap_under_load(settings, tmp_path, "asynchronous", "synchronous",
-                                                              ["iris"])
+def broken_profile(tmp_path: Path) -> Path:
+    """A profile one of whose stages cannot start: its handler's module does not exist (found only then)."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\nmodels: [iris]\ningress: {mode: sync}\nstages:\n"
+                    "  predict: {kind: predict, consumes: ['features.*']}\n"
+                    "  post: {kind: custom, handler: 'no_such_module:handle', consumes: ['prediction.*']}\n")
+    return path
+
+
+async def test_swap_asynchronous_to_synchronous_to_prediction_cache_under_load_after_one_that_does_not_start(
+        settings: Settings, tmp_path: Path) -> None:
+    # One `toposerve up`, three swaps in a row under the same load (each a minute less than its own test).
+    tally, seen, (failed, to_sync, to_cache), up = await swaps_under_load(
+        settings, tmp_path, "asynchronous", [str(broken_profile(tmp_path)), "synchronous", "prediction_cache"],
+        ["iris"])
     try:
-        assert code == 0, err + up.log()[-4000:]
-        assert f"namespace {settings.namespace}: swapped from asynchronous to synchronous (sync now)" in out
-        assert "on standby" in err and "hand" in err and "asynchronous.predict: drained and stopped" in err, err
+        # The new profile that does not start: called off, the old one served on untouched.
+        assert failed.code == 1, failed.err
+        assert "profile 'broken' did not start: its stage process post[0] exited with code 1" in failed.err
+        assert "the live profile serves on, untouched" in failed.err
+        assert set(tally.between(failed.started, to_sync.started)) == {(202, "iris")}  # async all along
+        # asynchronous -> synchronous: 202 (then succeeded) before, 200 with the answer after.
+        assert to_sync.code == 0, to_sync.err + up.log()[-4000:]
+        assert f"namespace {settings.namespace}: swapped from asynchronous to synchronous (sync now)" in to_sync.out
+        assert "on standby" in to_sync.err and "asynchronous.predict: drained and stopped" in to_sync.err
+        assert set(tally.between(to_sync.ended, to_cache.started)) == {(200, "iris")}, tally.by_phase
+        # synchronous -> prediction_cache: sync on both sides, so no caller sees anything but 200.
+        assert to_cache.code == 0, to_cache.err + up.log()[-4000:]
+        assert set(tally.between(to_sync.ended, time.monotonic())) == {(200, "iris")}, tally.by_phase
         assert_every_request_counted(tally, seen, up)
-        # Async before (202, then succeeded), sync after (200 with the answer): the mode switched.
         assert tally.by_phase[(202, "iris")] > 0 and tally.by_phase[(200, "iris")] > 0, tally.by_phase
+
         status = await _cli_status(settings)
-        assert status["live"] == ["synchronous"]
-        old = next(p for p in status["profiles"] if p["profile"] == "asynchronous")
-        assert old["state"] == "unbound"
-        assert sum(q["messages"] for q in old["queues"]) == 0 and sum(q["consumers"] for q in old["queues"]) == 0
-    finally:
-        assert up.stop() == 0, up.log()[-4000:]
-
-
-async def test_swap_synchronous_to_prediction_cache_under_load(settings: Settings, tmp_path: Path) -> None:
-    tally, seen, (code, _, err), up = await swap_under_load(settings, tmp_path, "synchronous", "prediction_cache",
-                                                            ["iris"])
-    try:
-        assert code == 0, err + up.log()[-4000:]
-        assert_every_request_counted(tally, seen, up)
-        assert set(tally.statuses) == {200}, tally.statuses  # sync before and after: no caller saw the swap
+        assert status["live"] == ["prediction_cache"]
+        states = {p["profile"]: p for p in status["profiles"]}
+        assert set(states) == {"prediction_cache", "synchronous", "asynchronous"}  # broken's queues are gone
+        for old in ("synchronous", "asynchronous"):  # unbound, drained, no consumer left
+            assert states[old]["state"] == "unbound"
+            assert [(q["messages"], q["consumers"]) for q in states[old]["queues"]] == [(0, 0)] * len(
+                states[old]["queues"])
         async with open_lifecycle(settings) as lifecycle:
-            assert (await lifecycle.status()).live == ["prediction_cache"]
+            assert "broken" not in await lifecycle.records()
         # The new profile answers: a repeated input comes from its cache.
         async with httpx.AsyncClient(base_url=up.base_url) as client:
             await client.post("/v1/models/iris/predict", json={"instances": [ROWS[0]]})
@@ -191,60 +225,41 @@ async def test_swap_synchronous_to_prediction_cache_under_load(settings: Setting
 async def test_swap_asynchronous_to_horizontal_microservice_under_load(settings: Settings, tmp_path: Path) -> None:
     # The two profiles serve different models: iris before, the iris_species group after
     # (the other one is a 404 unknown_model: refused, never accepted).
-    tally, seen, (code, _, err), up = await swap_under_load(settings, tmp_path, "asynchronous",
-                                                            "horizontal_microservice", ["iris", "iris_species"])
+    tally, seen, (swapped,), up = await swaps_under_load(settings, tmp_path, "asynchronous",
+                                                         ["horizontal_microservice"], ["iris", "iris_species"])
     try:
-        assert code == 0, err + up.log()[-4000:]
+        assert swapped.code == 0, swapped.err + up.log()[-4000:]
         # Each member predicted each group job once (its part's key), the plain model's jobs once.
         assert_every_request_counted(tally, seen, up, announced_again=frozenset({"prediction.iris_species"}))
-        assert tally.by_phase[(202, "iris")] > 0 and tally.by_phase[(202, "iris_species")] > 0, tally.by_phase
-        assert tally.by_phase[(404, "iris_species")] > 0 and tally.by_phase[(404, "iris")] > 0, tally.by_phase
-    finally:
-        assert up.stop() == 0, up.log()[-4000:]
-
-
-async def test_a_swap_whose_new_profile_does_not_start_leaves_the_old_one_serving(settings: Settings,
-                                                                                 tmp_path: Path) -> None:
-    # A stage that cannot start: its handler's module does not exist (found only when it starts).
-    broken = tmp_path / "broken.yaml"
-    broken.write_text(
-        "name: broken\nmodels: [iris]\ningress: {mode: sync}\nstages:\n"
-        "  predict: {kind: predict, consumes: ['features.*']}\n"
-        "  post: {kind: custom, handler: 'no_such_module:handle', consumes: ['prediction.*']}\n")
-    tally, seen, (code, _, err), up = await swap_under_load(settings, tmp_path, "asynchronous", str(broken), ["iris"])
-    try:
-        assert code == 1, err
-        assert "profile 'broken' did not start: its stage process post[0] exited with code 1" in err, err
-        assert "the live profile serves on, untouched" in err
-        assert_every_request_counted(tally, seen, up)
-        assert set(tally.statuses) == {202}, tally.statuses  # async throughout: the ingress never switched
-        async with open_lifecycle(settings) as lifecycle:
-            status = await lifecycle.status()
-            assert status.live == ["asynchronous"]
-            assert [p.profile for p in status.profiles] == ["asynchronous"]  # the new one's queues are gone
-            assert "broken" not in await lifecycle.records()
+        assert set(tally.between(0, swapped.started)) == {(202, "iris"), (404, "iris_species")}
+        assert set(tally.between(swapped.ended, time.monotonic())) == {(202, "iris_species"), (404, "iris")}
     finally:
         assert up.stop() == 0, up.log()[-4000:]
 
 
 async def test_wrong_swaps_are_refused_with_what_was_wrong(settings: Settings, tmp_path: Path) -> None:
-    code, _, err = await toposerve(settings, "swap", "--to", "synchronous")
-    assert code == 1 and f"namespace '{settings.namespace}' has no live profile" in err, err
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("name: [unclosed\n")
-    code, _, err = await toposerve(settings, "swap", "--to", str(bad_yaml))
-    assert code == 1 and "not valid YAML" in err, err
     missing_model = tmp_path / "missing.yaml"
     missing_model.write_text("name: missing\nmodels: [no_such_model]\ningress: {mode: sync}\n"
                              "stages:\n  predict: {kind: predict, consumes: ['features.*']}\n")
-    code, _, err = await toposerve(settings, "swap", "--to", str(missing_model))
-    assert code == 1 and "['no_such_model'] are not in the model manifest" in err, err
-    code, _, err = await toposerve(settings, "swap", "--to", "nope")
-    assert code == 1 and "no profile 'nope'" in err, err
+    # Independent commands: run side by side.
+    (code, _, no_live), (code2, _, bad), (code3, _, missing), (code4, _, unknown) = await asyncio.gather(
+        toposerve(settings, "swap", "--to", "synchronous"), toposerve(settings, "swap", "--to", str(bad_yaml)),
+        toposerve(settings, "swap", "--to", str(missing_model)), toposerve(settings, "swap", "--to", "nope"))
+    assert code == 1 and f"namespace '{settings.namespace}' has no live profile" in no_live, no_live
+    assert code2 == 1 and "not valid YAML" in bad, bad
+    assert code3 == 1 and "['no_such_model'] are not in the model manifest" in missing, missing
+    assert code4 == 1 and "no profile 'nope'" in unknown, unknown
+
     async with open_lifecycle(settings) as lifecycle:
         await lifecycle.claim(load_profile("asynchronous"))
     await publish_requests(settings, load_profile("asynchronous"), 0)  # its queues, bound: live (no `up` runs it)
-    code, _, err = await toposerve(settings, "swap", "--to", "asynchronous")
-    assert code == 1 and "profile 'asynchronous' is already live" in err, err
-    code, _, err = await toposerve(settings, "swap", "--to", "synchronous", "--wait-taken", "1")
-    assert code == 1 and "no `toposerve up --profile asynchronous`" in err and "took the swap order" in err, err
+    (code, _, same), (code2, _, untaken) = await asyncio.gather(
+        toposerve(settings, "swap", "--to", "asynchronous"),
+        toposerve(settings, "swap", "--to", "synchronous", "--wait-taken", "1"))
+    assert code == 1 and "profile 'asynchronous' is already live" in same, same
+    assert code2 == 1 and "no `toposerve up --profile asynchronous`" in untaken, untaken
+    assert "took the swap order" in untaken and "`toposerve up --profile synchronous --replace`" in untaken
+    async with open_lifecycle(settings) as lifecycle:  # nothing changed
+        assert (await lifecycle.status()).live == ["asynchronous"]
