@@ -94,6 +94,7 @@ class IngressSwitch:
         self._waiting = 0  # tasks waiting for requests to end (only then is an end announced)
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
+        self._replaced: list[Ingress] = []  # replaced, not closed yet
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="ingress-follows-live-profile")
@@ -105,6 +106,9 @@ class IngressSwitch:
                 await self._task
         for task in list(self._closing):
             task.cancel()
+        for ingress in self._replaced:  # still in use at shutdown: closed now, like the current one
+            await ingress.close()
+        self._replaced.clear()
         self.open.set()
 
     # ------------------------------------------------------------------ requests
@@ -193,6 +197,7 @@ class IngressSwitch:
         self.open.set()
         log.info("now serving profile %s (%s), was %s (%s)", new.config.profile, new.config.mode,
                  old.config.profile, old.config.mode)
+        self._replaced.append(old)
         task = asyncio.create_task(self._close_when_unused(old), name="close-replaced-ingress")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -201,6 +206,7 @@ class IngressSwitch:
         use = self._uses[id(old)]
         await self._wait_until(lambda: use.requests == 0)
         del self._uses[id(old)]
+        self._replaced.remove(old)
         await old.close()
 
 
