@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def serving(swap_id: str) -> str:
+    """What an ingress acknowledges once it serves the profile a swap made live."""
+    return f"{swap_id}:serving"
+
+
 class LiveProfile(BaseModel):
     """The namespace's live profile, as an ingress needs it."""
 
@@ -197,6 +202,8 @@ class IngressSwitch:
         self.open.set()
         log.info("now serving profile %s (%s), was %s (%s)", new.config.profile, new.config.mode,
                  old.config.profile, old.config.mode)
+        if live.swap_id is not None:  # the swap that made it live counts the ingresses serving it
+            await self.source.acknowledge(serving(live.swap_id))
         self._replaced.append(old)
         task = asyncio.create_task(self._close_when_unused(old), name="close-replaced-ingress")
         self._closing.add(task)

@@ -243,7 +243,7 @@ def running_profile(
     try:
         if provision:
             provisioned = provision_given(settings, started, accounts, passwords, management_url, say)
-        claim_live(settings, profile, replace, say)
+        claim_live(settings, profile, replace, say, source=profile_arg)
     except BaseException:
         for service in reversed(started):
             service.stop()
@@ -285,12 +285,12 @@ def running_profile(
             service.stop()
 
 
-def claim_live(settings: Settings, profile: Profile, replace: bool, say: Say) -> None:
+def claim_live(settings: Settings, profile: Profile, replace: bool, say: Say, source: str | None = None) -> None:
     """Record the profile as the namespace's live one before any of its processes binds a queue."""
     from toposerve.deploy.lifecycle import LifecycleError, claim_namespace
 
     try:
-        claim_namespace(settings, profile, replace=replace, say=say)
+        claim_namespace(settings, profile, replace=replace, say=say, source=source)
     except LifecycleError as exc:
         raise LaunchError(str(exc)) from exc
 

@@ -294,8 +294,10 @@ class Lifecycle:
         if others:
             raise OtherProfileLive(self.namespace, profile.name, others)
 
-    async def claim(self, profile: Profile, replace: bool = False, say: Say = lambda _: None) -> list[str]:
+    async def claim(self, profile: Profile, replace: bool = False, say: Say = lambda _: None,
+                    source: str | None = None) -> list[str]:
         """Record ``profile`` as the live one, before its processes bind its queues; the profiles it replaced.
+        ``source``: what it was loaded from (a name, a YAML path), for ingresses that follow the namespace.
 
         Another live (or draining) profile: refused, or with ``replace`` its queues are
         unbound (they and their messages stay, for a later restart of it or ``down``).
@@ -313,7 +315,7 @@ class Lifecycle:
             say(f"profile {other!r} unbound from {exchange_name(self.namespace)} ({waiting} messages kept in its "
                 f"queues; `toposerve down --profile {other}` removes them)")
         await self._save(ProfileRecord(profile=profile.name, state="live",
-                                       queues=profile_queues(profile, self.namespace)))
+                                       queues=profile_queues(profile, self.namespace), source=source))
         return others
 
     async def take_down(self, name: str, *, timeout_s: float, force: bool, grace_s: float = 2.0,
@@ -433,12 +435,13 @@ def with_profile(known: dict[str, Profile], profile: Profile) -> dict[str, Profi
     return {**known, profile.name: profile}
 
 
-def claim_namespace(settings: Settings, profile: Profile, replace: bool = False, say: Say = lambda _: None) -> None:
+def claim_namespace(settings: Settings, profile: Profile, replace: bool = False, say: Say = lambda _: None,
+                    source: str | None = None) -> None:
     """``claim`` from synchronous code (the launcher, before it starts the profile's processes)."""
 
     async def run() -> None:
         async with open_lifecycle(settings, with_profile(shipped_profiles(), profile)) as lifecycle:
-            await lifecycle.claim(profile, replace=replace, say=say)
+            await lifecycle.claim(profile, replace=replace, say=say, source=source)
 
     asyncio.run(run())
 

@@ -39,6 +39,7 @@ from typing import Protocol
 
 import redis.asyncio as redis
 
+from toposerve.api import serving
 from toposerve.brokers import Settings, connect_redis
 from toposerve.deploy.lifecycle import (
     Lifecycle,
@@ -232,12 +233,18 @@ class ProfileSwap:
         await self.lifecycle.unbind(old.queues)
         await self.lifecycle.bind(new_queues)
         await self._save(old, state="unbound")
-        await self.lifecycle.save(ProfileRecord(profile=self.new.name, state="live", queues=new_queues,
-                                                source=self.source))
-        heard = await announce(self.redis, self.namespace)
-        self.stages.commit(self.new, self.source)
-        self.say(f"  {old.profile!r} drained: held requests go to {self.new.name!r}")
-        self.say(f"profile {self.new.name!r} is live ({self.new.ingress.mode}); {heard} ingress processes serve it; "
+        async with AckCollector(self.redis, self.namespace) as acks:
+            await self.lifecycle.save(ProfileRecord(profile=self.new.name, state="live", queues=new_queues,
+                                                    source=self.source, swap_id=self.swap_id))
+            following = await announce(self.redis, self.namespace)
+            self.stages.commit(self.new, self.source)
+            # Past this point nothing is put back (the old stages are gone): a late ingress is said, not undone.
+            serving_now = await acks.wait(serving(self.swap_id), following, min(self.timeout_s, 30.0))
+        if serving_now < following:
+            self.say(f"warning: only {serving_now} of {following} ingress processes serve {self.new.name!r} yet; the "
+                     f"others hold their requests until they do (their logs say why)")
+        self.say(f"profile {self.new.name!r} is live ({self.new.ingress.mode}); {serving_now} ingress processes "
+                 f"serve it; "
                  f"{old.profile!r} is unbound, its queues kept empty (`toposerve down --profile {old.profile} "
                  f"--force` removes them)")
 

@@ -196,6 +196,7 @@ async def test_swap_asynchronous_to_synchronous_to_prediction_cache_under_load_a
         assert to_sync.code == 0, to_sync.err + up.log()[-4000:]
         assert f"namespace {settings.namespace}: swapped from asynchronous to synchronous (sync now)" in to_sync.out
         assert "on standby" in to_sync.err and "asynchronous.predict: drained and stopped" in to_sync.err
+        assert "1 ingress processes serve it" in to_sync.err, to_sync.err
         assert set(tally.between(to_sync.ended, to_cache.started)) == {(200, "iris")}, tally.by_phase
         # synchronous -> prediction_cache: sync on both sides, so no caller sees anything but 200.
         assert to_cache.code == 0, to_cache.err + up.log()[-4000:]
