@@ -1,4 +1,4 @@
-"""The ingress's side of a swap (api/live_profile.py), with no services: hold, acknowledge, switch, call off."""
+"""A swap with no services: the ingress holds, acknowledges, switches, lets through; acknowledgements counted by process; refusals; drain order."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from toposerve.api.config import IngressConfig, IngressSpec
 from toposerve.api.errors import ApiError
 from toposerve.api.live_profile import IngressSwitch, LiveProfile
+from toposerve.deploy.live_profile import AckCollector
 from toposerve.deploy.profile import load_profile
 from toposerve.deploy.swap import DRAIN_ORDER, drain_rank, swap_refusal
 
@@ -149,3 +150,43 @@ def test_stages_drain_upstream_first() -> None:
     order = sorted(group.stages, key=lambda name: drain_rank(group.stages[name].kind))
     assert order[0] == "preprocess" and order[-2:] == ["aggregate", "store"]
     assert drain_rank("something_new") == len(DRAIN_ORDER)
+
+
+class ScriptedPubSub:
+    """What a Redis subscription hands out, scripted: (swap id, process) acknowledgements."""
+
+    def __init__(self, messages: list[str]) -> None:
+        self.messages = list(messages)
+
+    async def subscribe(self, channel: str) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def get_message(self, timeout: float) -> dict | None:
+        if self.messages:
+            return {"type": "message", "data": self.messages.pop(0).encode()}
+        await asyncio.sleep(min(timeout, 0.01))
+        return None
+
+
+async def test_a_handover_counts_processes_not_messages() -> None:
+    # Process a acknowledges twice (it re-reads the record every second while it holds), b once,
+    # and an acknowledgement of another swap counts for nothing.
+    script = ["s1 a", "s1 a", "s0 c", "s1:serving b", "s1 b"]
+    client = SimpleNamespace(pubsub=lambda **_: ScriptedPubSub(script))
+    async with AckCollector(client, "ns") as acks:  # type: ignore[arg-type]
+        assert await acks.wait("s1", expected=2, timeout_s=1) == 2
+    async with AckCollector(SimpleNamespace(pubsub=lambda **_: ScriptedPubSub(["s1 a", "s1 a"])), "ns") as acks:
+        assert await acks.wait("s1", expected=2, timeout_s=0.2) == 1  # b never answered: the swap is called off
+
+
+async def test_the_ingress_acknowledges_serving_the_profile_a_swap_made_live(switch) -> None:
+    switch, source, _ = switch
+    await source.news.put(handing_over("s2"))
+    await settle()
+    await source.news.put(LiveProfile(profile="synchronous", source="synchronous", swap_id="s2",
+                                      all_live=["synchronous"]))
+    await settle()
+    assert source.acks == ["s2", "s2:serving"]
