@@ -57,7 +57,7 @@ from toposerve.deploy.swap_orders import SwapOrder
 
 Say = Callable[[str], None]
 # Stopped in this order (what feeds what in every shipped topology); other kinds come last.
-DRAIN_ORDER = ("preprocess", "custom", "predict", "aggregate", "store", "batch_store", "telemetry")
+DRAIN_ORDER = ("preprocess", "predict", "custom", "aggregate", "store", "batch_store", "telemetry")
 
 
 class SwapFailed(LifecycleError):
@@ -101,17 +101,22 @@ class ProfileSwap:
         self.say = say
         self.poll_s = poll_s
         self.namespace = lifecycle.namespace
+        # What was there before the swap (a call-off removes only what it made).
+        self._known_before = False
+        self._existed: set[str] = set()
 
     async def run(self, old: Profile) -> None:
         records = await self.lifecycle.records()
         old_record = records.get(old.name) or ProfileRecord(profile=old.name, state="live",
                                                             queues=profile_queues(old, self.namespace))
         new_queues = profile_queues(self.new, self.namespace)
-        await self._standby(new_queues, known_before=self.new.name in records)
+        self._known_before = self.new.name in records
+        self._existed = {q.name for q in new_queues if (await self.lifecycle.queue_status(q.name)).exists}
+        await self._standby(new_queues)
         try:
             await self._hand_over(old_record)
         except BaseException:
-            self.stages.discard_standby()
+            await self._remove_standby(new_queues)
             raise
         stopped: list[str] = []
         try:
@@ -120,6 +125,7 @@ class ProfileSwap:
             await self._drain(old, stopped)
         except BaseException as exc:
             await self._put_back(old_record, stopped)
+            await self._remove_standby(new_queues)
             if isinstance(exc, SwapFailed):
                 raise
             raise SwapFailed(f"the swap failed while {old.name!r} drained ({type(exc).__name__}: {exc}); "
@@ -128,8 +134,7 @@ class ProfileSwap:
 
     # ------------------------------------------------------------------ 1. standby
 
-    async def _standby(self, queues: list[QueueRecord], known_before: bool) -> None:
-        existed = {q.name for q in queues if (await self.lifecycle.queue_status(q.name)).exists}
+    async def _standby(self, queues: list[QueueRecord]) -> None:
         # Recorded unbound first: queues of a shipped profile without a record count as live.
         await self.lifecycle.save(ProfileRecord(profile=self.new.name, state="unbound", queues=queues,
                                                 source=self.source))
@@ -139,12 +144,15 @@ class ProfileSwap:
             self.stages.start_standby(self.new, self.source)
             await self._wait_consuming()
         except BaseException:
-            self.stages.discard_standby()
-            made = [q for q in queues if q.name not in existed]
-            await self.lifecycle.delete_if_empty(made)
-            if not known_before:
-                await self.lifecycle.forget(self.new.name)
+            await self._remove_standby(queues)
             raise
+
+    async def _remove_standby(self, queues: list[QueueRecord]) -> None:
+        """A swap called off: the standby processes stop, the empty queues they made go, and their record."""
+        self.stages.discard_standby()
+        await self.lifecycle.delete_if_empty([q for q in queues if q.name not in self._existed])
+        if not self._known_before:
+            await self.lifecycle.forget(self.new.name)
 
     async def _wait_consuming(self) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -192,21 +200,26 @@ class ProfileSwap:
 
     async def _drain(self, old: Profile, stopped: list[str]) -> None:
         deadline = time.monotonic() + self.timeout_s
-        for stage in sorted(old.stages, key=lambda name: drain_rank(old.stages[name].kind)):
-            queues = [old.queue_spec(self.namespace, stage).name]
-            spec = old.stages[stage]
-            if isinstance(spec, AggregateSpec):  # a join's timeouts wait in its delay queue
-                queues += [q.name for q in profile_queues(old, self.namespace) if q.name.startswith(queues[0] + ".")]
-            while True:
-                await self._wait_empty(old.name, queues, deadline)
+        order = sorted(old.stages, key=lambda name: drain_rank(old.stages[name].kind))
+        pending = order
+        while pending:
+            for stage in pending:
+                await self._wait_empty(old.name, self._queues_of(old, stage), deadline)
                 self.stages.stop_stage(stage)
                 if stage not in stopped:
                     stopped.append(stage)
-                # A stopped process acked what it held, or it came back to the queue: then again.
-                if not await self._left(queues):
-                    break
+                self.say(f"  {old.name}.{stage}: drained and stopped")
+            # A stage stopped too early for this topology (a custom kind fed later), or whose process
+            # gave back what it held: it runs again and drains again. The order is speed, not safety.
+            pending = [stage for stage in order if await self._left(self._queues_of(old, stage))]
+            for stage in pending:
                 self.stages.start_stage(stage)
-            self.say(f"  {old.name}.{stage}: drained and stopped")
+
+    def _queues_of(self, profile: Profile, stage: str) -> list[str]:
+        """A stage's queue, and an aggregate's delay queue (where a join's timeouts wait)."""
+        own = profile.queue_spec(self.namespace, stage).name
+        extra = [q.name for q in profile_queues(profile, self.namespace) if q.name.startswith(own + ".")]
+        return [own, *extra] if isinstance(profile.stages[stage], AggregateSpec) else [own]
 
     async def _left(self, queues: Sequence[str]) -> int:
         return sum([(await self.lifecycle.queue_status(name)).messages for name in queues])
@@ -222,7 +235,6 @@ class ProfileSwap:
     async def _put_back(self, old: ProfileRecord, stopped: list[str]) -> None:
         for stage in stopped:
             self.stages.start_stage(stage)
-        self.stages.discard_standby()
         await self.lifecycle.bind(old.queues)
         await self._save(old, state="live")
         await announce(self.redis, self.namespace)
