@@ -28,8 +28,9 @@ from toposerve.brokers import ResultStore, Settings, connect_redis
 from toposerve.deploy.lifecycle import open_lifecycle
 from toposerve.deploy.profile import load_profile
 
-# Starts `toposerve up` and swaps under load: a delivery-invariant test (`-m "not fault"` skips it).
-pytestmark = pytest.mark.fault
+# Starting `toposerve up` and swapping it under load are delivery-invariant tests, and the slow part
+# of this file: `-m "not fault"` skips them (the refusals, quick, stay in the inner loop).
+under_load = pytest.mark.fault
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.7, 3.0, 5.2, 2.3], [4.9, 3.0, 1.4, 0.2]]
 
@@ -180,6 +181,7 @@ def broken_profile(tmp_path: Path) -> Path:
     return path
 
 
+@under_load
 async def test_swap_asynchronous_to_synchronous_to_prediction_cache_under_load_after_one_that_does_not_start(
         settings: Settings, tmp_path: Path) -> None:
     # One `toposerve up`, three swaps in a row under the same load (each a minute less than its own test).
@@ -223,6 +225,7 @@ async def test_swap_asynchronous_to_synchronous_to_prediction_cache_under_load_a
         assert up.stop() == 0, up.log()[-4000:]
 
 
+@under_load
 async def test_swap_asynchronous_to_horizontal_microservice_under_load(settings: Settings, tmp_path: Path) -> None:
     # The two profiles serve different models: iris before, the iris_species group after
     # (the other one is a 404 unknown_model: refused, never accepted).
