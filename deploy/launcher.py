@@ -234,7 +234,11 @@ def running_profile(
     """
     if port_answers(host, port):
         raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
-    accounts = profile_accounts(settings.namespace, profile)
+    from toposerve.deploy.lifecycle import shipped_profiles
+
+    # Every shipped profile's roles and queues too: a live swap (`toposerve swap --to NAME`)
+    # starts another profile's stages in this namespace, logged in as their own roles.
+    accounts = profile_accounts(settings.namespace, *{**shipped_profiles(), profile.name: profile}.values())
     path = accounts_file or AccountsFile.path_for(settings.namespace)
     passwords = new_passwords(accounts, keep=AccountsFile.load(path) if provision and path.is_file() else None)
     settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
