@@ -177,6 +177,10 @@ class Supervisor:
                     process.wait()
 
 
+TOPOSERVE = [sys.executable, "-m", "toposerve"]
+STANDBY = "--standby"  # a stage of a swap's new profile: its queue declared unbound (deploy/swap.py)
+
+
 def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
                     metrics_port: Callable[[], int] = free_port) -> list[Child]:
     """The ingress and every stage replica; each stage serves its metrics on a port of
@@ -186,10 +190,6 @@ def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
     if profile.ingress.single_process:
         return [ingress]  # the ingress runs every stage itself (and serves their metrics)
     return [ingress, *stage_children(profile, profile_arg, metrics_port)]
-
-
-TOPOSERVE = [sys.executable, "-m", "toposerve"]
-STANDBY = "--standby"
 
 
 def stage_children(profile: Profile, profile_arg: str, metrics_port: Callable[[], int] = free_port,

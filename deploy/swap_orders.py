@@ -11,7 +11,9 @@ Blocking Redis calls: both ends are synchronous programs (a command, the supervi
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -40,6 +42,10 @@ class SwapOrder(BaseModel):
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed")
+
+
+class OrderNotTaken(RuntimeError):
+    """No launcher took the order in time (it is withdrawn)."""
 
 
 class OrderBook:
@@ -86,3 +92,27 @@ class OrderBook:
         if self.client.set(self.taken_key, order.id, nx=True, ex=ORDER_TTL_S):
             order.state, order.error = "failed", why
             self.write(order)
+
+    def follow(self, order: SwapOrder, taken_s: float, overall_s: float, say: Callable[[str], None],
+               poll_s: float = 0.2) -> SwapOrder:
+        """Pass on the order's progress lines until it is finished; the finished order.
+
+        Raises ``OrderNotTaken`` when no launcher took it within ``taken_s`` (withdrawn), and
+        ``TimeoutError`` past ``overall_s`` (a launcher that died mid-way is not waited for ever).
+        """
+        shown = 0
+        placed = time.monotonic()
+        while True:
+            current = self.read() or order
+            for line in current.lines[shown:]:
+                say(line)
+            shown = len(current.lines)
+            if current.finished:
+                return current
+            if current.state == "ordered" and time.monotonic() - placed > taken_s:
+                self.withdraw(current, f"no launcher took the order within {taken_s:g} s")
+                if (self.read() or current).state == "failed":
+                    raise OrderNotTaken(current.id)
+            if time.monotonic() - placed > overall_s:
+                raise TimeoutError(current.id)
+            time.sleep(poll_s)

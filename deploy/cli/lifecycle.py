@@ -128,12 +128,12 @@ def swap(to: str, namespace: str | None, timeout_s: float, taken_s: float) -> No
     drain, stops the old stages, binds the new profile's queues, and the ingress serves it
     (sync or async). A new profile that does not start leaves the old one serving, untouched.
     """
-    import time
+    import redis
 
     from toposerve.deploy.lifecycle import LifecycleError, open_lifecycle, shipped_profiles, with_profile
     from toposerve.deploy.profile import ProfileError, load_profile
     from toposerve.deploy.swap import swap_refusal
-    from toposerve.deploy.swap_orders import OrderBook, SwapOrder
+    from toposerve.deploy.swap_orders import OrderBook, OrderNotTaken, SwapOrder
 
     settings = _settings(namespace)
     new = checked_profile(to, settings)  # bad YAML, a model not in the manifest: said now, nothing touched
@@ -163,30 +163,20 @@ def swap(to: str, namespace: str | None, timeout_s: float, taken_s: float) -> No
         if busy is not None:
             raise click.ClickException(f"a swap of namespace {settings.namespace!r} to {busy.to!r} is in progress "
                                        f"(ordered {busy.placed_at:%H:%M:%S} UTC); wait for it, see `toposerve status`")
-        shown = 0
-        placed = time.monotonic()
-        # Each of its steps is bounded by timeout_s; a launcher that died mid-way is not waited for ever.
-        deadline = placed + taken_s + 4 * timeout_s + 30
-        while True:
-            current = book.read() or order
-            for line in current.lines[shown:]:
-                say(line)
-            shown = len(current.lines)
-            if current.finished:
-                break
-            if current.state == "ordered" and time.monotonic() - placed > taken_s:
-                book.withdraw(current, f"no `toposerve up` of profile {live[0]!r} took the order within {taken_s:g} s")
-                current = book.read() or current
-                if current.state == "failed":
-                    raise click.ClickException(
-                        f"no `toposerve up --profile {live[0]}` in namespace {settings.namespace!r} took the swap "
-                        f"order within {taken_s:g} s: a live swap is carried out by the launcher that runs the live "
-                        f"profile's processes. Where they run elsewhere (compose, Kubernetes), start the new profile "
-                        f"with `toposerve up --profile {new.name} --replace` instead")
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"the swap to {to!r} did not finish in time; `toposerve status` shows "
-                                           f"what is live")
-            time.sleep(0.2)
+        # Each of its steps is bounded by timeout_s.
+        current = book.follow(order, taken_s, overall_s=taken_s + 4 * timeout_s + 30, say=say)
+    except OrderNotTaken:
+        raise click.ClickException(
+            f"no `toposerve up --profile {live[0]}` in namespace {settings.namespace!r} took the swap order within "
+            f"{taken_s:g} s: a live swap is carried out by the launcher that runs the live profile's processes. "
+            f"Where they run elsewhere (compose, Kubernetes), start the new profile with "
+            f"`toposerve up --profile {new.name} --replace` instead") from None
+    except TimeoutError:
+        raise click.ClickException(f"the swap to {to!r} did not finish in time; `toposerve status` shows what is "
+                                   f"live") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot place or follow the swap order in Redis "
+                                   f"({type(exc).__name__}: {exc})") from exc
     finally:
         book.close()
     if current.state == "failed":
