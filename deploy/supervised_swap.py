@@ -129,7 +129,10 @@ class SwapDesk:
             self._carry_out(order)
 
     def _carry_out(self, order: SwapOrder) -> None:
+        started = time.monotonic()
+
         def report(line: str) -> None:
+            line = f"[{time.monotonic() - started:5.1f} s] {line}"  # where the time goes, for whoever waits
             order.lines.append(line)
             self.book.write(order)
             self.say(line)

@@ -135,13 +135,13 @@ async def swaps_under_load(settings: Settings, tmp_path: Path, old: str, targets
     await asyncio.sleep(0.3)  # the spy queues bound
     load = asyncio.create_task(steady_load(up.base_url, models, stop_load, tally))
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.6)
         for target in targets:
             before, started = sum(tally.statuses.values()), time.monotonic()
             code, out, err = await toposerve(settings, "swap", "--to", target, "--timeout", "30")
             runs.append(SwapRun(code, out, err, started, time.monotonic()))
             assert sum(tally.statuses.values()) > before  # the load ran through the swap
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.6)
     finally:
         stop_load.set()
         await load
