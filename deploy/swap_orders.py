@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import redis
@@ -43,6 +43,12 @@ class SwapOrder(BaseModel):
     def finished(self) -> bool:
         return self.state in ("done", "failed")
 
+    @property
+    def abandoned(self) -> bool:
+        """Unfinished long past what its steps may take (its launcher died mid-way): no longer in the way."""
+        bound = timedelta(seconds=4 * self.timeout_s + 60)
+        return not self.finished and datetime.now(UTC) - self.placed_at > bound
+
 
 class OrderNotTaken(RuntimeError):
     """No launcher took the order in time (it is withdrawn)."""
@@ -70,7 +76,7 @@ class OrderBook:
     def place(self, order: SwapOrder) -> SwapOrder | None:
         """Place ``order``; the order in progress instead, when there is one (nothing placed then)."""
         current = self.read()
-        if current is not None and not current.finished:
+        if current is not None and not current.finished and not current.abandoned:
             return current
         self.client.delete(self.taken_key)
         self.write(order)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from toposerve.deploy.lifecycle import ProfileRecord, QueueRecord, QueueStatus, profile_queues
 from toposerve.deploy.profile import Profile, load_profile
 from toposerve.deploy.swap import ProfileSwap, SwapFailed
+from toposerve.deploy.swap_orders import SwapOrder
 
 NS = "ns"
 
@@ -178,3 +181,12 @@ async def test_a_stage_that_holds_messages_after_its_turn_drains_again() -> None
     await run.run(old)
     assert lifecycle.log[5:10] == ["stop preprocess", "stop predict", "stop store", "start store", "stop store"]
     assert lifecycle.log[-1] == "commit synchronous"
+
+
+def test_an_order_left_unfinished_by_a_launcher_that_died_stops_blocking_new_ones() -> None:
+    running = SwapOrder(to="synchronous", from_profile="asynchronous", timeout_s=60, state="running")
+    assert not running.abandoned and not running.finished
+    running.placed_at = datetime.now(UTC) - timedelta(seconds=4 * 60 + 61)
+    assert running.abandoned
+    assert not SwapOrder(to="x", from_profile="y", timeout_s=1, state="done",
+                         placed_at=datetime.now(UTC) - timedelta(days=1)).abandoned  # finished: not abandoned
