@@ -83,6 +83,7 @@ class ProfileStatus(BaseModel):
     state: ProfileState
     recorded: bool = Field(description="False: its queues exist but no toposerve command recorded them (taken as live)")
     queues: list[QueueStatus]
+    handing_over_to: str | None = Field(default=None, description="A swap in progress moves its traffic there")
 
     @property
     def messages(self) -> int:
@@ -268,7 +269,8 @@ class Lifecycle:
         for name, record in records.items():
             queues = [await self.queue_status(q.name) for q in record.queues]
             if any(q.exists for q in queues):  # none left (a broker reset): nothing of it is bound
-                profiles.append(ProfileStatus(profile=name, state=record.state, recorded=True, queues=queues))
+                profiles.append(ProfileStatus(profile=name, state=record.state, recorded=True, queues=queues,
+                                              handing_over_to=record.handing_over_to))
         for name, profile in self.known.items():
             if name in records:
                 continue

@@ -46,6 +46,8 @@ def status(namespace: str | None, as_json: bool) -> None:
     click.echo(f"namespace {found.namespace}: live profile {', '.join(found.live) or 'none'}")
     for profile in found.profiles:
         note = "" if profile.recorded else " (unrecorded: its queues were made without `toposerve up`)"
+        if profile.handing_over_to:
+            note += f" (handing over to {profile.handing_over_to}: a swap is in progress)"
         click.echo(f"  {profile.profile}: {profile.state}{note}, {profile.messages} messages, "
                    f"{profile.consumers} consumers")
         for queue in profile.queues:
