@@ -7,12 +7,16 @@ from toposerve.api.auth import key_file_line
 from toposerve.api.config import IngressConfig, IngressSpec
 from toposerve.api.edge_local import create_edge_app
 from toposerve.api.http_protocol import guarded_protocol
+from toposerve.api.live_profile import LiveProfile, LiveProfileSource, serving
 
 __all__ = [
     "IngressConfig",
     "IngressSpec",
+    "LiveProfile",
+    "LiveProfileSource",
     "create_app",
     "create_edge_app",
     "guarded_protocol",
     "key_file_line",
+    "serving",
 ]

@@ -16,6 +16,7 @@ from toposerve.api.batch_routes import submit_router
 from toposerve.api.config import IngressConfig
 from toposerve.api.errors import install_error_handlers
 from toposerve.api.ingress import Ingress
+from toposerve.api.live_profile import HandoverGate, IngressSwitch, LiveProfileSource
 from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
@@ -33,9 +34,12 @@ class Companion(Protocol):
 
 
 def create_app(settings: Settings, config: IngressConfig, companions: Sequence[Companion] = (),
-               registry: CollectorRegistry | None = None, asyncapi: Callable[[], Specification] | None = None) -> IngressApp:
+               registry: CollectorRegistry | None = None, asyncapi: Callable[[], Specification] | None = None,
+               follow: LiveProfileSource | None = None) -> IngressApp:
     """``registry``: where the process's metrics live (web_single shares it with its stages);
-    ``asyncapi``: makes the profile's AsyncAPI document, served at /asyncapi.json and /asyncapi."""
+    ``asyncapi``: makes the profile's AsyncAPI document, served at /asyncapi.json and /asyncapi;
+    ``follow``: the namespace's live profile, which the app switches to when a swap moves it
+    (api/live_profile.py; None: it serves ``config`` until it stops)."""
 
     @asynccontextmanager
     async def lifespan(app: IngressApp) -> AsyncIterator[None]:
@@ -48,11 +52,23 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         await ingress.start()
         app.state.ingress = ingress
         metrics.watch(ingress)
+        switch = None
+        if follow is not None:
+            def rewatch(old: Ingress, new: Ingress) -> None:
+                metrics.unwatch()
+                metrics.watch(new)
+
+            switch = IngressSwitch(app, ingress, follow, build=lambda config: Ingress(settings, config),
+                                   on_switch=rewatch, hold_limit_s=config.spec.max_timeout_s)
+            switch.start()
+            app.state.switch = switch
         try:
             yield
         finally:
             metrics.unwatch()
-            await ingress.close()
+            if switch is not None:
+                await switch.close()
+            await app.state.ingress.close()
             for companion in companions:
                 await companion.drain_and_close()
 
@@ -66,11 +82,13 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     # API keys and the rate limit (both optional), inside the observability middleware so
     # refused requests are traced and counted too.
     security = security_options(settings)
+    # Work is held while a swap hands over (innermost of ours: inside security and observability).
+    app.add_middleware(HandoverGate)
     app.add_middleware(SecurityMiddleware, **security)
     install_openapi(app, api_keys=security["keys"].enabled, rate_limited=security["limiter"] is not None)
     app.add_middleware(ObservabilityMiddleware)
-    # The same two around the predict fast path (sharing the limiters: one budget per caller).
-    app.enable_fast_path(lambda fast: ObservabilityMiddleware(SecurityMiddleware(fast, **security)))
+    # The same three around the predict fast path (sharing the limiters: one budget per caller).
+    app.enable_fast_path(lambda fast: ObservabilityMiddleware(SecurityMiddleware(HandoverGate(fast), **security)))
     # Routes whose answers depend on the profile (its mode, its overload fallback) are built
     # for it. Predict first: routes are matched in order, and it is the one under load.
     app.include_router(routes_v1.predict_router(config))

@@ -11,9 +11,9 @@ admission bound and with the same error answers. Everything else (other routes, 
 such as ``?timeout=``, an unknown model) goes through FastAPI as before, which also keeps
 documenting the route in OpenAPI.
 
-The fast path runs inside the same security and observability middlewares as every route
-(``enable_fast_path`` wraps it in them, sharing their rate limiters): API keys, rate
-limits, traces and metrics hold for it too.
+The fast path runs inside the same security, observability and swap hand-over middlewares
+as every route (``enable_fast_path`` wraps it in them, sharing their rate limiters): API
+keys, rate limits, traces, metrics and a live swap's hold apply to it too.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ class IngressApp(FastAPI):
         return match.group(1)  # type: ignore[union-attr]
 
     async def _answer_predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Read again past the middlewares: a live swap may have switched the profile meanwhile.
         ingress = self.state.ingress
-        model = self._served_model(scope)
-        assert model is not None
+        model = _PREDICT.fullmatch(scope["path"]).group(1)  # type: ignore[union-attr]
         try:
+            ingress.manifest(model)  # 404 for a model the profile no longer serves, as the route answers
             with ingress.admission():
                 response = await handle_predict(ingress, model, Request(scope, receive), None)
         except ApiError as exc:

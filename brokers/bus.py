@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -93,21 +93,21 @@ class DeclaredTopology:
 
 
 async def declare_topology(broker: RabbitBroker, namespace: str, queues: Sequence[QueueSpec] = (),
-                           channel: Channel | None = None) -> DeclaredTopology:
+                           channel: Channel | None = None, unbound: Collection[str] = ()) -> DeclaredTopology:
     """The exchanges, and ``queues`` bound to every key they consume. Idempotent: every process
     declares what it uses at startup, so the start order of processes does not matter.
 
     ``channel``: the channel a subscriber will consume these queues on. FastStream keeps a
     declared queue (keyed by the queue, not the channel) and its subscriber consumes on
     that object, so a queue declared on another channel would be consumed without the
-    subscriber's prefetch.
+    subscriber's prefetch. ``unbound``: queues declared without their bindings (a swap binds them).
     """
     exchange = await broker.declare_exchange(inference_exchange(namespace))
     dead = await broker.declare_exchange(dead_exchange(namespace))
     declared: dict[str, AbstractQueue] = {}
     for spec in queues:
         queue = await broker.config.declarer.declare_queue(rabbit_queue(spec, namespace), channel=channel)
-        for key in spec.binding_keys:
+        for key in spec.binding_keys if spec.name not in unbound else ():
             await queue.bind(exchange, routing_key=key)
         declared[spec.name] = queue
     return DeclaredTopology(exchange=exchange, dead_exchange=dead, queues=declared)

@@ -67,8 +67,11 @@ class StageRunner:
         dead_letters: DeadLetterSpec | None = None,
         broker: RabbitBroker | None = None,
         consume_directly: bool = True,
+        bind: bool = True,
     ) -> None:
         self.stage = stage
+        # False: its queue is declared unbound (a swap's standby stage; the swap binds it).
+        self.bind = bind
         self.settings = settings
         self.queue_spec = queue
         self.prefetch = prefetch
@@ -115,7 +118,8 @@ class StageRunner:
         await declare_dead_letters(self.broker, namespace, self.dead_letters)
         channel = Channel(prefetch_count=self.prefetch)
         topology = await declare_topology(self.broker, namespace, [self.queue_spec, *self.stage.extra_queues],
-                                          channel=channel)
+                                          channel=channel,
+                                          unbound=() if self.bind else (self.queue_spec.name,))
         self.stalls.start()
         if self.consume_directly:
             self._queue = topology.queues[self.queue_spec.name]

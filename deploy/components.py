@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from toposerve.api import IngressConfig, create_app
+from toposerve.api import IngressConfig, LiveProfile, create_app
 from toposerve.brokers import (
     ResultStore,
     Settings,
@@ -47,7 +47,8 @@ def load_checked_profile(name_or_path: str, settings: Settings) -> Profile:
 
 
 def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, replica: int = 0,
-                       metrics: StageMetrics | None = None) -> StageRunner:
+                       metrics: StageMetrics | None = None, standby: bool = False) -> StageRunner:
+    """``standby``: its queue is declared unbound (a swap binds it when the profile takes over)."""
     if stage_name not in profile.stages:
         raise KeyError(f"profile {profile.name!r} has no stage {stage_name!r}; stages: {', '.join(profile.stages)}")
     settings = settings_for_role(settings, stage_role(profile, stage_name))
@@ -70,6 +71,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         outcomes_kept=outcomes_kept,
         recorder=_pending_recorder(profile, stage_name, settings) if outcomes_kept else None,
         dead_letters=profile.dead_letters,
+        bind=not standby,
     )
 
 
@@ -119,8 +121,9 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
     )
 
 
-def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -> FastAPI:
-    """The ingress app; ``with_stages`` runs every stage replica inside it (web_single)."""
+def build_app(profile: Profile, settings: Settings, with_stages: bool = False, follow: bool = False) -> FastAPI:
+    """The ingress app; ``with_stages`` runs every stage replica inside it (web_single); ``follow``:
+    it switches to the namespace's live profile when a swap moves it (deploy/swap.py)."""
     settings = settings_for_role(settings, ingress_role(profile))
     companions = []
     registry = CollectorRegistry()  # this process's metrics: the ingress's, and its stages' (web_single)
@@ -128,5 +131,13 @@ def build_app(profile: Profile, settings: Settings, with_stages: bool = False) -
         stage_metrics = StageMetricSet(registry)
         companions = [build_stage_runner(profile, name, settings, replica, metrics=stage_metrics.for_stage(name))
                       for name, spec in profile.stages.items() for replica in range(spec.replicas)]
+    source = None
+    if follow:
+        from toposerve.deploy.live_profile import RedisLiveProfileSource
+
+        def config_for(live: LiveProfile) -> IngressConfig:
+            return ingress_config(load_checked_profile(live.source, settings), settings)
+
+        source = RedisLiveProfileSource(settings, config_for)
     return create_app(settings, ingress_config(profile, settings), companions=companions, registry=registry,
-                      asyncapi=lambda: asyncapi_specification(profile, settings))
+                      asyncapi=lambda: asyncapi_specification(profile, settings), follow=source)

@@ -111,6 +111,7 @@ class Child:
     name: str
     argv: list[str]
     role: str = "ingress"  # the account it logs in as (brokers/accounts.py)
+    stage: str | None = None  # the stage it runs (None: the ingress)
     metrics_url: str | None = None  # where its Prometheus metrics are served
     process: subprocess.Popen | None = None
     restarts: int = 0
@@ -122,8 +123,9 @@ class Supervisor:
     """Keeps a set of child processes running until told to stop."""
 
     def __init__(self, children: list[Child], env: dict[str, str], say: Say,
-                 role_env: Callable[[str], dict[str, str]] = lambda role: {}) -> None:
+                 role_env: Callable[[str], dict[str, str]] = lambda role: {}, settings: Settings | None = None) -> None:
         self.children = children
+        self.settings = settings  # the services its children use (the administrator's login)
         self.env = env
         self.role_env = role_env  # a child's own login (its role's URLs), on top of ``env``
         self.say = say
@@ -131,9 +133,9 @@ class Supervisor:
 
     def start_all(self) -> None:
         for child in self.children:
-            self._start(child)
+            self.start(child)
 
-    def _start(self, child: Child) -> None:
+    def start(self, child: Child) -> None:
         # A session of its own: Ctrl-C reaches only the launcher, which then stops
         # children in order instead of all of them at once.
         child.process = subprocess.Popen(child.argv, env={**self.env, **self.role_env(child.role)},
@@ -145,7 +147,7 @@ class Supervisor:
         for child in self.children:
             if child.process is None:
                 if now >= child.next_start:
-                    self._start(child)
+                    self.start(child)
                 continue
             code = child.process.poll()
             if code is None:
@@ -175,21 +177,32 @@ class Supervisor:
                     process.wait()
 
 
+TOPOSERVE = [sys.executable, "-m", "toposerve"]
+STANDBY = "--standby"  # a stage of a swap's new profile: its queue declared unbound (deploy/swap.py)
+
+
 def child_processes(profile: Profile, profile_arg: str, host: str, port: int,
                     metrics_port: Callable[[], int] = free_port) -> list[Child]:
     """The ingress and every stage replica; each stage serves its metrics on a port of
     its own from ``metrics_port()`` (loopback), the ingress at its ``/metrics``."""
-    base = [sys.executable, "-m", "toposerve"]
-    children = [Child("ingress", [*base, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)],
-                      role=ingress_role(profile), metrics_url=f"http://{host}:{port}/metrics")]
+    ingress = Child("ingress", [*TOPOSERVE, "ingress", "--profile", profile_arg, "--host", host, "--port", str(port)],
+                    role=ingress_role(profile), metrics_url=f"http://{host}:{port}/metrics")
     if profile.ingress.single_process:
-        return children  # the ingress runs every stage itself (and serves their metrics)
+        return [ingress]  # the ingress runs every stage itself (and serves their metrics)
+    return [ingress, *stage_children(profile, profile_arg, metrics_port)]
+
+
+def stage_children(profile: Profile, profile_arg: str, metrics_port: Callable[[], int] = free_port,
+                   standby: bool = False) -> list[Child]:
+    """Every stage replica of the profile; ``standby``: their queues declared unbound (a swap's new profile)."""
+    children = []
     for stage, spec in profile.stages.items():
         for replica in range(spec.replicas):
             mport = metrics_port()
-            children.append(Child(f"{stage}[{replica}]", [*base, "worker", "--profile", profile_arg, "--stage", stage,
-                                                          "--replica", str(replica), "--metrics-port", str(mport)],
-                                  role=stage_role(profile, stage), metrics_url=f"http://127.0.0.1:{mport}/metrics"))
+            argv = [*TOPOSERVE, "worker", "--profile", profile_arg, "--stage", stage, "--replica", str(replica),
+                    "--metrics-port", str(mport), *([STANDBY] if standby else [])]
+            children.append(Child(f"{stage}[{replica}]", argv, role=stage_role(profile, stage), stage=stage,
+                                  metrics_url=f"http://127.0.0.1:{mport}/metrics"))
     return children
 
 
@@ -221,7 +234,11 @@ def running_profile(
     """
     if port_answers(host, port):
         raise LaunchError(f"port {port} on {host} is in use; pick another with --port")
-    accounts = profile_accounts(settings.namespace, profile)
+    from toposerve.deploy.lifecycle import shipped_profiles
+
+    # Every shipped profile's roles and queues too: a live swap (`toposerve swap --to NAME`)
+    # starts another profile's stages in this namespace, logged in as their own roles.
+    accounts = profile_accounts(settings.namespace, *{**shipped_profiles(), profile.name: profile}.values())
     path = accounts_file or AccountsFile.path_for(settings.namespace)
     passwords = new_passwords(accounts, keep=AccountsFile.load(path) if provision and path.is_file() else None)
     settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
@@ -230,7 +247,7 @@ def running_profile(
     try:
         if provision:
             provisioned = provision_given(settings, started, accounts, passwords, management_url, say)
-        claim_live(settings, profile, replace, say)
+        claim_live(settings, profile, replace, say, source=profile_arg)
     except BaseException:
         for service in reversed(started):
             service.stop()
@@ -247,7 +264,8 @@ def running_profile(
     env = {**os.environ, "TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
            "TOPOSERVE_NAMESPACE": settings.namespace}
     children = child_processes(profile, profile_arg, host, port)
-    supervisor = Supervisor(children, env, say, role_env=lambda role: logins.env(role) if logins else {})
+    supervisor = Supervisor(children, env, say, role_env=lambda role: logins.env(role) if logins else {},
+                            settings=settings)
     base_url = f"http://{host}:{port}"
     try:
         say(f"starting profile {profile.name!r}: {', '.join(c.name for c in children)}")
@@ -259,10 +277,10 @@ def running_profile(
         finally:
             # Runs on Ctrl-C too; a second Ctrl-C interrupts it and the outer finally kills.
             say("stopping: ingress first, then stages drain their in-flight work (Ctrl-C again forces) ...")
-            stages = [c.name for c in children if c.name != "ingress"]
+            stages = [c.name for c in supervisor.children if c.name != "ingress"]  # a swap changes them
             supervisor.stop([["ingress"], stages], timeout_s=settings.drain_timeout_s + 5)
     finally:
-        for child in children:
+        for child in supervisor.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.kill()
                 child.process.wait()
@@ -271,12 +289,12 @@ def running_profile(
             service.stop()
 
 
-def claim_live(settings: Settings, profile: Profile, replace: bool, say: Say) -> None:
+def claim_live(settings: Settings, profile: Profile, replace: bool, say: Say, source: str | None = None) -> None:
     """Record the profile as the namespace's live one before any of its processes binds a queue."""
     from toposerve.deploy.lifecycle import LifecycleError, claim_namespace
 
     try:
-        claim_namespace(settings, profile, replace=replace, say=say)
+        claim_namespace(settings, profile, replace=replace, say=say, source=source)
     except LifecycleError as exc:
         raise LaunchError(str(exc)) from exc
 
@@ -340,9 +358,20 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
             say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))
             say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "
                 "-d '{\"instances\": [[5.1,3.5,1.4,0.2]]}'")
-            while not stop_requested:
-                supervisor.poll()
-                time.sleep(0.2)
+            from toposerve.deploy.supervised_swap import SwapDesk
+
+            # `toposerve swap --to NAME` is carried out here: this process owns the stages.
+            desk = None if profile.ingress.single_process else SwapDesk(supervisor.settings or settings, profile,
+                                                                       supervisor, say)
+            try:
+                while not stop_requested:
+                    supervisor.poll()
+                    if desk is not None:
+                        desk.poll()
+                    time.sleep(0.2)
+            finally:
+                if desk is not None:
+                    desk.close()
     except KeyboardInterrupt:
         pass
     finally:

@@ -62,6 +62,13 @@ class ProfileRecord(BaseModel):
     state: ProfileState
     queues: list[QueueRecord] = Field(min_length=1)
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # What `up` / `swap --to` was given (a shipped name or a YAML path): what an ingress that
+    # follows the namespace loads when this profile becomes live (deploy/live_profile.py).
+    source: str | None = None
+    # Set by a swap (deploy/swap.py) while this live profile hands the namespace over: the
+    # ingresses hold new requests until the profile named here is live.
+    handing_over_to: str | None = None
+    swap_id: str | None = None
 
 
 class QueueStatus(BaseModel):
@@ -76,6 +83,7 @@ class ProfileStatus(BaseModel):
     state: ProfileState
     recorded: bool = Field(description="False: its queues exist but no toposerve command recorded them (taken as live)")
     queues: list[QueueStatus]
+    handing_over_to: str | None = Field(default=None, description="A swap in progress moves its traffic there")
 
     @property
     def messages(self) -> int:
@@ -163,6 +171,14 @@ class Lifecycle:
             pipe.expire(self.key, RECORD_TTL_S)
             await pipe.execute()
 
+    async def save(self, record: ProfileRecord) -> None:
+        """Write one profile's record (the swap's steps, deploy/swap.py)."""
+        await self._save(record)
+
+    async def forget(self, profile: str) -> None:
+        """Drop one profile's record (a swap's new profile that did not start, and had none)."""
+        await self._forget(profile)
+
     async def _forget(self, profile: str) -> None:
         await self.redis.hdel(self.key, profile)
 
@@ -196,6 +212,40 @@ class Lifecycle:
             finally:
                 await channel.close()
 
+    async def unbind(self, queues: Sequence[QueueRecord], entry_only: bool = False) -> None:
+        """Unbind ``queues`` from the exchange; ``entry_only``: only the keys new work arrives on."""
+        await self._unbind(queues, keep=(lambda key: key.split(".", 1)[0] not in ENTRY_KEY_WORDS) if entry_only
+                           else (lambda key: False))
+
+    async def bind(self, queues: Sequence[QueueRecord]) -> None:
+        """Bind ``queues`` (which exist: their stages declared them) to every key they consume."""
+        for queue in queues:
+            channel = await self.connection.channel(publisher_confirms=False)
+            try:
+                declared = await channel.declare_queue(queue.name, passive=True)
+                for key in queue.binding_keys:
+                    await declared.bind(exchange_name(self.namespace), routing_key=key)
+            finally:
+                await channel.close()
+
+    async def delete_if_empty(self, queues: Sequence[QueueRecord]) -> list[str]:
+        """Delete the queues that exist and hold nothing (a swap's new profile that did not start)."""
+        deleted = []
+        for queue in queues:
+            state = await self.queue_status(queue.name)
+            if not state.exists or state.messages:
+                continue
+            channel = await self.connection.channel(publisher_confirms=False)
+            try:
+                await channel.queue_delete(queue.name, if_empty=True)
+                deleted.append(queue.name)
+            except ChannelClosed:  # a message arrived meanwhile: kept
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        return deleted
+
     async def _delete(self, queues: Sequence[QueueRecord]) -> tuple[list[str], int]:
         """Delete the queues that exist: their names, and how many messages they still held."""
         deleted, dropped = [], 0
@@ -219,7 +269,8 @@ class Lifecycle:
         for name, record in records.items():
             queues = [await self.queue_status(q.name) for q in record.queues]
             if any(q.exists for q in queues):  # none left (a broker reset): nothing of it is bound
-                profiles.append(ProfileStatus(profile=name, state=record.state, recorded=True, queues=queues))
+                profiles.append(ProfileStatus(profile=name, state=record.state, recorded=True, queues=queues,
+                                              handing_over_to=record.handing_over_to))
         for name, profile in self.known.items():
             if name in records:
                 continue
@@ -245,8 +296,10 @@ class Lifecycle:
         if others:
             raise OtherProfileLive(self.namespace, profile.name, others)
 
-    async def claim(self, profile: Profile, replace: bool = False, say: Say = lambda _: None) -> list[str]:
+    async def claim(self, profile: Profile, replace: bool = False, say: Say = lambda _: None,
+                    source: str | None = None) -> list[str]:
         """Record ``profile`` as the live one, before its processes bind its queues; the profiles it replaced.
+        ``source``: what it was loaded from (a name, a YAML path), for ingresses that follow the namespace.
 
         Another live (or draining) profile: refused, or with ``replace`` its queues are
         unbound (they and their messages stay, for a later restart of it or ``down``).
@@ -264,7 +317,7 @@ class Lifecycle:
             say(f"profile {other!r} unbound from {exchange_name(self.namespace)} ({waiting} messages kept in its "
                 f"queues; `toposerve down --profile {other}` removes them)")
         await self._save(ProfileRecord(profile=profile.name, state="live",
-                                       queues=profile_queues(profile, self.namespace)))
+                                       queues=profile_queues(profile, self.namespace), source=source))
         return others
 
     async def take_down(self, name: str, *, timeout_s: float, force: bool, grace_s: float = 2.0,
@@ -384,12 +437,13 @@ def with_profile(known: dict[str, Profile], profile: Profile) -> dict[str, Profi
     return {**known, profile.name: profile}
 
 
-def claim_namespace(settings: Settings, profile: Profile, replace: bool = False, say: Say = lambda _: None) -> None:
+def claim_namespace(settings: Settings, profile: Profile, replace: bool = False, say: Say = lambda _: None,
+                    source: str | None = None) -> None:
     """``claim`` from synchronous code (the launcher, before it starts the profile's processes)."""
 
     async def run() -> None:
         async with open_lifecycle(settings, with_profile(shipped_profiles(), profile)) as lifecycle:
-            await lifecycle.claim(profile, replace=replace, say=say)
+            await lifecycle.claim(profile, replace=replace, say=say, source=source)
 
     asyncio.run(run())
 

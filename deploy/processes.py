@@ -59,8 +59,8 @@ def install_uvloop() -> None:
 
 
 async def run_stage(profile: Profile, stage: str, settings: Settings, replica: int = 0,
-                    metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
-    runner = build_stage_runner(profile, stage, settings, replica)
+                    metrics_port: int | None = None, metrics_host: str = "127.0.0.1", standby: bool = False) -> None:
+    runner = build_stage_runner(profile, stage, settings, replica, standby=standby)
     settle_heap()
     heartbeat = LoopHeartbeat()
     heartbeat.start()
@@ -103,7 +103,10 @@ def serve_ingress(profile: Profile, settings: Settings, host: str, port: int, ac
     """One ingress process; with ``ingress.workers: N`` (and ``worker`` unset) a parent of N."""
     if profile.ingress.workers > 1 and worker is None:
         sys.exit(run_ingress_workers(profile, profile_arg or profile.name, host, port, access_log))
-    app = build_app(profile, settings, with_stages=profile.ingress.single_process)
+    # A process of its own follows the namespace's live profile (toposerve swap); a single-process
+    # profile's stages live inside it, so it cannot switch to another profile.
+    app = build_app(profile, settings, with_stages=profile.ingress.single_process,
+                    follow=not profile.ingress.single_process)
     server = uvicorn.Server(ingress_server_config(app, settings, host, port, access_log))
     settle_heap()
     if worker is None:

@@ -1,6 +1,6 @@
 """The ``toposerve`` command line: one module per command group, gathered here.
 
-serve (up, worker, ingress), lifecycle (status, down), describe (topology, asyncapi, profiles), bench, batch,
+serve (up, worker, ingress), lifecycle (status, down, swap), describe (topology, asyncapi, profiles), bench, batch,
 dead, cache (cache, items), accounts, edge, keys, render; common holds what they share.
 """
 
@@ -16,7 +16,7 @@ from toposerve.deploy.cli.dead import dead
 from toposerve.deploy.cli.describe import asyncapi, profiles, topology
 from toposerve.deploy.cli.edge import edge
 from toposerve.deploy.cli.keys import keys
-from toposerve.deploy.cli.lifecycle import down, status
+from toposerve.deploy.cli.lifecycle import down, status, swap
 from toposerve.deploy.cli.render import render
 from toposerve.deploy.cli.serve import ingress, up, worker
 
@@ -26,7 +26,7 @@ def main() -> None:
     """Serve ONNX models through RabbitMQ topologies (one deploy profile per serving pattern)."""
 
 
-for command in (up, down, status, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items,
+for command in (up, down, status, swap, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items,
                 accounts, edge, keys, render):
     main.add_command(command)
 

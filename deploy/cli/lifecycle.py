@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from toposerve.brokers import Settings
-from toposerve.deploy.cli.common import say
+from toposerve.deploy.cli.common import checked_profile, say
 
 
 def _settings(namespace: str | None) -> Settings:
@@ -46,6 +46,8 @@ def status(namespace: str | None, as_json: bool) -> None:
     click.echo(f"namespace {found.namespace}: live profile {', '.join(found.live) or 'none'}")
     for profile in found.profiles:
         note = "" if profile.recorded else " (unrecorded: its queues were made without `toposerve up`)"
+        if profile.handing_over_to:
+            note += f" (handing over to {profile.handing_over_to}: a swap is in progress)"
         click.echo(f"  {profile.profile}: {profile.state}{note}, {profile.messages} messages, "
                    f"{profile.consumers} consumers")
         for queue in profile.queues:
@@ -111,3 +113,75 @@ def down(profile_name: str, namespace: str | None, timeout_s: float, force: bool
                f"{report.deleted_redis_keys} Redis keys")
     say("job results, caches, batches and items belong to the namespace and stay until their TTL; "
         f"stop the processes of {report.profile!r} now (a stage that starts again makes its queues again)")
+
+
+@click.command()
+@click.option("--to", "to", required=True, help="The profile to move the namespace's traffic to (name or YAML path)")
+@namespace_option
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds each step may take (the new stages starting, the ingresses holding, the old draining)")
+@click.option("--wait-taken", "taken_s", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds to wait for the `toposerve up` of the live profile to take the order")
+def swap(to: str, namespace: str | None, timeout_s: float, taken_s: float) -> None:
+    """Move the namespace's traffic to another profile, live: no accepted request lost or answered twice.
+
+    The `toposerve up` running the live profile does it: it starts the new profile's stages
+    (their queues unbound), has the ingress hold new requests while the old profile's queues
+    drain, stops the old stages, binds the new profile's queues, and the ingress serves it
+    (sync or async). A new profile that does not start leaves the old one serving, untouched.
+    """
+    import redis
+
+    from toposerve.deploy.lifecycle import LifecycleError, open_lifecycle, shipped_profiles, with_profile
+    from toposerve.deploy.profile import ProfileError, load_profile
+    from toposerve.deploy.swap import swap_refusal
+    from toposerve.deploy.swap_orders import OrderBook, OrderNotTaken, SwapOrder
+
+    settings = _settings(namespace)
+    new = checked_profile(to, settings)  # bad YAML, a model not in the manifest: said now, nothing touched
+
+    async def live_now() -> tuple[list[str], dict]:
+        async with open_lifecycle(settings, with_profile(shipped_profiles(), new)) as lifecycle:
+            return (await lifecycle.status()).live, await lifecycle.records()
+
+    try:
+        live, records = asyncio.run(live_now())
+    except LifecycleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    old = None
+    if len(live) == 1:
+        source = records[live[0]].source if live[0] in records else None
+        try:
+            old = load_profile(source or live[0])
+        except ProfileError:
+            old = None  # a YAML of the user's that is not here: the launcher running it knows it
+    refusal = swap_refusal(settings.namespace, live, new, old)
+    if refusal is not None:
+        raise click.ClickException(refusal)
+    book = OrderBook(settings.redis_url, settings.namespace)
+    try:
+        order = SwapOrder(to=to, from_profile=live[0], timeout_s=timeout_s)
+        busy = book.place(order)
+        if busy is not None:
+            raise click.ClickException(f"a swap of namespace {settings.namespace!r} to {busy.to!r} is in progress "
+                                       f"(ordered {busy.placed_at:%H:%M:%S} UTC); wait for it, see `toposerve status`")
+        # Each of its steps is bounded by timeout_s.
+        current = book.follow(order, taken_s, overall_s=taken_s + 4 * timeout_s + 30, say=say)
+    except OrderNotTaken:
+        raise click.ClickException(
+            f"no `toposerve up --profile {live[0]}` in namespace {settings.namespace!r} took the swap order within "
+            f"{taken_s:g} s: a live swap is carried out by the launcher that runs the live profile's processes. "
+            f"Where they run elsewhere (compose, Kubernetes), start the new profile with "
+            f"`toposerve up --profile {new.name} --replace` instead") from None
+    except TimeoutError:
+        raise click.ClickException(f"the swap to {to!r} did not finish in time; `toposerve status` shows what is "
+                                   f"live") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot place or follow the swap order in Redis "
+                                   f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        book.close()
+    if current.state == "failed":
+        raise click.ClickException(f"swap to {to!r} failed: {current.error}")
+    click.echo(f"namespace {settings.namespace}: swapped from {live[0]} to {new.name} "
+               f"({new.ingress.mode} now)")

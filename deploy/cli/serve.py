@@ -52,7 +52,10 @@ def up(profile_name: str, host: str | None, port: int | None, provision: bool, m
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics of this stage on this port (default: off)")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics port")
-def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None, metrics_host: str) -> None:
+@click.option("--standby", is_flag=True, hidden=True,
+              help="Declare the stage's queue unbound and consume it: started by a swap, which binds it")
+def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None, metrics_host: str,
+           standby: bool) -> None:
     """Run one stage replica (what a container runs)."""
     from toposerve.deploy.processes import configure_logging, install_uvloop, run_stage
 
@@ -61,9 +64,11 @@ def worker(profile_name: str, stage: str, replica: int, metrics_port: int | None
     profile = checked_profile(profile_name, settings)
     if stage not in profile.stages:
         raise click.ClickException(f"profile {profile.name!r} has no stage {stage!r}; stages: {', '.join(profile.stages)}")
-    refuse_over_another_profile(profile, settings)
+    if not standby:  # a standby stage binds nothing: the swap that started it binds when it takes over
+        refuse_over_another_profile(profile, settings)
     install_uvloop()
-    asyncio.run(run_stage(profile, stage, settings, replica, metrics_port=metrics_port, metrics_host=metrics_host))
+    asyncio.run(run_stage(profile, stage, settings, replica, metrics_port=metrics_port, metrics_host=metrics_host,
+                          standby=standby))
 
 
 @click.command()
