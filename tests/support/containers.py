@@ -309,3 +309,25 @@ def rabbitmq_image(client: Any, override: str | None) -> str:
 
 def redis_image(client: Any, override: str | None) -> str:
     return choose_image(client, override, latest("redis"), OFFICIAL_REDIS_IMAGE)
+
+
+def engine_or_skip(image: str | None = None) -> Any:
+    """A docker client for tests that run containers of their own (the product image, compose);
+    skips where no engine answers (or ``image`` is missing) - but fails under
+    $TOPOSERVE_TEST_REQUIRE_DOCKER, so a container lane cannot pass without them."""
+    import os
+
+    import docker
+    import pytest
+
+    required = os.environ.get("TOPOSERVE_TEST_REQUIRE_DOCKER", "").lower() in ("1", "true", "yes")
+    give_up = pytest.fail if required else pytest.skip
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no engine"
+        give_up(f"no Docker engine answers ({type(exc).__name__}); deploy/container_lane.sh starts one")
+    if image is not None and not _image_present(client, image):
+        client.close()
+        give_up(f"image {image} is not built here (deploy/container_lane.sh start builds it)")
+    return client
