@@ -31,7 +31,7 @@ REPOSITORY = "toposerve-local"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Bump when a build step changes in a way the recipe text below does not show.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 LATEST = "latest"
 CA_BUNDLE_IN_IMAGE = "/usr/local/share/toposerve/build-ca.pem"
 
@@ -49,9 +49,12 @@ class ImageRecipe:
     packages: tuple[str, ...]
     steps: tuple[str, ...] = ()
     needs_ca_bundle: bool = False
+    # (name in the build context, text): files the steps COPY (part of the content hash).
+    files: tuple[tuple[str, str], ...] = ()
 
     def dockerfile(self, base: str) -> str:
         lines = [f"FROM {base}", _APT_INSTALL.format(packages=" ".join(self.packages))]
+        lines += [f"COPY {name} /usr/local/bin/{name}" for name, _ in self.files]
         if self.needs_ca_bundle:
             # pip in later builds (deploy/Dockerfile) must trust what this machine trusts, e.g. a
             # proxy's CA: the host's bundle, passed in by path, never a path baked in here.
@@ -60,19 +63,49 @@ class ImageRecipe:
         return "\n".join([*lines, *self.steps]) + "\n"
 
 
+# The official images' entrypoint contract, as far as toposerve uses it (compose.yaml execs
+# `docker-entrypoint.sh SERVER ...` as root after installing its secret files): the server
+# runs as its own user, in the foreground, logging to stdout (docker logs).
+_RABBITMQ_ENTRYPOINT = """#!/bin/sh
+set -e
+if [ "$1" = rabbitmq-server ]; then
+  # The real script: /usr/sbin's wrapper sends the console output to /var/log instead.
+  shift
+  set -- /usr/lib/rabbitmq/bin/rabbitmq-server "$@"
+fi
+if [ "$(id -u)" = 0 ]; then
+  exec setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups "$@"
+fi
+exec "$@"
+"""
+_REDIS_ENTRYPOINT = """#!/bin/sh
+set -e
+if [ "$1" = redis-server ] && [ "$(id -u)" = 0 ]; then
+  chown -R redis:redis .
+  exec setpriv --reuid=redis --regid=redis --init-groups "$@"
+fi
+exec "$@"
+"""
+
 RECIPES: tuple[ImageRecipe, ...] = (
     ImageRecipe(
         name="rabbitmq",
         packages=("rabbitmq-server",),
-        # The real script, not /usr/sbin's wrapper (which su's from root); the node's ports,
-        # name and addresses come from the container's environment (tests/conftest.py).
-        steps=("USER rabbitmq", "ENV HOME=/var/lib/rabbitmq", "WORKDIR /var/lib/rabbitmq",
-               'CMD ["/usr/lib/rabbitmq/bin/rabbitmq-server"]'),
+        # The node's ports, name and addresses come from the container's environment
+        # (tests/support/containers.py); conf.d is where compose.yaml adds its settings.
+        files=(("docker-entrypoint.sh", _RABBITMQ_ENTRYPOINT),),
+        steps=("RUN install -d -o rabbitmq -g rabbitmq /etc/rabbitmq/conf.d && chmod 0755 "
+               "/usr/local/bin/docker-entrypoint.sh",
+               "ENV HOME=/var/lib/rabbitmq", "WORKDIR /var/lib/rabbitmq",
+               'ENTRYPOINT ["docker-entrypoint.sh"]', 'CMD ["rabbitmq-server"]'),
     ),
     ImageRecipe(
         name="redis",
         packages=("redis-server",),
-        steps=("USER redis", "WORKDIR /var/lib/redis",
+        files=(("docker-entrypoint.sh", _REDIS_ENTRYPOINT),),
+        # /data: the official image's work dir, where compose.yaml mounts the volume.
+        steps=("RUN install -d -o redis -g redis /data && chmod 0755 /usr/local/bin/docker-entrypoint.sh",
+               "WORKDIR /data", 'ENTRYPOINT ["docker-entrypoint.sh"]',
                'CMD ["redis-server", "--bind", "127.0.0.1", "--protected-mode", "yes"]'),
     ),
     ImageRecipe(
@@ -167,7 +200,8 @@ class Builder:
 
     def recipe_tag(self, recipe: ImageRecipe, base: str) -> str:
         ca = self._ca_digest() if recipe.needs_ca_bundle else None
-        return f"{REPOSITORY}/{recipe.name}:{_digest(RECIPE_VERSION, base, recipe.dockerfile(base), ca)}"
+        digest = _digest(RECIPE_VERSION, base, recipe.dockerfile(base), recipe.files, ca)
+        return f"{REPOSITORY}/{recipe.name}:{digest}"
 
     def _ca_digest(self) -> str:
         bundle = self.ca_bundle or host_ca_bundle()
@@ -181,6 +215,8 @@ class Builder:
             started = time.monotonic()
             with tempfile.TemporaryDirectory(prefix=f"toposerve-{recipe.name}-") as context:
                 Path(context, "Dockerfile").write_text(recipe.dockerfile(base))
+                for name, text in recipe.files:
+                    Path(context, name).write_text(text)
                 if recipe.needs_ca_bundle:
                     shutil.copyfile(self.ca_bundle or host_ca_bundle(), Path(context, "build-ca.pem"))
                 # Host networking: the engine has no bridge (docker_engine).

@@ -176,9 +176,9 @@ class ContainerService:
         except Exception as exc:  # noqa: BLE001 - a log tail is best effort, in an error message
             return f"(no logs: {exc})"
 
-    def exec(self, *command: str) -> subprocess.CompletedProcess[str]:
-        """Run ``command`` inside the container (as its user, with its environment)."""
-        code, (out, err) = self.container.get_wrapped_container().exec_run(list(command), demux=True)
+    def exec(self, *command: str, user: str = "") -> subprocess.CompletedProcess[str]:
+        """Run ``command`` inside the container (as ``user``, default the image's; its environment)."""
+        code, (out, err) = self.container.get_wrapped_container().exec_run(list(command), demux=True, user=user)
         return subprocess.CompletedProcess(list(command), int(code), (out or b"").decode(errors="replace"),
                                            (err or b"").decode(errors="replace"))
 
@@ -202,7 +202,8 @@ class RabbitMQContainer(ContainerService):
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``rabbitmqctl -n NODE ARGS`` inside the container, like RabbitMQService.ctl."""
-        return self.exec("rabbitmqctl", "-n", self.node, *args)
+        # As the node's user (official and local images alike): its cookie, no su wrapper.
+        return self.exec("rabbitmqctl", "-n", self.node, *args, user="rabbitmq")
 
 
 ServiceT = TypeVar("ServiceT", bound=ContainerService)
