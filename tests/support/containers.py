@@ -41,7 +41,7 @@ _LOG_TAIL_LINES = 40
 _STOP_TIMEOUT_S = 30
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = free_port()
@@ -232,34 +232,40 @@ def _rabbitmq_config(admin: tuple[str, str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_rabbitmq_container(image: str, definitions: dict | None = None) -> RabbitMQContainer:
-    """A RabbitMQ node in a container, on free loopback ports (AMQP, distribution, epmd,
-    management). With ``definitions`` no guest account: an admin with a random password."""
-    from testcontainers.core.container import DockerContainer
-
-    amqp, dist, epmd, management, prometheus = _free_ports(5)
-    node = f"toposerve-{secrets.token_hex(4)}@localhost"
+def rabbitmq_host_network_env(node: str, amqp: int, dist: int, epmd: int, management: int,
+                               prometheus: int) -> dict[str, str]:
+    """A RabbitMQ node's environment on host networking: its own name and ports, loopback only."""
     erl_args = (
         "-kernel inet_dist_use_interface {127,0,0,1}"
         # The official management image's listeners, else 15672/15692 on the host for everyone.
         f' -rabbitmq_management tcp_config [{{port,{management}}},{{ip,"{LOOPBACK}"}}]'
         f' -rabbitmq_prometheus tcp_config [{{port,{prometheus}}},{{ip,"{LOOPBACK}"}}]'
     )
+    return {
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+        "RABBITMQ_NODE_PORT": str(amqp),
+        "RABBITMQ_DIST_PORT": str(dist),
+        "ERL_EPMD_PORT": str(epmd),  # an epmd of its own: never the host's on 4369
+        "ERL_EPMD_ADDRESS": LOOPBACK,
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": erl_args,
+        "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+    }
+
+
+def start_rabbitmq_container(image: str, definitions: dict | None = None) -> RabbitMQContainer:
+    """A RabbitMQ node in a container, on free loopback ports (AMQP, distribution, epmd,
+    management). With ``definitions`` no guest account: an admin with a random password."""
+    from testcontainers.core.container import DockerContainer
+
+    amqp, dist, epmd, management, prometheus = free_ports(5)
+    node = f"toposerve-{secrets.token_hex(4)}@localhost"
     admin = (ADMIN_USER, secrets.token_urlsafe(18)) if definitions is not None else None
     container = (
         DockerContainer(image)
         .with_kwargs(network_mode="host")
-        .with_envs(
-            RABBITMQ_NODENAME=node,
-            RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
-            RABBITMQ_NODE_PORT=str(amqp),
-            RABBITMQ_DIST_PORT=str(dist),
-            ERL_EPMD_PORT=str(epmd),  # an epmd of its own: never the host's on 4369
-            ERL_EPMD_ADDRESS=LOOPBACK,
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=erl_args,
-            RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
-            RABBITMQ_CONFIG_FILE=f"{CONFIG_DIR}/rabbitmq.conf",
-        )
+        .with_envs(**rabbitmq_host_network_env(node, amqp, dist, epmd, management, prometheus),
+                   RABBITMQ_CONFIG_FILE=f"{CONFIG_DIR}/rabbitmq.conf")
         .with_copy_into_container(_rabbitmq_config(admin).encode(), f"{CONFIG_DIR}/rabbitmq.conf", 0o644)
     )
     if admin is not None and definitions is not None:
@@ -286,7 +292,7 @@ def start_redis_container(image: str, appendonly: bool = False, acl: list[str] |
     With ``acl`` no default user anyone can use: an admin with a random password, whom ``url`` names."""
     from testcontainers.core.container import DockerContainer
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     admin = (ADMIN_USER, secrets.token_urlsafe(18)) if acl is not None else None
     command = ["redis-server", "--bind", LOOPBACK, "--port", str(port), "--save", "",
                "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always"]
