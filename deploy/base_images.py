@@ -227,7 +227,19 @@ class Builder:
 
     def build_all(self) -> dict[str, str]:
         base = self.build_debian()
-        return {recipe.name: self.build_recipe(recipe, base) for recipe in RECIPES}
+        tags = {recipe.name: self.build_recipe(recipe, base) for recipe in RECIPES}
+        self.prune({"debian": base, **tags})
+        return tags
+
+    def prune(self, keep: dict[str, str]) -> None:
+        """Untag earlier builds of our images (a changed recipe leaves its old tags behind), so
+        the engine's data root does not grow by a few hundred MB per recipe change."""
+        for name, tag in keep.items():
+            listed = _docker("images", f"{REPOSITORY}/{name}", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+            stale = [old for old in listed if old not in (tag, latest(name))]
+            if stale:
+                _docker("image", "rm", *stale)
+                self._say(f"{name}: removed {len(stale)} earlier build(s)")
 
 
 def latest(name: str) -> str:

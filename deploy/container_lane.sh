@@ -34,6 +34,8 @@ case "${1:-}" in
     # The product image on the local Python base; the legacy builder, host networking (no bridge).
     step "product image toposerve:$version" env DOCKER_BUILDKIT=0 docker build -q --network host \
       --build-arg BASE=toposerve-local/python:latest -f deploy/Dockerfile -t "toposerve:$version" . >&2
+    # The image it replaced, and other untagged layers: this engine is ours alone.
+    docker image prune -f >/dev/null
     echo "DOCKER_HOST=$DOCKER_HOST"
     ;;
   stop)
