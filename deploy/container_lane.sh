@@ -36,6 +36,9 @@ case "${1:-}" in
       --build-arg BASE=toposerve-local/python:latest -f deploy/Dockerfile -t "toposerve:$version" . >&2
     # The image it replaced, and other untagged layers: this engine is ours alone.
     docker image prune -f >/dev/null
+    # Containers really run here (runtime, cgroups, storage, host networking), before CI commits
+    # to them (TOPOSERVE_TEST_REQUIRE_DOCKER=1): else this fails and CI falls back, saying so.
+    step "container smoke" docker run --rm --network host "toposerve:$version" profiles >/dev/null
     echo "DOCKER_HOST=$DOCKER_HOST"
     ;;
   stop)
