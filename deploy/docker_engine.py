@@ -131,19 +131,38 @@ class Engine:
         raise EngineError(f"dockerd did not answer on {self.socket} within {_READY_TIMEOUT_S:.0f} s:\n{tail}")
 
     def stop(self) -> None:
-        """SIGTERM our dockerd (it stops its containers and its containerd), SIGKILL after 30 s."""
+        """SIGTERM our dockerd (it stops its containers and its containerd), SIGKILL after 30 s;
+        then unmount what it left mounted under the state dir (seen: exec/netns/default and the
+        data root's own bind mount), so the state dir can be removed and nothing lingers."""
         pid = self.pid()
-        if pid is None:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_exit(pid, _STOP_TIMEOUT_S):
+                os.kill(pid, signal.SIGKILL)
+                _wait_exit(pid, 10.0)
+        if self.pid() is None:
+            self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        prefix = f"{self.state.resolve()}/"
+        try:
+            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        except OSError:
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        # Deepest first: the data root's bind mount holds the overlay mounts below it.
+        for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", point], capture_output=True, check=False)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _guard_allows_no_service(path: Path) -> bool:
