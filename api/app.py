@@ -15,13 +15,13 @@ from toposerve.api.batch_routes import router as batch_router
 from toposerve.api.batch_routes import submit_router
 from toposerve.api.config import IngressConfig
 from toposerve.api.errors import install_error_handlers
+from toposerve.api.fast_path import IngressApp
 from toposerve.api.ingress import Ingress
 from toposerve.api.live_profile import HandoverGate, IngressSwitch, LiveProfileSource
 from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
-from toposerve.api.predict_fast_path import IngressApp
 from toposerve.brokers import Settings
 
 

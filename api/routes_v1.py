@@ -129,7 +129,7 @@ async def predict(
 
 async def handle_predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
     """A predict request for a served ``model``, admitted: the FastAPI route and the fast path
-    (api/predict_fast_path.py) both answer with this."""
+    (api/fast_path.py) both answer with this."""
     inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None

@@ -1,4 +1,4 @@
-"""The predict fast path (api/predict_fast_path.py) answers exactly as the FastAPI route does.
+"""The predict fast path (api/fast_path.py) answers exactly as the FastAPI route does.
 
 A query string sends a request through FastAPI (``?timeout=`` with the profile's default
 changes nothing else), so each input is asked both ways and the answers compared."""
@@ -64,3 +64,38 @@ async def test_the_fast_path_keeps_the_admission_bound(sync_stack: Stack) -> Non
     shed = await sync_stack.client.post("/v1/models/iris/predict", json={"instances": [ROW]})
     sync_stack.ingress.stats.in_flight = 0
     assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
+
+
+async def test_job_reads_answer_the_same_through_the_fast_path_and_the_route(
+    async_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/jobs/{id} (and ?wait= within bounds) is answered in front of FastAPI; an extra
+    query parameter sends it through the route, so each read is asked both ways."""
+    from toposerve.api import fast_path
+
+    served: list[str] = []
+    job = fast_path._job
+
+    async def counted(ingress, match, request):
+        served.append(match.group(1))
+        return await job(ingress, match, request)
+
+    monkeypatch.setattr(fast_path, "_job", counted)
+    accepted = (await async_stack.client.post("/v1/models/iris/predict", json={"instances": [ROW]})).json()
+    done = await async_stack.client.get(accepted["location"], params={"wait": "10"})
+    assert done.status_code == 200 and done.json()["status"] == "succeeded"
+    issued_but_gone = accepted["id"][:-8] + "00000000"  # not this namespace's tag: an unknown job
+    for path, query in [(accepted["location"], {}), (accepted["location"], {"wait": "0.5"}),
+                        ("/v1/jobs/not-a-uuid", {}), (f"/v1/jobs/{issued_but_gone}", {})]:
+        fast = await async_stack.client.get(path, params=query)
+        routed = await async_stack.client.get(path, params={**query, "via": "route"})
+        assert comparable(fast) == comparable(routed), path
+    assert len(served) == 5  # the wait, and the four reads above without the extra parameter
+    for refused in ("-1", "31", "abc", "1e1", ""):
+        before = len(served)
+        answer = await async_stack.client.get(accepted["location"], params={"wait": refused})
+        if refused == "1e1":  # a number FastAPI reads (10 s): the route serves it, not the fast path
+            assert answer.status_code == 200
+        else:
+            assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request", refused
+        assert len(served) == before  # FastAPI's to answer
