@@ -85,10 +85,11 @@ class IngressApp(FastAPI):
         return None
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Matched again past the middlewares (a few microseconds): a live swap may have switched
+        # the profile meanwhile.
         route = self._fast_route(scope)
-        # Read again past the middlewares: a live swap may have switched the profile meanwhile.
-        ingress = self.state.ingress
         try:
+            ingress = self.state.ingress
             if route is None:  # its model is no longer served: the route's answer
                 ingress.manifest(_PREDICT.fullmatch(scope["path"]).group(1))  # type: ignore[union-attr]
                 raise AssertionError("a fast route that is not one")

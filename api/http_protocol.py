@@ -42,8 +42,9 @@ def guarded_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._cancel_header_timer()
             super().on_headers_complete()
-            cycle = getattr(self, "cycle", None)  # none for an upgrade (WebSocket), which is refused
-            # HEAD answers have no body bytes to wait for.
+            # The cycle uvicorn just made for this request (after an upgrade, which is refused,
+            # the previous one: already wrapped). HEAD answers have no body bytes to wait for.
+            cycle = getattr(self, "cycle", None)
             if cycle is not None and cycle.scope["method"] != "HEAD" and not isinstance(cycle.transport, HeadWithBody):
                 cycle.transport = HeadWithBody(cycle.transport)
 
@@ -52,7 +53,9 @@ def guarded_protocol(header_timeout_s: float) -> type[HttpToolsProtocol]:
             self._cancel_header_timer()
             cycle = getattr(self, "cycle", None)
             if cycle is not None and isinstance(cycle.transport, HeadWithBody):
-                cycle.transport.flush()  # a response without body bytes (HEAD, 304): its head now
+                # A safety net: uvicorn writes every body message, even an empty one, which sends
+                # the head, so nothing should be waiting here.
+                cycle.transport.flush()
             super().on_response_complete()
 
         def send_400_response(self, msg: str) -> None:

@@ -86,6 +86,12 @@ class JobRecord(BaseModel):
 
 # Write the terminal record unless one is already there (first terminal state wins),
 # and announce it, so waiting callers wake at once instead of polling.
+# Records up to this size travel in the job-done announcement (a one-row answer is ~0.5 KB);
+# larger ones (a 10,000-row job) are announced by id, and their waiters read the store:
+# every ingress process receives every announcement, and Redis drops a subscriber whose
+# output buffer grows past its limit.
+ANNOUNCED_RECORD_MAX_BYTES = 64 * 1024
+
 _FINISH_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current and not string.find(current, '"status":"pending"', 1, true) then
@@ -98,7 +104,12 @@ else
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 -- The announcement carries what a waiter needs (owner, record): it answers without a read.
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. (redis.call('GET', KEYS[2]) or '') .. '\\n' .. ARGV[1])
+-- A large record is announced by id and owner only (every listener gets every announcement).
+local record = ''
+if string.len(ARGV[1]) <= tonumber(ARGV[6]) then
+  record = ARGV[1]
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. (redis.call('GET', KEYS[2]) or '') .. '\\n' .. record)
 return 1
 """
 
@@ -152,7 +163,8 @@ class ResultStore:
         """Store a terminal record; False when the job had already ended (a redelivery)."""
         written = await self._finish(
             keys=[self.key(record.id), self.owner_key(record.id)],
-            args=[record.model_dump_json(), self.ttl_s, self.done_channel, str(record.id), record.owner or ""],
+            args=[record.model_dump_json(), self.ttl_s, self.done_channel, str(record.id), record.owner or "",
+                  ANNOUNCED_RECORD_MAX_BYTES],
         )
         return bool(written)
 

@@ -76,6 +76,7 @@ class MicroBatcher:
         self._closed = False
         self._loops: dict[str, asyncio.Task] = {}
         self._running: set[str] = set()  # models whose batch loop is between taking and answering a batch
+        self._ran_this_turn: set[str] = set()  # models a request ran inline for in this turn of the loop
         # One thread: batches for one process run one after another, which is what
         # lets the next batch fill up while this one runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
@@ -97,10 +98,14 @@ class MicroBatcher:
             queue = self._queues[model] = asyncio.Queue()
             self._loops[model] = asyncio.create_task(self._loop(model, queue), name=f"batcher-{model}")
         if self.max_batch_delay_s == 0 and queue.empty() and model not in self._running \
-                and model not in self._carry and self.runs_inline(model, len(features)):
+                and model not in self._carry and model not in self._ran_this_turn \
+                and self.runs_inline(model, len(features)):
             # No delay to wait out, nothing to batch with, and the run is cheap: run it now, in
             # the caller's turn of the event loop (no hand-over to the batch loop and back: a
-            # quarter of a millisecond at one caller). Synchronous: no request can slip in.
+            # quarter of a millisecond at one caller). Once per turn: the other requests of a
+            # burst (deliveries arrive many per turn) queue up and run as one batch.
+            self._ran_this_turn.add(model)
+            asyncio.get_running_loop().call_soon(self._ran_this_turn.discard, model)
             result = self.run_batch(model, features)
             self._count(features)
             return result

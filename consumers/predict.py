@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, published_key, utc_now
-from toposerve.consumers.batching import MicroBatcher
+from toposerve.consumers.batching import UNCALIBRATED_INLINE_ROWS, MicroBatcher
 from toposerve.consumers.metrics import StageMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
 from toposerve.models import (
@@ -62,7 +62,12 @@ class PredictStage(Stage):
         self.models = await asyncio.to_thread(self.registry.load_all, self.model_names)
         size = self.batcher.max_batch_size
         for name, loaded in self.models.items():
-            one, full = await asyncio.to_thread(lambda m=loaded: (m.seconds_per_run(1), m.seconds_per_run(size)))
+            try:
+                one, full = await asyncio.to_thread(lambda m=loaded: (m.seconds_per_run(1), m.seconds_per_run(size)))
+            except Exception as exc:  # noqa: BLE001 - a model that serves but cannot be timed keeps the default
+                log.warning("model %s could not be timed (%s); batches up to %d rows run on the event loop",
+                            name, exc, UNCALIBRATED_INLINE_ROWS)
+                continue
             rows = self.batcher.calibrate(name, one, full)
             log.info("model %s: %.0f us for 1 row, %.0f us for %d; batches up to %d rows run on the event loop",
                      name, one * 1e6, full * 1e6, size, rows)

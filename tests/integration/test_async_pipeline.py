@@ -186,3 +186,36 @@ async def test_a_long_poll_is_answered_from_the_stores_announcement_without_a_se
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
         assert answer.json()["predictions"][0]["label"] == "setosa"
         assert len(reads) == 1  # answered from the announcement
+
+
+async def test_a_large_record_is_announced_by_id_and_its_long_poll_reads_the_store(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records past ANNOUNCED_RECORD_MAX_BYTES are announced without their record (every
+    ingress process receives every announcement): the waiter reads the store instead."""
+    from toposerve.brokers import results
+
+    monkeypatch.setattr(results, "ANNOUNCED_RECORD_MAX_BYTES", 1_000)  # the store runs in this process
+    rows = IRIS_ROWS * 10  # 30 rows: a record of a few KiB
+    async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
+        response = await stack.client.post("/v1/models/iris/predict", json={"instances": rows})
+        assert response.status_code == 202, response.text
+        reads: list[uuid.UUID] = []
+        get_for = stack.ingress.results.get_for
+
+        async def counted(job_id: uuid.UUID, reader: str | None, reads=reads, get_for=get_for):
+            reads.append(job_id)
+            return await get_for(job_id, reader)
+
+        stack.ingress.results.get_for = counted  # type: ignore[method-assign]
+        waiting = asyncio.create_task(stack.client.get(response.headers["location"], params={"wait": 10}))
+        await asyncio.sleep(0.3)
+        predict = build_stage_runner(stack.profile, "predict", settings)
+        await predict.start()
+        try:
+            answer = await asyncio.wait_for(waiting, 10)
+        finally:
+            await predict.drain_and_close()
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == len(rows)
+        assert len(answer.content) > 1_000
+        assert len(reads) == 2  # the pending record, then the finished one after the bare announcement

@@ -84,9 +84,9 @@ async def test_job_reads_answer_the_same_through_the_fast_path_and_the_route(
     accepted = (await async_stack.client.post("/v1/models/iris/predict", json={"instances": [ROW]})).json()
     done = await async_stack.client.get(accepted["location"], params={"wait": "10"})
     assert done.status_code == 200 and done.json()["status"] == "succeeded"
-    issued_but_gone = accepted["id"][:-8] + "00000000"  # not this namespace's tag: an unknown job
+    unknown = accepted["id"][:-8] + "00000000"  # not this namespace's tag: an unknown job
     for path, query in [(accepted["location"], {}), (accepted["location"], {"wait": "0.5"}),
-                        ("/v1/jobs/not-a-uuid", {}), (f"/v1/jobs/{issued_but_gone}", {})]:
+                        ("/v1/jobs/not-a-uuid", {}), (f"/v1/jobs/{unknown}", {})]:
         fast = await async_stack.client.get(path, params=query)
         routed = await async_stack.client.get(path, params={**query, "via": "route"})
         assert comparable(fast) == comparable(routed), path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ from toposerve.api.auth import ApiKeys, RateLimiter, key_file_line
 from toposerve.brokers.batches import BatchStore
 from toposerve.brokers.connections import PublishRefused, connect_redis
 from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import build_stage_runner
 
 ALICE = "alice-key-0123456789"  # TOPOSERVE_API_KEYS (plain, development)
 BOB = "bob-key-9876543210"  # TOPOSERVE_API_KEYS_FILE (hashed)
@@ -275,3 +277,23 @@ async def test_reading_another_keys_job_reveals_nothing_more_than_an_unknown_id(
     # The owner is checked in Redis, before the record is fetched: nothing of it is read.
     assert await secured_stack.results.get_for(uuid.UUID(job), "bob") is None
     assert (await secured_stack.results.get_for(uuid.UUID(job), "env-1")).id == uuid.UUID(job)
+
+
+async def test_a_key_waiting_on_another_keys_job_is_not_answered_by_its_announcement(secured: Settings) -> None:
+    """The store's job-done announcement carries the record: a long poll by another key must
+    still end as for an unknown id (404), while the owner's own long poll is answered."""
+    async for stack in start_stack(secured, "asynchronous", stages=["preprocess", "store"]):
+        client = stack.client
+        job_id = (await client.post("/v1/models/iris/predict", json=IRIS, headers=bearer(ALICE))).json()["id"]
+        bobs = asyncio.create_task(client.get(f"/v1/jobs/{job_id}?wait=3", headers={"X-API-Key": BOB}))
+        alices = asyncio.create_task(client.get(f"/v1/jobs/{job_id}?wait=10", headers=bearer(ALICE)))
+        await asyncio.sleep(0.3)  # both wait on the pending job
+        predict = build_stage_runner(stack.profile, "predict", secured)
+        await predict.start()
+        try:
+            alice_answer = await asyncio.wait_for(alices, 10)
+            bob_answer = await asyncio.wait_for(bobs, 10)
+        finally:
+            await predict.drain_and_close()
+        assert alice_answer.status_code == 200 and alice_answer.json()["status"] == "succeeded"
+        assert bob_answer.status_code == 404 and bob_answer.json()["error"]["code"] == "unknown_job"

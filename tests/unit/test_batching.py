@@ -272,3 +272,14 @@ async def test_a_lone_cheap_request_runs_in_its_callers_turn_without_the_batch_l
     await asyncio.sleep(0)
     assert not waiting.done()  # a delay is the profile's to wait out, for companions to join
     assert (await asyncio.wait_for(waiting, 5))[0].tolist() == [1]
+
+
+async def test_a_burst_of_cheap_requests_in_one_turn_runs_as_one_batch_after_the_first(make_batcher) -> None:
+    """The inline shortcut is taken once per turn of the loop: the rest of a burst (deliveries
+    arrive many per turn) queue up and run together, as batching promises."""
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_delay_ms=0, inline_max_rows=None)
+    batcher.calibrate("iris", 5e-6, 8e-6)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit("iris", rows(i)) for i in range(10))), 5)
+    assert [labels.tolist() for labels, _ in results] == [[i] for i in range(10)]
+    assert model.sizes("iris") == [1, 9]  # the first alone, at once; the other nine as one batch
