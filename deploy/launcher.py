@@ -164,17 +164,21 @@ class Supervisor:
     def stop(self, names_in_order: list[list[str]], timeout_s: float) -> None:
         self.stopping = True
         for group in names_in_order:
-            processes = [c.process for c in self.children if c.name in group and c.process is not None]
-            for process in processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            for process in processes:
-                try:
-                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate([c for c in self.children if c.name in group], timeout_s)
+
+
+def terminate(children: list[Child], timeout_s: float) -> None:
+    """SIGTERM (a stage drains what it holds, then exits); killed past ``timeout_s``."""
+    running = [c.process for c in children if c.process is not None and c.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 TOPOSERVE = [sys.executable, "-m", "toposerve"]

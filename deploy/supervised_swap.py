@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 
 import redis
 
 from toposerve.brokers import Settings
-from toposerve.deploy.launcher import STANDBY, Child, Supervisor, stage_children
+from toposerve.deploy.launcher import STANDBY, Child, Supervisor, stage_children, terminate
 from toposerve.deploy.profile import Profile
 from toposerve.deploy.swap import carry_out
 from toposerve.deploy.swap_orders import OrderBook, SwapOrder
@@ -29,20 +27,6 @@ log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 # How often the supervision loop looks for an order (one Redis GET).
 ORDER_POLL_S = 0.5
-
-
-def terminate(children: list[Child], timeout_s: float) -> None:
-    """SIGTERM (a stage drains what it holds, then exits); killed past ``timeout_s``."""
-    running = [c.process for c in children if c.process is not None and c.process.poll() is None]
-    for process in running:
-        process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for process in running:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class SupervisedStages:

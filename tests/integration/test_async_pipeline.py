@@ -160,32 +160,41 @@ async def test_waiting_for_a_direct_publish_waits_for_its_record_to_appear(setti
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
 
 
+async def long_poll_counting_reads(stack: Stack, settings: Settings, rows: list[list[float]]):
+    """Submit ``rows``, long-poll the job while no predict stage runs, then start one: the
+    answer, and how many reads of the store the poll made before and after the prediction."""
+    response = await stack.client.post("/v1/models/iris/predict", json={"instances": rows})
+    assert response.status_code == 202, response.text
+    reads: list[uuid.UUID] = []
+    get_for = stack.ingress.results.get_for
+
+    async def counted(job_id: uuid.UUID, reader: str | None):
+        reads.append(job_id)
+        return await get_for(job_id, reader)
+
+    stack.ingress.results.get_for = counted  # type: ignore[method-assign]
+    waiting = asyncio.create_task(stack.client.get(response.headers["location"], params={"wait": 10}))
+    await asyncio.sleep(0.3)  # the poll read the pending record and waits
+    assert not waiting.done()
+    before = len(reads)
+    predict = build_stage_runner(stack.profile, "predict", settings)
+    await predict.start()
+    try:
+        answer = await asyncio.wait_for(waiting, 10)
+    finally:
+        await predict.drain_and_close()
+    return answer, before, len(reads)
+
+
 async def test_a_long_poll_is_answered_from_the_stores_announcement_without_a_second_read(settings: Settings) -> None:
     """The store announces a job's end with its record (written in the same script), so a caller
     waiting on ?wait= is answered from it: one read of the store per long poll, not two."""
     async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
-        response = await stack.client.post("/v1/models/iris/predict", json={"instances": IRIS_ROWS[:1]})
-        assert response.status_code == 202
-        reads: list[uuid.UUID] = []
-        get_for = stack.ingress.results.get_for
-
-        async def counted(job_id: uuid.UUID, reader: str | None, reads=reads, get_for=get_for):
-            reads.append(job_id)
-            return await get_for(job_id, reader)
-
-        stack.ingress.results.get_for = counted  # type: ignore[method-assign]
-        waiting = asyncio.create_task(stack.client.get(response.headers["location"], params={"wait": 10}))
-        await asyncio.sleep(0.3)  # the poll read the pending record and waits
-        assert len(reads) == 1 and not waiting.done()
-        predict = build_stage_runner(stack.profile, "predict", settings)
-        await predict.start()
-        try:
-            answer = await asyncio.wait_for(waiting, 10)
-        finally:
-            await predict.drain_and_close()
+        answer, before, after = await long_poll_counting_reads(stack, settings, IRIS_ROWS[:1])
+        assert before == 1
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
         assert answer.json()["predictions"][0]["label"] == "setosa"
-        assert len(reads) == 1  # answered from the announcement
+        assert after == 1  # answered from the announcement
 
 
 async def test_a_large_record_is_announced_by_id_and_its_long_poll_reads_the_store(
@@ -198,24 +207,7 @@ async def test_a_large_record_is_announced_by_id_and_its_long_poll_reads_the_sto
     monkeypatch.setattr(results, "ANNOUNCED_RECORD_MAX_BYTES", 1_000)  # the store runs in this process
     rows = IRIS_ROWS * 10  # 30 rows: a record of a few KiB
     async for stack in start_stack(settings, "asynchronous", stages=["preprocess", "store"]):
-        response = await stack.client.post("/v1/models/iris/predict", json={"instances": rows})
-        assert response.status_code == 202, response.text
-        reads: list[uuid.UUID] = []
-        get_for = stack.ingress.results.get_for
-
-        async def counted(job_id: uuid.UUID, reader: str | None, reads=reads, get_for=get_for):
-            reads.append(job_id)
-            return await get_for(job_id, reader)
-
-        stack.ingress.results.get_for = counted  # type: ignore[method-assign]
-        waiting = asyncio.create_task(stack.client.get(response.headers["location"], params={"wait": 10}))
-        await asyncio.sleep(0.3)
-        predict = build_stage_runner(stack.profile, "predict", settings)
-        await predict.start()
-        try:
-            answer = await asyncio.wait_for(waiting, 10)
-        finally:
-            await predict.drain_and_close()
+        answer, before, after = await long_poll_counting_reads(stack, settings, rows)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == len(rows)
         assert len(answer.content) > 1_000
-        assert len(reads) == 2  # the pending record, then the finished one after the bare announcement
+        assert (before, after) == (1, 2)  # the pending record, then the finished one after the bare announcement

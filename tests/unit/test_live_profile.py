@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.support.scripted_pubsub import ScriptedPubSub
 from toposerve.api.config import IngressConfig, IngressSpec
 from toposerve.api.errors import ApiError
 from toposerve.api.live_profile import IngressSwitch, LiveProfile
@@ -150,25 +151,6 @@ def test_stages_drain_upstream_first() -> None:
     order = sorted(group.stages, key=lambda name: drain_rank(group.stages[name].kind))
     assert order[0] == "preprocess" and order[-2:] == ["aggregate", "store"]
     assert drain_rank("something_new") == len(DRAIN_ORDER)
-
-
-class ScriptedPubSub:
-    """What a Redis subscription hands out, scripted: (swap id, process) acknowledgements."""
-
-    def __init__(self, messages: list[str]) -> None:
-        self.messages = list(messages)
-
-    async def subscribe(self, channel: str) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-    async def get_message(self, timeout: float) -> dict | None:
-        if self.messages:
-            return {"type": "message", "data": self.messages.pop(0).encode()}
-        await asyncio.sleep(min(timeout, 0.01))
-        return None
 
 
 async def test_a_handover_counts_processes_not_messages() -> None:

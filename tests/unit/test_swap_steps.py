@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.support.scripted_pubsub import ScriptedPubSub
 from toposerve.deploy.lifecycle import ProfileRecord, QueueRecord, QueueStatus, profile_queues
 from toposerve.deploy.profile import Profile, load_profile
 from toposerve.deploy.swap import ProfileSwap, SwapFailed
@@ -53,20 +54,6 @@ class FakeLifecycle:
             del self.depths[name]
         self.log.append(f"delete {len(gone)} queues")
         return gone
-
-
-class ScriptedPubSub:
-    def __init__(self, messages: list[str]) -> None:
-        self.messages = list(messages)
-
-    async def subscribe(self, channel: str) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-    async def get_message(self, timeout: float) -> dict | None:
-        return {"type": "message", "data": self.messages.pop(0).encode()} if self.messages else None
 
 
 class FakeRedis:
