@@ -2,14 +2,18 @@
 
 One hash per job: ``part:<member>`` holds each member's answer (first write wins,
 so a redelivered part changes nothing), ``tick`` marks that the timeout tick was
-scheduled, ``result`` the combined answer once decided (first decision wins, so a
-join finished twice publishes the same answer twice, which the store and the
-reply path ignore).
+scheduled, ``result`` the combined answer once decided and ``decider`` which input
+decided it (first decision wins). Only the decider publishes the answer: a join
+that several inputs see complete (the last parts on two replicas at once, then the
+timeout tick) is announced once. The decider is named by what it is (``part:<member>``
+or ``tick``), not by a delivery, so a redelivery of the deciding message (it failed
+before its publish was confirmed) decides "again" and publishes, as at-least-once needs.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import NamedTuple
 
 import redis.asyncio as redis
 
@@ -20,6 +24,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {added, first}
 """
 
+_DECIDE = """
+redis.call('HSETNX', KEYS[1], 'result', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'decider', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HMGET', KEYS[1], 'result', 'decider')
+"""
+
+
+class Decision(NamedTuple):
+    answer: str  # the kept combined answer (JSON)
+    ours: bool  # this input decided it, so this input publishes it
+
 
 class JoinStore:
     def __init__(self, client: redis.Redis, namespace: str, ttl_s: int) -> None:
@@ -27,6 +43,7 @@ class JoinStore:
         self.namespace = namespace
         self.ttl_s = ttl_s
         self._add = client.register_script(_ADD_PART)
+        self._decide = client.register_script(_DECIDE)
 
     def key(self, job_id: uuid.UUID) -> str:
         return f"{self.namespace}:join:{job_id}"
@@ -40,12 +57,7 @@ class JoinStore:
         fields = await self.client.hgetall(self.key(job_id))
         return {k.decode()[5:]: v.decode() for k, v in fields.items() if k.startswith(b"part:")}
 
-    async def decide(self, job_id: uuid.UUID, result: str) -> str:
-        """Keep the first combined answer for this job and return whichever was kept."""
-        key = self.key(job_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "result", result)
-            pipe.hget(key, "result")
-            pipe.expire(key, self.ttl_s)
-            _, kept, _ = await pipe.execute()
-        return kept.decode()
+    async def decide(self, job_id: uuid.UUID, result: str, decider: str) -> Decision:
+        """Keep the first combined answer for this job; say whether ``decider`` is the one that decided."""
+        kept, by = await self._decide(keys=[self.key(job_id)], args=[result, decider, self.ttl_s])
+        return Decision(kept.decode(), by.decode() == decider)

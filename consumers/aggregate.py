@@ -134,6 +134,8 @@ class AggregateStage(Stage):
         if not timed_out and len(parts) < len(self.members):
             return outputs
         combined = combine(message, self.members, self.species, parts, self.name, self.partial_answers)
-        kept = await self.joins.decide(message.id, combined.model_dump_json())
-        outputs.append(outgoing(decode_terminal(kept.encode())))
+        decider = "tick" if timed_out else f"part:{message.part}"
+        decision = await self.joins.decide(message.id, combined.model_dump_json(), decider)
+        if decision.ours:  # another input decided and publishes (or its redelivery will)
+            outputs.append(outgoing(decode_terminal(decision.answer.encode())))
         return outputs

@@ -14,6 +14,8 @@ import pytest
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_load_shedding import variant
 from tests.integration.test_sync_profiles import Gate
+from tests.support.spy import spy_queue
+from toposerve.brokers import JoinStore, connect_redis
 from toposerve.brokers.messages import Prediction, RowPrediction
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.topology import exchange_name
@@ -49,7 +51,25 @@ async def test_all_parts_join_into_one_answer(group_stack: Stack) -> None:
     assert described["labels"] == ["setosa", "versicolor", "virginica"]
 
 
-async def test_a_slow_part_past_the_join_timeout_leaves_a_partial_answer(group_stack: Stack) -> None:
+async def published(queue: aio_pika.abc.AbstractQueue) -> list[str]:
+    """The group's answers (``prediction.<group>`` or ``failure.<group>``) the spy queue holds now."""
+    keys = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        keys.append(message.routing_key)  # the spy also sees request.*, join-wait.* and join.*
+    return [key for key in keys if key.split(".")[0] in {"prediction", "failure"}]
+
+
+async def test_a_join_is_announced_once_though_its_parts_and_its_timeout_tick_each_see_it_complete(
+        group_stack: Stack, settings: Settings) -> None:
+    async with spy_queue(settings, "*.iris_species") as spy:
+        record = await job(group_stack, await group_stack.client.post(GROUP, json={"instances": ROWS}))
+        assert record["status"] == "succeeded" and record["partial"] is False
+        await asyncio.sleep(3)  # past the 2 s join timeout: the tick has come back and found the join decided
+        assert group_stack.runners["aggregate"].stats.handled == 4  # three parts and the tick
+        assert await published(spy) == ["prediction.iris_species"]
+
+
+async def test_a_slow_part_past_the_join_timeout_leaves_a_partial_answer(group_stack: Stack, settings: Settings) -> None:
     gate = Gate(group_stack, "predict_virginica")
     gate.close()
     started = time.monotonic()
@@ -63,8 +83,10 @@ async def test_a_slow_part_past_the_join_timeout_leaves_a_partial_answer(group_s
     # It says it is partial, and the missing member's probability is null, not an invented 0.
     assert record["partial"] is True
     assert record["predictions"][0]["probabilities"][2] is None
-    gate.open()
-    await asyncio.sleep(0.5)  # the late part arrives: the answer does not change
+    async with spy_queue(settings, "*.iris_species") as spy:
+        gate.open()
+        await asyncio.sleep(0.5)  # the late part arrives: the answer does not change, nor is it announced again
+        assert await published(spy) == []
     again = (await group_stack.client.get(f"/v1/jobs/{record['id']}")).json()
     assert again["parts"]["iris_virginica"]["status"] == "missing"
 
@@ -152,3 +174,17 @@ async def test_sync_mode_answers_the_joined_prediction(settings: Settings, tmp_p
 async def test_a_bad_group_request_is_a_4xx(group_stack: Stack) -> None:
     response = await group_stack.client.post(GROUP, json={"instances": [[1, 2, 3]]})
     assert response.status_code == 422 and "expects 4" in response.json()["error"]["message"]
+
+
+async def test_the_deciding_input_redelivered_publishes_again_and_no_other_input_does(settings: Settings) -> None:
+    # At-least-once: the message that decided a join may fail before its publish is confirmed;
+    # its redelivery must publish the kept answer, while any other input that sees it decided must not.
+    joins = JoinStore(connect_redis(settings.redis_url), settings.namespace, ttl_s=60)
+    job_id = uuid.uuid4()
+    try:
+        assert await joins.decide(job_id, '{"first": 1}', "part:iris_virginica") == ('{"first": 1}', True)
+        assert await joins.decide(job_id, '{"second": 2}', "tick") == ('{"first": 1}', False)
+        assert await joins.decide(job_id, '{"second": 2}', "part:iris_setosa") == ('{"first": 1}', False)
+        assert await joins.decide(job_id, '{"again": 3}', "part:iris_virginica") == ('{"first": 1}', True)
+    finally:
+        await joins.client.aclose()

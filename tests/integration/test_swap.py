@@ -155,21 +155,18 @@ async def swaps_under_load(settings: Settings, tmp_path: Path, old: str, targets
     return tally, seen, runs, up
 
 
-def assert_every_request_counted(tally: LoadTally, seen: collections.Counter, up: RunningProfile,
-                                 announced_again: frozenset[str] = frozenset()) -> None:
-    """``announced_again``: keys an aggregate publishes its kept decision under each time it
-    decides (the full set of parts, then the join timeout): the same answer, more than once."""
+def assert_every_request_counted(tally: LoadTally, seen: collections.Counter, up: RunningProfile) -> None:
     assert tally.errors == [], (tally.errors[:5], up.log()[-4000:])
     assert set(tally.statuses) <= {200, 202, 404}, tally.statuses
     ids = tally.answered + tally.accepted
     assert len(ids) == len(set(ids))  # every caller got its own job
     # No prediction or failure published twice (a model group's parts each have a key of their own).
-    assert [key for key, n in seen.items() if n > 1 and key[1] not in announced_again] == []
-    # Each accepted job ended: a terminal message under its model's own key (once, but for a group's).
+    assert [key for key, n in seen.items() if n > 1] == []
+    # Each accepted job ended: one terminal message under its model's own key (a group's too:
+    # only the input that decided its join publishes the answer).
     finals = collections.Counter(i for i, key in seen if key.count(".") == 1)
     assert [i for i in tally.accepted if finals[i] == 0] == []
-    assert [(i, key) for (i, key), n in seen.items() if key.count(".") == 1 and key not in announced_again
-            and n != 1] == []
+    assert [(i, key) for (i, key), n in seen.items() if key.count(".") == 1 and n != 1] == []
 
 
 def broken_profile(tmp_path: Path) -> Path:
@@ -234,7 +231,7 @@ async def test_swap_asynchronous_to_horizontal_microservice_under_load(settings:
     try:
         assert swapped.code == 0, swapped.err + up.log()[-4000:]
         # Each member predicted each group job once (its part's key), the plain model's jobs once.
-        assert_every_request_counted(tally, seen, up, announced_again=frozenset({"prediction.iris_species"}))
+        assert_every_request_counted(tally, seen, up)
         assert set(tally.between(0, swapped.started)) == {(202, "iris"), (404, "iris_species")}
         assert set(tally.between(swapped.ended, time.monotonic())) == {(202, "iris_species"), (404, "iris")}
     finally:
