@@ -113,7 +113,9 @@ def test_up_restarts_a_stage_that_dies(amqp_url: str, redis_url: str, namespace:
             time.sleep(0.1)
         base = up.base_url
         response = httpx.post(f"{base}/v1/models/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
-        job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 20}).json()
+        # The long poll may take its whole 20 s (the restarted stage starting on a loaded machine):
+        # the client must wait longer than the server does (httpx reads for 5 s by default).
+        job = httpx.get(f"{base}{response.headers['location']}", params={"wait": 20}, timeout=30).json()
         assert job["status"] == "succeeded"
     finally:
         up.stop()
