@@ -14,6 +14,7 @@ import orjson
 
 from tests.integration.conftest import Stack
 from tests.integration.test_sync_profiles import Gate
+from tests.support.faults import wait_for_condition
 from tests.support.spy import spy_queue
 from toposerve.brokers import Features, JobSlice, decode_reply, utc_now
 from toposerve.brokers.topology import exchange_name
@@ -125,10 +126,10 @@ async def test_a_coalesced_message_whose_slices_do_not_add_up_is_refused_whole_a
         assert answers[0].code == "invalid_message" and "add up to 2; the tensor has 3" in answers[0].message
         assert await failures.get(timeout=5, fail=False) is None  # no job of the message was taken as ended
     # Not asserted at once: the stage may count the dead letter after its reply reached us (failed once in CI).
-    for _ in range(50):
-        if sync_stack.runners["predict"].stats.dead_lettered:
-            break
-        await asyncio.sleep(0.1)
+    async def counted() -> bool:
+        return sync_stack.runners["predict"].stats.dead_lettered > 0
+
+    await wait_for_condition(counted, timeout=5)
     assert sync_stack.runners["predict"].stats.dead_lettered == 1
     response = await sync_stack.client.post("/v1/models/iris/predict", json={"instances": [ROWS["virginica"]]})
     assert response.status_code == 200 and response.json()["predictions"][0]["label"] == "virginica"
