@@ -26,8 +26,17 @@ from toposerve.models.registry import (
     ModelRegistry,
     file_sha256,
     load_manifests,
+    open_model,
 )
 from toposerve.models.tensors import TensorError, decode_tensor, encode_tensor
+from toposerve.models.versions import (
+    VERSION_PATTERN,
+    collect_versions,
+    read_version_manifest,
+    signature_problems,
+    version_file_name,
+    version_manifest_paths,
+)
 
 __all__ = [
     "DirectorySource",
@@ -42,6 +51,13 @@ __all__ = [
     "ModelRegistry",
     "RedisSource",
     "TensorError",
+    "VERSION_PATTERN",
+    "collect_versions",
+    "open_model",
+    "read_version_manifest",
+    "signature_problems",
+    "version_file_name",
+    "version_manifest_paths",
     "check_features",
     "check_image_header",
     "check_item_id",

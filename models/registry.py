@@ -11,71 +11,21 @@ import hashlib
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, Field
 
-
-class TabularPreprocessing(BaseModel):
-    kind: Literal["tabular"] = "tabular"
-
-
-class ImagePreprocessing(BaseModel):
-    """How images become features; must match how the model was trained."""
-
-    kind: Literal["image"] = "image"
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
-    mode: Literal["L"] = "L"
-    resample: Literal["box", "bilinear", "nearest", "lanczos"] = "box"
-    scale: float = Field(gt=0, description="feature = pixel (0..255) * scale")
-    invert: bool = False
-
-
-Preprocessing = Annotated[TabularPreprocessing | ImagePreprocessing, Field(discriminator="kind")]
-
-
-class InputSpec(BaseModel):
-    name: str
-    dtype: Literal["float32"]
-    shape: list[int | None]
-    features: list[str]
-
-
-class ModelManifest(BaseModel):
-    name: str
-    version: str
-    file: str
-    sha256: str
-    description: str = ""
-    input: InputSpec
-    outputs: dict[str, str]
-    labels: list[str]
-    preprocessing: Preprocessing
-    metrics: dict[str, float | int] = Field(default_factory=dict)
-    training: dict[str, object] = Field(default_factory=dict)
-
-    @property
-    def n_features(self) -> int:
-        return len(self.input.features)
-
-
-class Manifest(BaseModel):
-    models: dict[str, ModelManifest]
-
-
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def load_manifests(models_dir: Path) -> dict[str, ModelManifest]:
-    path = models_dir / "manifest.json"
-    try:
-        return Manifest.model_validate_json(path.read_bytes()).models
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read the model manifest {path}: {exc}") from exc
+from toposerve.models.manifests import (  # noqa: F401 - re-exported: the registry is where callers look
+    ImagePreprocessing,
+    InputSpec,
+    Manifest,
+    ModelLoadError,
+    ModelManifest,
+    Preprocessing,
+    TabularPreprocessing,
+    load_manifests,
+)
+from toposerve.models.versions import collect_versions, read_version_manifest, version_manifest_paths
 
 
 def file_sha256(path: Path) -> str:
@@ -113,39 +63,62 @@ class LoadedModel:
 
 
 class ModelRegistry:
+    """Every version of every model in ``models_dir``; ``load`` opens (and sha256-checks) one, once."""
+
     def __init__(self, models_dir: Path, intra_op_threads: int = 1) -> None:
         self.models_dir = models_dir
         self.intra_op_threads = intra_op_threads
-        self._loaded: dict[str, LoadedModel] = {}
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
 
     @cached_property
     def manifests(self) -> dict[str, ModelManifest]:
+        """Each model's first version (the one ``manifest.json`` describes)."""
         return load_manifests(self.models_dir)
 
-    def manifest(self, name: str) -> ModelManifest | None:
-        return self.manifests.get(name)
+    @cached_property
+    def versions(self) -> dict[str, dict[str, ModelManifest]]:
+        """Model name -> version -> manifest: ``manifest.json`` and the ``<name>@<version>.json`` files."""
+        return collect_versions(self.manifests, [read_version_manifest(p) for p in version_manifest_paths(self.models_dir)])
 
-    def load(self, name: str) -> LoadedModel:
-        if name in self._loaded:
-            return self._loaded[name]
-        manifest = self.manifests.get(name)
+    def manifest(self, name: str, version: str | None = None) -> ModelManifest | None:
+        if version is None:
+            return self.manifests.get(name)
+        return self.versions.get(name, {}).get(version)
+
+    def load(self, name: str, version: str | None = None) -> LoadedModel:
+        manifest = self.manifest(name, version)
         if manifest is None:
-            raise ModelLoadError(f"model {name!r} is not in {self.models_dir / 'manifest.json'}")
-        path = self.models_dir / manifest.file
-        if not path.is_file():
-            raise ModelLoadError(f"model file {path} is missing")
-        actual = file_sha256(path)
-        if actual != manifest.sha256:
-            raise ModelLoadError(f"model file {path} has sha256 {actual}, the manifest says {manifest.sha256}")
-        options = ort.SessionOptions()
-        # Stages are separate processes on few cores: one thread each avoids oversubscription.
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        loaded = LoadedModel(manifest, session)
-        self._loaded[name] = loaded
-        return loaded
+            known = sorted(self.versions.get(name, {}))
+            raise ModelLoadError(f"model {name!r} has no version {version!r} in {self.models_dir} (versions: {known})"
+                                 if version is not None and known else
+                                 f"model {name!r} is not in {self.models_dir / 'manifest.json'}")
+        key = (manifest.name, manifest.version)
+        if key not in self._loaded:
+            self._loaded[key] = open_model(self.models_dir, manifest, self.intra_op_threads)
+        return self._loaded[key]
 
     def load_all(self, names: list[str]) -> dict[str, LoadedModel]:
         return {name: self.load(name) for name in names}
+
+    def load_versions(self, name: str, versions: list[str]) -> dict[str, LoadedModel]:
+        return {version: self.load(name, version) for version in versions}
+
+
+def open_model(models_dir: Path, manifest: ModelManifest, intra_op_threads: int = 1) -> LoadedModel:
+    """An ONNX Runtime session for ``manifest``'s file, refused unless the file is there and has its sha256."""
+    path = models_dir / manifest.file
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} is missing")
+    actual = file_sha256(path)
+    if actual != manifest.sha256:
+        raise ModelLoadError(f"model file {path} has sha256 {actual}, the manifest says {manifest.sha256}")
+    options = ort.SessionOptions()
+    # Stages are separate processes on few cores: one thread each avoids oversubscription.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a file it cannot load
+        raise ModelLoadError(f"model file {path} does not load in ONNX Runtime: {exc}") from exc
+    return LoadedModel(manifest, session)

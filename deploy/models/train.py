@@ -46,8 +46,10 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits, load_iris
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
+from sklearn.naive_bayes import GaussianNB
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from sklearn.svm import SVC
@@ -174,6 +176,24 @@ def digits_accurate_pipeline() -> Pipeline:
     return Pipeline([("calibrated_svc", CalibratedClassifierCV(svc, method="sigmoid", cv=5, ensemble=False))])
 
 
+def iris_naive_bayes() -> Pipeline:
+    # A different kind of estimator than version 2 (generative, axis-aligned Gaussians), so the two
+    # versions disagree near the class borders: what a canary or a shadow comparison shows.
+    return Pipeline([("naive_bayes", GaussianNB())])
+
+
+def digits_fast_pca_pipeline() -> Pipeline:
+    # Version 2 of digits_fast: the scaled pixels projected on 24 principal components first,
+    # a smaller logistic regression on fewer inputs.
+    return Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            ("pca", PCA(n_components=24, svd_solver="full", random_state=RANDOM_STATE)),
+            ("logreg", LogisticRegression(max_iter=1000, random_state=RANDOM_STATE)),
+        ]
+    )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -188,6 +208,13 @@ class ModelSpec:
     # of the iris models and digits_accurate were RBF SVCs whose label could contradict
     # their probabilities; version 2 replaced them.
     version: str = "1"
+    # The first version of a model is described in manifest.json as <name>.onnx; every later one
+    # (VERSION_SPECS) is a pair of files of its own, <name>@<version>.onnx and .json.
+    extra_version: bool = False
+
+    @property
+    def file_stem(self) -> str:
+        return f"{self.name}@{self.version}" if self.extra_version else self.name
 
 
 def _iris_binary_spec(index: int) -> ModelSpec:
@@ -240,6 +267,37 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         build=digits_accurate_pipeline,
         target=identity_target,
         version="2",
+    ),
+)
+
+
+# Further versions of served models, side by side with the ones above (toposerve serves them as
+# canaries, shadows, or after a promotion): same input, labels and preprocessing, other estimator.
+VERSION_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="iris",
+        description="Iris species from 4 flower measurements in cm (Gaussian naive Bayes)",
+        split="iris",
+        labels=IRIS_LABELS,
+        features=IRIS_FEATURES,
+        preprocessing=TABULAR_PREPROCESSING,
+        build=iris_naive_bayes,
+        target=identity_target,
+        version="3",
+        extra_version=True,
+    ),
+    ModelSpec(
+        name="digits_fast",
+        description="Handwritten digit 0-9 from an 8x8 greyscale image; small and fast "
+                    "(StandardScaler + PCA(24) + LogisticRegression)",
+        split="digits",
+        labels=DIGIT_LABELS,
+        features=DIGIT_FEATURES,
+        preprocessing=DIGITS_PREPROCESSING,
+        build=digits_fast_pca_pipeline,
+        target=identity_target,
+        version="2",
+        extra_version=True,
     ),
 )
 
@@ -391,7 +449,7 @@ def manifest_entry(trained: TrainedModel, split: Split) -> dict[str, Any]:
     return {
         "name": spec.name,
         "version": spec.version,
-        "file": f"{spec.name}.onnx",
+        "file": f"{spec.file_stem}.onnx",
         "sha256": trained.sha256,
         "description": spec.description,
         "input": {
@@ -437,23 +495,27 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
 
 
 def train_all(out_dir: Path) -> dict[str, Any]:
-    """Train every model, write ``<name>.onnx`` and the manifest to out_dir; return the manifest."""
+    """Train every model, write ``<name>.onnx`` and the manifest to out_dir (and each further version's
+    ``<name>@<version>.onnx`` and ``.json``); return the manifest, further versions under ``versions``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_splits()
     entries: dict[str, Any] = {}
-    for spec in MODEL_SPECS:
+    versions: dict[str, Any] = {}
+    for spec in (*MODEL_SPECS, *VERSION_SPECS):
         split = splits[spec.split]
         trained = train_model(spec, split)
-        (out_dir / f"{spec.name}.onnx").write_bytes(trained.onnx_bytes)
-        entries[spec.name] = manifest_entry(trained, split)
+        (out_dir / f"{spec.file_stem}.onnx").write_bytes(trained.onnx_bytes)
+        (versions if spec.extra_version else entries)[spec.file_stem] = manifest_entry(trained, split)
         print(
-            f"{spec.name:16s} acc={trained.onnx_accuracy:.4f} "
+            f"{spec.file_stem:16s} acc={trained.onnx_accuracy:.4f} "
             f"size={len(trained.onnx_bytes):>7d} B sha256={trained.sha256[:16]}"
         )
     manifest = {"models": entries}
     check_invariants(manifest)
     (out_dir / MANIFEST_NAME).write_text(dump_manifest(manifest), encoding="utf-8")
-    return manifest
+    for stem, entry in versions.items():
+        (out_dir / f"{stem}.json").write_text(dump_manifest(entry), encoding="utf-8")
+    return {**manifest, "versions": versions}
 
 
 # ------------------------------------------------------------------------ samples
@@ -608,12 +670,21 @@ def check_files(manifest: Mapping[str, Any], models_dir: Path) -> list[str]:
     return problems
 
 
+def committed_versions(models_dir: Path) -> dict[str, Any]:
+    """The further versions' manifests committed in models_dir (``<name>@<version>.json``), by file stem."""
+    return {path.stem: json.loads(path.read_text(encoding="utf-8"))
+            for path in sorted(models_dir.glob("*@*.json"))}
+
+
 def check(models_dir: Path) -> list[str]:
     """Retrain into a temporary folder and compare with what is committed in models_dir."""
     committed = json.loads((models_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+    committed_extra = {"models": committed_versions(models_dir)}
     with tempfile.TemporaryDirectory(prefix="toposerve-train-") as tmp:
         fresh = train_all(Path(tmp))
-    return check_files(committed, models_dir) + compare_hashes(committed, fresh)
+    fresh_extra = {"models": fresh.pop("versions")}
+    return (check_files(committed, models_dir) + compare_hashes(committed, fresh)
+            + check_files(committed_extra, models_dir) + compare_hashes(committed_extra, fresh_extra))
 
 
 # --------------------------------------------------------------------------- main
