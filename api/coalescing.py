@@ -41,8 +41,9 @@ class FeatureCoalescer:
     """One per model and ingress process; ``submit`` returns once its message was confirmed."""
 
     def __init__(self, model: str, publish: PublishFn, *, max_jobs: int, max_rows: int,
-                 window_s: float = 0.0) -> None:
+                 window_s: float = 0.0, version: str | None = None) -> None:
         self.model = model
+        self.version = version  # one coalescer per model version: a message is for one version
         self._publish = publish
         self.max_jobs = max_jobs
         self.max_rows = max_rows
@@ -126,10 +127,12 @@ class FeatureCoalescer:
         deadlines: list[datetime] = [job.deadline for job in jobs if job.deadline is not None]
         deadline = max(deadlines) if len(deadlines) == len(jobs) else None  # one without: none for the message
         if len(jobs) == 1:
-            message = Features(id=jobs[0].id, model=self.model, created_at=jobs[0].created_at, deadline=deadline,
+            message = Features(id=jobs[0].id, model=self.model, version=self.version, created_at=jobs[0].created_at,
+                               deadline=deadline,
                                timings=dict(jobs[0].timings), tensor=encode_tensor(live[0].features))
         else:
-            message = Features(id=uuid.uuid4(), model=self.model, created_at=min(job.created_at for job in jobs),
+            message = Features(id=uuid.uuid4(), model=self.model, version=self.version,
+                               created_at=min(job.created_at for job in jobs),
                                deadline=deadline, tensor=encode_tensor(np.concatenate([w.features for w in live])),
                                jobs=jobs)
         return message, ttl_until(deadline) or 0.0, jobs[0].traceparent

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from toposerve.brokers import DeadLetterSpec, QueueSpec
+from toposerve.brokers import DeadLetterSpec, QueueSpec, VersionPolicy
 
 
 class IngressSpec(BaseModel):
@@ -84,6 +84,8 @@ class IngressConfig(BaseModel):
     spec: IngressSpec = IngressSpec()
     models: list[str]
     models_dir: Path
+    # Version policies (canary, shadow) of the models that have one; ``serve`` resolved.
+    versions: dict[str, VersionPolicy] = Field(default_factory=dict)
     queues: list[QueueSpec] = Field(default_factory=list)
     # Model groups (scatter-gather): name -> member models; requested like a model.
     groups: dict[str, list[str]] = Field(default_factory=dict)

@@ -24,6 +24,7 @@ from toposerve.api.entry import preprocess_rows, queues_on_path
 from toposerve.api.errors import ApiError, describe_validation_errors
 from toposerve.api.replies import ReplyRouter
 from toposerve.api.stage_monitor import StageMonitor
+from toposerve.api.versions import IngressVersions
 from toposerve.brokers import (
     INGRESS_APP_ID,
     TRACEPARENT,
@@ -40,6 +41,7 @@ from toposerve.brokers import (
     Publisher,
     PublishRefused,
     ResultStore,
+    ServingVersions,
     Settings,
     connect_amqp,
     connect_redis,
@@ -50,7 +52,6 @@ from toposerve.brokers import (
     issue_job_id,
     make_broker,
     prediction_key,
-    routing_key,
     trace_headers,
     trusted_producers,
     url_user,
@@ -62,8 +63,11 @@ from toposerve.models import (
     ModelManifest,
     check_image_header,
     check_item_id,
+    collect_versions,
     load_manifests,
+    read_version_manifest,
     rows_to_features,
+    version_manifest_paths,
 )
 
 
@@ -121,6 +125,8 @@ class Ingress:
         self.config = config
         all_manifests = load_manifests(config.models_dir)
         self.manifests: dict[str, ModelManifest] = {name: all_manifests[name] for name in config.models}
+        every_version = collect_versions(all_manifests, [read_version_manifest(path) for path in
+                                                         version_manifest_paths(config.models_dir)])
         for group, members in config.groups.items():
             self.manifests[group] = group_manifest(group, [all_manifests[m] for m in members])
         self.limits = InputLimits.of(settings)
@@ -130,12 +136,14 @@ class Ingress:
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.spec.result_ttl_s)
+        self.versions = IngressVersions(config.versions, {name: every_version[name] for name in config.models},
+                                        ServingVersions(self.results.client, settings.namespace))
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.replies: ReplyRouter | None = None
         self.monitor: StageMonitor | None = None
         self.stats = IngressStats()
         self.prediction_cache: PredictionCache | None = None
-        self._coalescers: dict[str, FeatureCoalescer] = {}
+        self._coalescers: dict[tuple[str, str | None], FeatureCoalescer] = {}
         self.cache_fills: CompletionListener | None = None
         if config.spec.prediction_cache_ttl_s:
             self.prediction_cache = PredictionCache(self.results.client, settings.namespace,
@@ -252,7 +260,7 @@ class Ingress:
             raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                            {"Retry-After": "1"}) from exc
         try:
-            await self.publisher.publish(message, routing_key(message.kind, message.model), headers=trace_headers())
+            await self.publisher.publish(message, message.routing_key(), headers=trace_headers())
         except PublishRefused as exc:
             try:
                 await self.results.delete(request.id)
@@ -330,17 +338,18 @@ class Ingress:
                 or not isinstance(request, InferenceRequest) or request.instances is None
                 or request.model in self.config.groups):
             return None
-        coalescer = self._coalescers.get(request.model)
+        key = (request.model, request.version)
+        coalescer = self._coalescers.get(key)
         if coalescer is None:
-            coalescer = self._coalescers[request.model] = FeatureCoalescer(
+            coalescer = self._coalescers[key] = FeatureCoalescer(
                 request.model, self._publish_coalesced, max_jobs=spec.coalesce_max_jobs,
-                max_rows=self.settings.max_rows, window_s=spec.coalesce_window_ms / 1000)
+                max_rows=self.settings.max_rows, window_s=spec.coalesce_window_ms / 1000, version=request.version)
         return coalescer
 
     async def _publish_coalesced(self, message: Features, ttl_s: float, traceparent: str | None) -> None:
         assert self.publisher is not None and self.replies is not None
         await self.publisher.publish(
-            message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
+            message, message.routing_key(), reply_to=self.replies.queue_name,
             correlation_id=str(message.id), persistent=False, expiration_s=ttl_s,
             headers={TRACEPARENT: traceparent} if traceparent else {})
 
@@ -370,7 +379,7 @@ class Ingress:
                 ), features)
             else:
                 await self.publisher.publish(
-                    message, routing_key(message.kind, message.model), reply_to=self.replies.queue_name,
+                    message, message.routing_key(), reply_to=self.replies.queue_name,
                     correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
                 )
             remaining = (request.deadline - utc_now()).total_seconds()

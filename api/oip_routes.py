@@ -108,9 +108,12 @@ def _ingress(request: Request) -> Ingress:
 
 def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
     manifest = ingress.manifest(model)  # 404 for an unknown model
-    if version is not None and version != manifest.version:
-        raise OipError(f"model {model!r} has no version {version!r}; available: [{manifest.version!r}]", 404)
-    return manifest
+    if version is None:
+        return manifest
+    try:
+        return ingress.versions.manifest(model, version)
+    except ApiError as exc:
+        raise OipError(exc.message, 404) from exc
 
 
 async def _ready(ingress: Ingress, model: str | None = None) -> bool:
@@ -223,6 +226,8 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
     timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)
     jobs = _jobs(ingress, manifest, model_input, input_name(manifest))
+    for job in jobs:
+        await ingress.versions.route(job, version)
     outcomes = await asyncio.gather(*(ingress.predict_sync(job, timeout_s) for job in jobs), return_exceptions=True)
     rows: list[RowPrediction] = []
     missing: set[str] = set()

@@ -127,10 +127,26 @@ async def predict(
     return await handle_predict(ingress, model, request, timeout)
 
 
-async def handle_predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
+async def predict_version(
+    model: str,
+    version: str,
+    request: Request,
+    timeout: float | None = Query(None, description="Sync profiles: seconds to wait (default from the profile)"),
+) -> Response:
+    """``predict``, answered by one version of the model (404 for a version it does not have)."""
+    ingress = ingress_of(request)
+    ingress.manifest(model)
+    ingress.versions.manifest(model, version)  # 404 before reading the body
+    return await handle_predict(ingress, model, request, timeout, version)
+
+
+async def handle_predict(ingress: Ingress, model: str, request: Request, timeout: float | None,
+                         version: str | None = None) -> Response:
     """A predict request for a served ``model``, admitted: the FastAPI route and the fast path
-    (api/fast_path.py) both answer with this."""
+    (api/fast_path.py) both answer with this. ``version``: the one that is to answer (else the
+    model's version policy chooses)."""
     inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
+    await ingress.versions.route(inference, version)
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
     cached = ingress.prediction_cache is not None and inference.item_id is None
@@ -276,4 +292,10 @@ def predict_router(config: IngressConfig) -> APIRouter:
                                 "application/x-www-form-urlencoded (curl -d) is read as JSON; gzip and deflate "
                                 "Content-Encoding are accepted.", [X_REQUEST_TIMEOUT]),
     )(predict)
+    predict_routes.post(
+        "/models/{model}/versions/{version}/predict", status_code=202 if config.mode == "async" else 200,
+        dependencies=ADMITTED, responses=predict_responses(config),
+        openapi_extra=json_body(PredictBody, "As POST /v1/models/{model}/predict, answered by this version of the "
+                                "model (404 for a version it does not have)", [X_REQUEST_TIMEOUT]),
+    )(predict_version)
     return predict_routes

@@ -84,6 +84,7 @@ from toposerve.brokers.messages import (
 )
 from toposerve.brokers.redaction import redact
 from toposerve.brokers.results import CompletionListener, JobDone, JobError, JobRecord, JobStatus, ResultStore
+from toposerve.brokers.serving_versions import ServingChange, ServingVersions
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.telemetry_messages import (
     CLIENT_ID_PATTERN,
@@ -104,8 +105,24 @@ from toposerve.brokers.topology import (
     stage_queue_name,
 )
 from toposerve.brokers.tracing import TRACEPARENT, continue_trace, current_span, trace_headers
+from toposerve.brokers.versions import (
+    CanarySpec,
+    ModelVersion,
+    VersionPolicy,
+    canary_bucket,
+    choose_version,
+    versioned_key,
+)
 
 __all__ = [
+    "ServingChange",
+    "ServingVersions",
+    "CanarySpec",
+    "ModelVersion",
+    "VersionPolicy",
+    "canary_bucket",
+    "choose_version",
+    "versioned_key",
     "ATTEMPTS_HEADER",
     "QUEUE_HEADER",
     "REASON_HEADER",

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from toposerve.brokers.versions import ModelVersion, versioned_key
+
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]{0,63}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="Model name (routing-key safe)")]
 _MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
@@ -79,6 +81,8 @@ class Envelope(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds spent per stage")
     cache_key: str | None = Field(default=None, max_length=200,
                                   description="Prediction-cache key of the input; the store fills the cache under it")
+    version: ModelVersion | None = Field(default=None, description="The model version that is to answer (none: "
+                                                                   "the version the stage serves); in the routing key")
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.deadline is not None and (now or utc_now()) >= self.deadline
@@ -88,7 +92,10 @@ class Envelope(BaseModel):
         return {name: getattr(self, name) for name in Envelope.model_fields if name != "kind"}
 
     def routing_key(self) -> str:
-        """The key this message is published under: ``<kind>.<model>``."""
+        """The key this message is published under: ``<kind>.<model>``, or ``<kind>.<model>.v<version>``
+        for one version of the model."""
+        if self.version is not None:
+            return versioned_key(self.kind, self.model, self.version)
         return routing_key(self.kind, self.model)
 
 

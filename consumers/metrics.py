@@ -36,6 +36,24 @@ class StageMetrics:
     processing_seconds: Histogram
     queue_seconds: Histogram
     batch_size: Histogram
+    # Per model version (label children made on use: a stage learns its versions at start).
+    version_seconds: Histogram
+    version_jobs: Counter
+
+
+class VersionMetrics:
+    """A stage's per-version figures, exported side by side: seconds per message, jobs answered and failed."""
+
+    def __init__(self, metrics: StageMetrics, stage: str) -> None:
+        self.metrics = metrics
+        self.stage = stage
+
+    def observe(self, model: str, version: str, seconds: float, answered: int = 0, failed: int = 0) -> None:
+        self.metrics.version_seconds.labels(self.stage, model, version).observe(seconds)
+        if answered:
+            self.metrics.version_jobs.labels(self.stage, model, version, "answered").inc(answered)
+        if failed:
+            self.metrics.version_jobs.labels(self.stage, model, version, "failed").inc(failed)
 
 
 class StageMetricSet:
@@ -56,6 +74,12 @@ class StageMetricSet:
         self.batch = Histogram(
             "toposerve_predict_batch_size", "Rows per ONNX Runtime call of a predict stage (micro-batching)",
             ["stage"], buckets=BATCH_BUCKETS, registry=registry)
+        self.version_seconds = Histogram(
+            "toposerve_model_version_seconds", "Seconds a predict stage spent on a message for one model version",
+            ["stage", "model", "version"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.version_jobs = Counter(
+            "toposerve_model_version_jobs", "Jobs a predict stage answered or failed, per model version",
+            ["stage", "model", "version", "outcome"], registry=registry)
         self._stages: dict[str, StageMetrics] = {}
 
     def for_stage(self, stage: str) -> StageMetrics:
@@ -65,6 +89,7 @@ class StageMetricSet:
                 self.registry,
                 *(self.messages.labels(stage, outcome) for outcome in OUTCOMES),
                 self.processing.labels(stage), self.queue.labels(stage), self.batch.labels(stage),
+                self.version_seconds, self.version_jobs,
             )
         return metrics
 

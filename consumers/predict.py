@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import ClassVar
 
 import numpy as np
 
 from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, published_key, utc_now
 from toposerve.consumers.batching import UNCALIBRATED_INLINE_ROWS, MicroBatcher
-from toposerve.consumers.metrics import StageMetrics
+from toposerve.consumers.metrics import StageMetrics, VersionMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
 from toposerve.models import (
     InputError,
@@ -41,8 +42,12 @@ class PredictStage(Stage):
         groups: dict[str, str] | None = None,
         cascade: tuple[float, str] | None = None,
         publishes: str | None = None,
+        versions: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__(name)
+        # Models with a version policy: every version the stage loads (the first answers a
+        # message that names none); a message naming a version is answered by that one.
+        self.versions = versions or {}
         # A routing-key template ({model}) for predictions that a post-processing stage
         # (``kind: custom``) turns into the job's answer; None: ``prediction.<model>``, final.
         self.publishes = publishes
@@ -54,14 +59,16 @@ class PredictStage(Stage):
         self.cascade = cascade
         self.max_rows = max_rows
         self.models: dict[str, LoadedModel] = {}
+        self.loaded: dict[str, LoadedModel] = {}  # by model_key: every version, batched apart
+        self.version_metrics: VersionMetrics | None = None
         self.batcher = MicroBatcher(self._run, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms)
 
     async def start(self) -> None:
         # Load (and sha256-check) every model before taking a message; in a thread, so the
         # event loop keeps turning (the liveness heartbeat) while a large model loads.
-        self.models = await asyncio.to_thread(self.registry.load_all, self.model_names)
+        self.models, self.loaded = await asyncio.to_thread(self._load)
         size = self.batcher.max_batch_size
-        for name, loaded in self.models.items():
+        for name, loaded in self.loaded.items():
             try:
                 one, full = await asyncio.to_thread(lambda m=loaded: (m.seconds_per_run(1), m.seconds_per_run(size)))
             except Exception as exc:  # noqa: BLE001 - a model that serves but cannot be timed keeps the default
@@ -75,17 +82,45 @@ class PredictStage(Stage):
     async def stop(self) -> None:
         await self.batcher.close()
 
+    def _load(self) -> tuple[dict[str, LoadedModel], dict[str, LoadedModel]]:
+        """Each model's answering version (by name), and every loaded version (by ``model_key``)."""
+        serving = {}
+        for name in self.model_names:
+            versions = self.versions.get(name)
+            serving[name] = self.registry.load(name, versions[0] if versions else None)
+        loaded = {model_key(m): m for m in serving.values()}
+        for name, versions in self.versions.items():
+            loaded |= {model_key(m): m for m in self.registry.load_versions(name, versions).values()}
+        return serving, loaded
+
     def instrument(self, metrics: StageMetrics) -> None:
         self.batcher.observe_batch = metrics.batch_size.observe
+        self.version_metrics = VersionMetrics(metrics, self.name)
 
     def _run(self, model: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.models[model].run(features)
+        return self.loaded[model].run(features)
 
     def part_of(self, message: Envelope) -> str | None:
         return self.groups.get(message.model)
 
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Features)
+        if self.version_metrics is None or message.version is None:
+            return await self._handle(message)
+        # Versioned jobs are counted and timed per version, side by side (canary against serve).
+        started = time.perf_counter()
+        model = self.part_of(message) or message.model
+        try:
+            outputs = await self._handle(message)
+        except InputError:
+            self.version_metrics.observe(model, message.version, time.perf_counter() - started, failed=1)
+            raise
+        failed = sum(isinstance(o.body, Failure) for o in outputs)
+        self.version_metrics.observe(model, message.version, time.perf_counter() - started,
+                                     answered=len(outputs) - failed, failed=failed)
+        return outputs
+
+    async def _handle(self, message: Features) -> list[Outgoing]:
         if message.jobs:
             return await self._handle_jobs(message)
         return await self._handle_one(message)
@@ -127,7 +162,7 @@ class PredictStage(Stage):
         if not live:
             return outputs
         features = live[0][1] if len(live) == 1 else np.concatenate([rows for _, rows in live])
-        class_indices, probabilities = await self.batcher.submit(loaded.manifest.name, features)
+        class_indices, probabilities = await self.batcher.submit(model_key(loaded), features)
         answers = to_row_predictions(class_indices, probabilities, loaded.manifest.labels)  # one conversion for all
         start = 0
         for job, rows in live:
@@ -162,17 +197,25 @@ class PredictStage(Stage):
         return slices
 
     def _model(self, message: Features) -> LoadedModel:
-        loaded = self.models.get(self.part_of(message) or message.model)
+        name = self.part_of(message) or message.model
+        loaded = self.models.get(name)
         if loaded is None:
             raise InputError(f"model {message.model!r} is not served by stage {self.name!r}",
                              FailureCode.UNKNOWN_MODEL)
-        return loaded
+        if message.version is None or message.version == loaded.manifest.version:
+            return loaded
+        version = self.loaded.get(f"{name}@{message.version}")
+        if version is None:
+            known = sorted(key.split("@", 1)[1] for key in self.loaded if key.split("@", 1)[0] == name)
+            raise InputError(f"model {name!r} has no version {message.version!r} at stage {self.name!r} "
+                             f"(versions: {known})", FailureCode.UNKNOWN_MODEL)
+        return version
 
     async def _handle_one(self, message: Features) -> list[Outgoing]:
         part = self.part_of(message)
         loaded = self._model(message)
         features = check_features(_decoded(message), loaded.manifest, self.max_rows)
-        class_indices, probabilities = await self.batcher.submit(loaded.manifest.name, features)
+        class_indices, probabilities = await self.batcher.submit(model_key(loaded), features)
         if self.cascade is not None and part is None:
             threshold, next_model = self.cascade
             if float(probabilities.max(axis=1).min()) < threshold:
@@ -184,6 +227,11 @@ class PredictStage(Stage):
             rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
         )
         return [self._answer(prediction)]
+
+
+def model_key(loaded: LoadedModel) -> str:
+    """``<name>@<version>``: how the stage keys a loaded version (its batches, its calibration)."""
+    return f"{loaded.manifest.name}@{loaded.manifest.version}"
 
 
 def _checked(array: np.ndarray, loaded: LoadedModel, max_rows: int) -> np.ndarray | None:

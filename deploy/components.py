@@ -31,11 +31,12 @@ from toposerve.deploy.profile import (
     PredictSpec,
     PreprocessSpec,
     Profile,
+    ProfileError,
     available_profiles,
     load_profile,
 )
 from toposerve.deploy.stage_builders import StageContext, build_stage
-from toposerve.models import load_manifests
+from toposerve.models import ModelLoadError, ModelRegistry
 
 
 def models_dir(settings: Settings) -> Path:
@@ -43,7 +44,14 @@ def models_dir(settings: Settings) -> Path:
 
 
 def load_checked_profile(name_or_path: str, settings: Settings) -> Profile:
-    return load_profile(name_or_path, known_models=set(load_manifests(models_dir(settings))))
+    """The profile, its models and the versions its policies name checked against the model directory."""
+    registry = ModelRegistry(models_dir(settings))
+    try:
+        versions = registry.versions
+    except ModelLoadError as exc:
+        raise ProfileError(str(exc)) from exc
+    return load_profile(name_or_path, known_models=set(registry.manifests), known_versions=versions,
+                        default_versions={name: m.version for name, m in registry.manifests.items()})
 
 
 def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, replica: int = 0,
@@ -107,6 +115,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         spec=profile.ingress,
         models=profile.models,
         models_dir=models_dir(settings),
+        versions=profile.versions,
         queues=profile.queue_specs(settings.namespace),
         groups={name: group.models for name, group in profile.groups.items()},
         answer_queues=[profile.queue_spec(settings.namespace, name).name for name, stage in profile.stages.items()

@@ -7,6 +7,7 @@ at start with the file, the field and the reason.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -14,7 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toposerve.api import IngressSpec
-from toposerve.brokers import DeadLetterSpec, QueueSpec, any_binding_matches, published_key, stage_queue_name
+from toposerve.brokers import (
+    DeadLetterSpec,
+    QueueSpec,
+    VersionPolicy,
+    any_binding_matches,
+    published_key,
+    stage_queue_name,
+    versioned_key,
+)
 
 DEPLOY_DIR = Path(__file__).parent
 PROFILES_DIR = DEPLOY_DIR / "profiles"
@@ -141,12 +150,53 @@ class Profile(_Strict):
     # Quorum queues count deliveries: past this many, a message is dead-lettered even
     # when it crashes its consumer every time (a classic queue cannot tell).
     delivery_limit: int | None = Field(default=None, ge=1, le=1000)
+    # ``models: [iris, digits_fast]``, or a mapping that also says which versions serve and how:
+    # ``models: {iris: {serve: "2", canary: {version: "3", percent: 10}}, digits_fast: {}}`` (the
+    # policies land in ``versions``; a model without one serves its manifest.json version).
     models: list[str] = Field(min_length=1)
+    versions: dict[str, VersionPolicy] = Field(default_factory=dict, description="Version policy per model")
     ingress: IngressSpec = IngressSpec()
     groups: dict[str, GroupSpec] = Field(default_factory=dict, description="Model groups (scatter-gather)")
     # Bounds of the namespace's dead-letter queue (the oldest are dropped past them).
     dead_letters: DeadLetterSpec = DeadLetterSpec()
     stages: dict[StageName, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_mapping_names_versions(cls, data: object) -> object:
+        if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
+            return data
+        if "versions" in data:
+            raise ValueError("give version policies either in 'models' (a mapping) or in 'versions', not both")
+        policies = {name: policy for name, policy in data["models"].items() if policy}
+        return {**data, "models": list(data["models"]), "versions": policies}
+
+    @model_validator(mode="after")
+    def _version_policies_are_for_models(self) -> Profile:
+        unknown = sorted(set(self.versions) - set(self.models))
+        if unknown:
+            raise ValueError(f"versions: {unknown} are not in the profile's 'models'")
+        grouped = sorted(set(self.versions) & {m for g in self.groups.values() for m in g.models})
+        if grouped:
+            raise ValueError(f"versions: {grouped} are members of a model group; a group's members serve one version")
+        return self
+
+    @model_validator(mode="after")
+    def _versioned_keys_have_a_consumer(self) -> Profile:
+        # A versioned job travels as request.<model>.v<version> / features.<model>.v<version>:
+        # the stages must be bound to those keys too (``request.#``, ``features.*.*``), or it would
+        # be unroutable.
+        kinds = {"request": (PreprocessSpec, "preprocess"), "features": (PredictSpec, "predict")}
+        for model, policy in self.versions.items():
+            # A policy without versions serves the manifest's, unknown here: any version word stands for it.
+            for version in policy.versions() or ["1"]:
+                for kind, (spec_type, stage_kind) in kinds.items():
+                    patterns = [p for s in self.stages.values() if isinstance(s, spec_type) for p in s.consumes]
+                    key = versioned_key(kind, model, version)
+                    if patterns and not any_binding_matches(patterns, key):
+                        raise ValueError(f"models.{model}: no {stage_kind} stage consumes {key} "
+                                         f"(bind e.g. '{kind}.#')")
+        return self
 
     @model_validator(mode="after")
     def _kept_sync_answers_have_a_store(self) -> Profile:
@@ -282,6 +332,8 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     parts = [str(part) for part in loc]
     if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KINDS:
         del parts[2]
+    if parts and parts[0] == "versions":
+        parts[0] = "models"  # the policies are written in the models mapping
     return ".".join(parts)
 
 
@@ -296,7 +348,25 @@ def available_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
 
 
-def load_profile(name_or_path: str, known_models: set[str] | None = None) -> Profile:
+def resolve_versions(profile: Profile, known_versions: Mapping[str, Mapping[str, object]],
+                     default_versions: Mapping[str, str]) -> list[str]:
+    """Fill each policy's ``serve`` with the model's manifest.json version when not given, and say
+    which named versions the model directory lacks (empty: all there)."""
+    problems = []
+    for model, policy in profile.versions.items():
+        if policy.serve is None and model in default_versions:
+            policy.serve = default_versions[model]
+        known = sorted(known_versions.get(model, {}))
+        named = {"serve": policy.serve, "canary.version": policy.canary.version if policy.canary else None,
+                 "shadow": policy.shadow}
+        problems += [f"models.{model}.{field}: {model} has no version {version!r} (versions: {known})"
+                     for field, version in named.items() if version is not None and version not in known]
+    return problems
+
+
+def load_profile(name_or_path: str, known_models: set[str] | None = None,
+                 known_versions: Mapping[str, Mapping[str, object]] | None = None,
+                 default_versions: Mapping[str, str] | None = None) -> Profile:
     path = profile_path(name_or_path)
     if not path.is_file():
         raise ProfileError(f"no profile {name_or_path!r} (looked for {path}); available: {', '.join(available_profiles())}")
@@ -313,4 +383,8 @@ def load_profile(name_or_path: str, known_models: set[str] | None = None) -> Pro
         unknown = sorted(set(profile.models) - known_models)
         if unknown:
             raise ProfileError(f"{path}: models: {unknown} are not in the model manifest ({sorted(known_models)})")
+    if known_versions is not None:
+        problems = resolve_versions(profile, known_versions, default_versions or {})
+        if problems:
+            raise ProfileError(f"{path}: {'; '.join(problems)}")
     return profile

@@ -96,7 +96,19 @@ def _predict(ctx: StageContext, spec: PredictSpec) -> Stage:
                         max_batch_size=spec.max_batch_size, max_batch_delay_ms=spec.max_batch_delay_ms,
                         max_rows=ctx.settings.max_rows, groups=ctx.profile.group_parts(ctx.stage_name),
                         cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None,
-                        publishes=spec.publishes)
+                        publishes=spec.publishes, versions=stage_versions(ctx))
+
+
+def stage_versions(ctx: StageContext) -> dict[str, list[str]]:
+    """The versions a predict stage loads for each model with a policy: the served one first, then every
+    other version in the model directory (so a promotion or an explicit version needs no restart)."""
+    served = ctx.profile.stage_models(ctx.stage_name)
+    versions = {}
+    for model, policy in ctx.profile.versions.items():
+        if model in served:
+            serve = policy.serve or ctx.registry.manifests[model].version
+            versions[model] = [serve, *sorted(set(ctx.registry.versions[model]) - {serve})]
+    return versions
 
 
 def _store(ctx: StageContext, spec: StoreSpec) -> Stage:

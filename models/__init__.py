@@ -30,7 +30,6 @@ from toposerve.models.registry import (
 )
 from toposerve.models.tensors import TensorError, decode_tensor, encode_tensor
 from toposerve.models.versions import (
-    VERSION_PATTERN,
     collect_versions,
     read_version_manifest,
     signature_problems,
@@ -51,7 +50,6 @@ __all__ = [
     "ModelRegistry",
     "RedisSource",
     "TensorError",
-    "VERSION_PATTERN",
     "collect_versions",
     "open_model",
     "read_version_manifest",

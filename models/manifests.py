@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from toposerve.brokers.versions import ModelVersion
+
 
 class TabularPreprocessing(BaseModel):
     kind: Literal["tabular"] = "tabular"
@@ -39,7 +41,7 @@ class InputSpec(BaseModel):
 
 class ModelManifest(BaseModel):
     name: str
-    version: str = Field(default="1", pattern=r"^[0-9A-Za-z_-]{1,32}$", description="A manifest without one is version 1")
+    version: ModelVersion = "1"  # a manifest without one is version 1
     file: str
     sha256: str
     description: str = ""

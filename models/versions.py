@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from toposerve.models.manifests import ModelLoadError, ModelManifest
 
-VERSION_PATTERN = r"^[0-9A-Za-z_-]{1,32}$"
 # A version's own manifest file: <model>@<version>.json (names as brokers/messages.py allows).
 _VERSION_FILE = re.compile(r"^([a-z0-9][a-z0-9_]{0,63})@([0-9A-Za-z_-]{1,32})\.json$")
 

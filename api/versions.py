@@ -1,0 +1,69 @@
+"""The ingress's side of model versions: which version a request goes to, and which versions exist.
+
+A model with a version policy gets every request tagged with a version (``Envelope.version``,
+which puts it in the routing key): the one the URL names, else the canary for its share
+of job ids, else the serving version, the promoted one when an operator promoted one
+(read from Redis for each request, so every ingress process switches at once). A model
+without a policy has one version, its manifest's; naming another is a 404.
+"""
+
+from __future__ import annotations
+
+from redis.exceptions import RedisError
+
+from toposerve.api.errors import ApiError
+from toposerve.brokers import Envelope, ServingVersions, VersionPolicy, choose_version
+from toposerve.models import ModelManifest
+
+
+class IngressVersions:
+    def __init__(self, policies: dict[str, VersionPolicy], manifests: dict[str, dict[str, ModelManifest]],
+                 serving: ServingVersions) -> None:
+        self.policies = policies
+        # model -> version -> manifest, for every model the profile serves.
+        self.manifests = manifests
+        self.serving = serving
+        # The last serving version read from Redis, used while Redis cannot be read.
+        self._last_read: dict[str, str] = {}
+
+    def known(self, model: str) -> list[str]:
+        return sorted(self.manifests.get(model, {}))
+
+    def manifest(self, model: str, version: str) -> ModelManifest:
+        """``model``'s manifest for ``version``; a 404 naming the versions it has."""
+        manifest = self.manifests.get(model, {}).get(version)
+        if manifest is None or (model not in self.policies and version != self.default_version(model)):
+            offered = self.known(model) if model in self.policies else [self.default_version(model)]
+            raise ApiError(404, "unknown_version", f"model {model!r} has no version {version!r} served here; "
+                                                   f"versions: {offered}")
+        return manifest
+
+    def default_version(self, model: str) -> str:
+        policy = self.policies.get(model)
+        if policy is not None and policy.serve is not None:
+            return policy.serve
+        return next(iter(self.manifests[model]))
+
+    async def serving_version(self, model: str) -> str:
+        """The version that serves ``model`` now: the promoted one, else the profile's ``serve``."""
+        try:
+            promoted = await self.serving.current(model)
+        except RedisError:
+            promoted = self._last_read.get(model)
+        if promoted is not None:
+            self._last_read[model] = promoted
+            return promoted
+        self._last_read.pop(model, None)
+        return self.default_version(model)
+
+    async def route(self, request: Envelope, explicit: str | None = None) -> str | None:
+        """Tag ``request`` with the version that is to answer it (and return it); None for a model
+        without a policy (its only version answers)."""
+        if explicit is not None:
+            self.manifest(request.model, explicit)
+        policy = self.policies.get(request.model)
+        if policy is None:
+            return None
+        version = explicit or choose_version(await self.serving_version(request.model), policy.canary, request.id)
+        request.version = version
+        return version

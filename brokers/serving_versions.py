@@ -1,0 +1,60 @@
+"""Which version serves a model right now, when an operator changed it (promote, rollback) while the profile runs.
+
+One Redis hash per model, ``{ns}:serving:{model}``: ``version`` (the one that serves) and
+``previous`` (what ``rollback`` returns to). No hash: the profile's ``serve``. The ingress
+reads it for every versioned request, so every ingress process switches at the same moment
+and a job's version, once chosen, travels in its message (in-flight work finishes on it).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+from pydantic import BaseModel
+
+from toposerve.brokers.versions import ModelVersion
+
+# A promotion outlives any run of the profile; refreshed at every change (every key has a TTL).
+SERVING_TTL_S = 90 * 24 * 3600
+
+
+class ServingChange(BaseModel):
+    model: str
+    version: ModelVersion
+    previous: ModelVersion
+
+
+class ServingVersions:
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    def key(self, model: str) -> str:
+        return f"{self.namespace}:serving:{model}"
+
+    async def current(self, model: str) -> str | None:
+        """The promoted version, or None (the profile's ``serve`` serves)."""
+        value = await self.client.hget(self.key(model), "version")
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def current_many(self, models: list[str]) -> dict[str, str | None]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.hget(self.key(model), "version")
+            values = await pipe.execute()
+        return {m: (v.decode() if isinstance(v, bytes) else v) for m, v in zip(models, values, strict=True)}
+
+    async def promote(self, model: str, version: str, serving: str) -> ServingChange:
+        """``version`` serves from now on; ``serving`` (what served until now) is what rollback returns to."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(model), mapping={"version": version, "previous": serving})
+            pipe.expire(self.key(model), SERVING_TTL_S)
+            await pipe.execute()
+        return ServingChange(model=model, version=version, previous=serving)
+
+    async def previous(self, model: str) -> str | None:
+        value = await self.client.hget(self.key(model), "previous")
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def forget(self, model: str) -> None:
+        """Back to the profile's ``serve`` (``toposerve down``, or a fresh start)."""
+        await self.client.delete(self.key(model))

@@ -1,0 +1,137 @@
+"""Model versions on real RabbitMQ and Redis, on the asynchronous and the synchronous profiles.
+
+A profile derived from the shipped one serves iris@2 with iris@3 as a canary (or shadow); its
+stages are bound to the versioned keys (``request.#``, ``features.#``). Every answer's
+``model_version`` is checked against the pure choice (``choose_version``) for its job id, and
+its labels against ONNX Runtime run directly on the version's file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from tests.integration.conftest import Stack, start_stack
+from toposerve.brokers import CanarySpec, JobStatus, Settings, choose_version
+from toposerve.deploy.profile import PROFILES_DIR
+from toposerve.models import ModelRegistry
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "models"
+# Flowers both versions agree on, then odd ones (off the training data) on which they disagree.
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.7, 3.0, 5.2, 2.3], [4.3, 2.0, 1.0, 2.5],
+             [4.3, 2.0, 2.2, 0.1], [4.3, 2.6, 1.0, 1.3]]
+
+
+def versioned_profile(tmp_path: Path, base: str, policy: dict) -> Path:
+    """The shipped ``base`` profile with ``policy`` for iris, its stages bound to versioned keys."""
+    data = yaml.safe_load((PROFILES_DIR / f"{base}.yaml").read_text())
+    data["models"] = {"iris": policy, "digits_fast": {}}
+    data["ingress"].pop("book_model", None)
+    for stage in data["stages"].values():
+        stage["consumes"] = [key.replace(".*", ".#") if key.startswith(("request", "features")) else key
+                             for key in stage["consumes"]]
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def versioned_stack(settings: Settings, tmp_path: Path, base: str, policy: dict):
+    async for stack in start_stack(settings, str(versioned_profile(tmp_path, base, policy))):
+        yield stack
+
+
+async def predict(stack: Stack, rows: list[list[float]], path: str = "/v1/models/iris/predict") -> dict:
+    """One request's final record (sync: the answer; async: the job, awaited)."""
+    response = await stack.client.post(path, json={"instances": rows})
+    assert response.status_code in (200, 202), response.text
+    if response.status_code == 200:
+        return response.json()
+    job_id = uuid.UUID(response.json()["id"])
+    for _ in range(300):
+        record = await stack.results.get(job_id)
+        if record is not None and record.status is not JobStatus.PENDING:
+            return record.model_dump(mode="json")
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+async def predict_many(stack: Stack, count: int, concurrency: int = 32, path: str = "/v1/models/iris/predict"
+                       ) -> list[tuple[int, dict]]:
+    """``count`` one-row requests (cycling IRIS_ROWS), ``concurrency`` at a time: (row index, answer) each."""
+    answers: list[tuple[int, dict]] = []
+    todo = iter(range(count))
+
+    async def caller() -> None:
+        for n in todo:
+            row = n % len(IRIS_ROWS)
+            answers.append((row, await predict(stack, [IRIS_ROWS[row]], path)))
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return answers
+
+
+def onnx_labels(version: str, rows: list[list[float]]) -> list[str]:
+    loaded = ModelRegistry(MODELS_DIR).load("iris", version)
+    indices, _ = loaded.run(np.asarray(rows, dtype=np.float32))
+    return [loaded.manifest.labels[i] for i in indices]
+
+
+CANARY = {"serve": "2", "canary": {"version": "3", "percent": 10}}
+
+
+@pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
+async def test_canary_share_follows_the_job_id_and_answers_are_the_versions_own(
+        settings: Settings, tmp_path: Path, base: str) -> None:
+    count = 2000 if base == "synchronous" else 400  # the async run polls each job: the smaller real run
+    async for stack in versioned_stack(settings, tmp_path, base, CANARY):
+        answered = await predict_many(stack, count)
+        answers = [answer for _, answer in answered]
+        canary = CanarySpec(version="3", percent=10)
+        assert all(a["status"] == "succeeded" for a in answers), [a for a in answers if a["status"] != "succeeded"][:3]
+        # Each job went where the pure choice sends its id (so a retried id lands there again) ...
+        wrong = [a for a in answers if a["model_version"] != choose_version("2", canary, uuid.UUID(a["id"]))]
+        assert wrong == []
+        # ... the share is the percent ...
+        share = 100 * sum(a["model_version"] == "3" for a in answers) / len(answers)
+        assert abs(share - 10) <= (3 if count >= 2000 else 5), share
+        # ... and each version answered with its own model (ONNX Runtime on its file, directly).
+        expected = {version: onnx_labels(version, IRIS_ROWS) for version in ("2", "3")}
+        assert expected["2"] != expected["3"]  # the rows tell the versions apart
+        mislabelled = [(row, a) for row, a in answered if a["predictions"][0]["label"] != expected[a["model_version"]][row]]
+        assert mislabelled == []
+        # Per-version figures, side by side in the predict stage's metrics.
+        exported = generate_latest(stack.runners["predict"].metrics.registry).decode()
+        for version in ("2", "3"):
+            assert f'toposerve_model_version_jobs_total{{model="iris",outcome="answered",stage="predict",' \
+                   f'version="{version}"}}' in exported
+            assert f'toposerve_model_version_seconds_count{{model="iris",stage="predict",version="{version}"}}' \
+                   in exported
+
+
+@pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
+async def test_a_version_named_in_the_url_answers(settings: Settings, tmp_path: Path, base: str) -> None:
+    async for stack in versioned_stack(settings, tmp_path, base, CANARY):
+        for version in ("2", "3"):
+            answer = await predict(stack, IRIS_ROWS, f"/v1/models/iris/versions/{version}/predict")
+            assert answer["model_version"] == version
+            assert [row["label"] for row in answer["predictions"]] == onnx_labels(version, IRIS_ROWS)
+        response = await stack.client.post("/v1/models/iris/versions/9/predict", json={"instances": IRIS_ROWS})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "unknown_version"
+        assert "'9'" in response.json()["error"]["message"] and "['2', '3']" in response.json()["error"]["message"]
+        # A model without a policy has its manifest's version only.
+        response = await stack.client.post("/v1/models/digits_fast/versions/2/predict", json={"instances": [[0] * 64]})
+        assert response.status_code == 404, response.text
+        # The Open Inference Protocol's versioned infer.
+        body = {"inputs": [{"name": "float_input", "shape": [len(IRIS_ROWS), 4], "datatype": "FP32",
+                            "data": [x for row in IRIS_ROWS for x in row]}]}
+        oip = await stack.client.post("/v2/models/iris/versions/3/infer", json=body)
+        assert oip.status_code == 200, oip.text
+        assert oip.json()["model_version"] == "3"
+        assert (await stack.client.post("/v2/models/iris/versions/9/infer", json=body)).status_code == 404
