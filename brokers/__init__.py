@@ -86,6 +86,7 @@ from toposerve.brokers.redaction import redact
 from toposerve.brokers.results import CompletionListener, JobDone, JobError, JobRecord, JobStatus, ResultStore
 from toposerve.brokers.serving_versions import ServingChange, ServingVersions
 from toposerve.brokers.settings import Settings
+from toposerve.brokers.shadow_store import ShadowComparison, ShadowStore, ShadowTally
 from toposerve.brokers.telemetry_messages import (
     CLIENT_ID_PATTERN,
     N_LATENCY_BUCKETS,
@@ -115,6 +116,9 @@ from toposerve.brokers.versions import (
 )
 
 __all__ = [
+    "ShadowComparison",
+    "ShadowStore",
+    "ShadowTally",
     "ServingChange",
     "ServingVersions",
     "CanarySpec",

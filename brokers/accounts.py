@@ -50,6 +50,7 @@ PRODUCES: dict[str, tuple[str, ...]] = {
     "store": ("failure",),
     "batch_store": ("failure",),
     "telemetry": ("failure",),
+    "shadow": ("failure",),  # a shadow answers nobody (it records comparisons), but fails unreadable messages
     # A user's stage returns any of toposerve's message types (plus what its ``publishes`` names).
     "custom": ("prediction", "failure", "features", "request"),
 }
@@ -160,7 +161,8 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
              "store": {"job:*", "job-owner:*", "pred:*"},
              "aggregate": {"join:*"},
              "batch_store": {"batch:*", "job:*", "job-owner:*"},
-             "telemetry": {"telemetry:*"}}.get(kind, set())
+             "telemetry": {"telemetry:*"},
+             "shadow": {"shadow:*"}}.get(kind, set())
     return Account(role=kind, broker=broker,
                    redis=RedisAccount(user=broker.user, rules=_redis_rules(namespace, keys, channels=True)))
 

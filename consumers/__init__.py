@@ -13,6 +13,7 @@ from toposerve.consumers.predict import PredictStage
 from toposerve.consumers.preprocess import PreprocessStage
 from toposerve.consumers.runner import StageRunner
 from toposerve.consumers.settlement import Outlets, Settlement, Trust
+from toposerve.consumers.shadow import ShadowStage
 from toposerve.consumers.stage import Outgoing, Stage, StageStats, TransientError, outgoing
 from toposerve.consumers.store import StoreStage
 from toposerve.consumers.telemetry import TelemetryStage
@@ -29,6 +30,7 @@ __all__ = [
     "PreprocessStage",
     "RedeliveryGuard",
     "Settlement",
+    "ShadowStage",
     "Stage",
     "StageMetricSet",
     "StageMetrics",

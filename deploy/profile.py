@@ -114,6 +114,13 @@ class TelemetrySpec(_StageBase):
     ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="Seconds the aggregate lives after the last report")
 
 
+class ShadowSpec(_StageBase):
+    """Shadow versions: a second binding on the models' features keys; runs the serving and the shadow
+    version on each copy and records whether they agreed (added by the profile when a policy names a shadow)."""
+
+    kind: Literal["shadow"]
+
+
 class AggregateSpec(_StageBase):
     kind: Literal["aggregate"]
     group: str = Field(description="The model group whose parts this stage joins")
@@ -140,7 +147,7 @@ class GroupSpec(_Strict):
 
 
 StageSpec = Annotated[PreprocessSpec | PredictSpec | StoreSpec | TelemetrySpec | AggregateSpec | BatchStoreSpec
-                      | CustomSpec, Field(discriminator="kind")]
+                      | CustomSpec | ShadowSpec, Field(discriminator="kind")]
 
 
 class Profile(_Strict):
@@ -179,6 +186,19 @@ class Profile(_Strict):
         grouped = sorted(set(self.versions) & {m for g in self.groups.values() for m in g.models})
         if grouped:
             raise ValueError(f"versions: {grouped} are members of a model group; a group's members serve one version")
+        return self
+
+    @model_validator(mode="after")
+    def _shadows_have_a_stage(self) -> Profile:
+        # A shadow version gets a copy of its model's features through a queue of its own.
+        shadowed = [model for model, policy in self.versions.items() if policy.shadow is not None]
+        if not shadowed or any(isinstance(stage, ShadowSpec) for stage in self.stages.values()):
+            return self
+        if "shadow" in self.stages:
+            raise ValueError("a shadow version adds a stage named 'shadow'; this profile has a stage of that "
+                             "name that is not a shadow stage")
+        self.stages["shadow"] = ShadowSpec(kind="shadow", consumes=[f"features.{model}.#" for model in shadowed],
+                                           prefetch=256)
         return self
 
     @model_validator(mode="after")

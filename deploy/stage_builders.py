@@ -19,6 +19,7 @@ from toposerve.brokers import (
     PredictionCache,
     ResultStore,
     Settings,
+    ShadowStore,
     TelemetryStore,
     connect_redis,
 )
@@ -28,6 +29,7 @@ from toposerve.consumers import (
     CustomStage,
     PredictStage,
     PreprocessStage,
+    ShadowStage,
     Stage,
     StoreStage,
     TelemetryStage,
@@ -42,6 +44,7 @@ from toposerve.deploy.profile import (
     PredictSpec,
     PreprocessSpec,
     Profile,
+    ShadowSpec,
     StageSpec,
     StoreSpec,
     TelemetrySpec,
@@ -150,6 +153,11 @@ def _telemetry(ctx: StageContext, spec: TelemetrySpec) -> Stage:
     return TelemetryStage(ctx.stage_name, telemetry, ctx.manifests())
 
 
+def _shadow(ctx: StageContext, spec: ShadowSpec) -> Stage:
+    store = ShadowStore(connect_redis(ctx.settings.redis_url), ctx.settings.namespace, ctx.profile.ingress.result_ttl_s)
+    return ShadowStage(ctx.stage_name, ctx.registry, ctx.profile.versions, store, max_rows=ctx.settings.max_rows)
+
+
 def _custom(ctx: StageContext, spec: CustomSpec) -> Stage:
     return CustomStage(ctx.stage_name, load_handler(spec.handler), publishes=spec.publishes)
 
@@ -164,6 +172,7 @@ STAGE_BUILDERS: Mapping[type, StageBuilder] = MappingProxyType({
     BatchStoreSpec: _batch_store,
     TelemetrySpec: _telemetry,
     CustomSpec: _custom,
+    ShadowSpec: _shadow,
 })
 
 

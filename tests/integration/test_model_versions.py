@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from tests.integration.conftest import Stack, start_stack
-from toposerve.brokers import CanarySpec, JobStatus, Settings, choose_version
+from toposerve.brokers import CanarySpec, JobStatus, Settings, ShadowStore, choose_version
 from toposerve.deploy.profile import PROFILES_DIR
 from toposerve.models import ModelRegistry
 
@@ -135,3 +135,41 @@ async def test_a_version_named_in_the_url_answers(settings: Settings, tmp_path: 
         assert oip.status_code == 200, oip.text
         assert oip.json()["model_version"] == "3"
         assert (await stack.client.post("/v2/models/iris/versions/9/infer", json=body)).status_code == 404
+
+
+@pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
+async def test_the_shadow_sees_every_job_and_its_agreement_is_the_direct_computation(
+        settings: Settings, tmp_path: Path, base: str) -> None:
+    count = 120
+    async for stack in versioned_stack(settings, tmp_path, base, {"serve": "2", "shadow": "3"}):
+        assert "shadow" in stack.runners  # the profile added the stage: a second binding on features.iris.#
+        answered = await predict_many(stack, count, concurrency=16)
+        expected = {version: onnx_labels(version, IRIS_ROWS) for version in ("2", "3")}
+        # Callers only ever get the serving version.
+        assert {a["model_version"] for _, a in answered} == {"2"}
+        assert all(a["predictions"][0]["label"] == expected["2"][row] for row, a in answered)
+        store = ShadowStore(stack.results.client, settings.namespace, 3600)
+        for _ in range(250):
+            tally = await store.tally("iris")
+            if tally.jobs >= count:
+                break
+            await asyncio.sleep(0.02)
+        agrees = [expected["2"][row] == expected["3"][row] for row, _ in answered]
+        assert (tally.jobs, tally.agreed, tally.rows, tally.rows_agreed) == (count, sum(agrees), count, sum(agrees))
+        for (row, answer), agreed in list(zip(answered, agrees, strict=True))[:20]:
+            kept = await store.comparison("iris", uuid.UUID(answer["id"]))
+            assert kept is not None and kept.agreed == agreed
+            assert kept.serve_labels == [expected["2"][row]] and kept.shadow_labels == [expected["3"][row]]
+        report = (await stack.client.get("/v1/models/iris/shadow")).json()
+        assert report["agreement_rate"] == pytest.approx(sum(agrees) / count, abs=1e-6)
+        assert report["serve_version"] == "2" and report["shadow_version"] == "3"
+        assert report["latency"]["serve_ms"] > 0 and report["latency"]["shadow_ms"] > 0
+        assert len(report["disagreements"]) == min(20, count - sum(agrees))
+        disagreeing = [r for r, e2, e3 in zip(IRIS_ROWS, expected["2"], expected["3"], strict=True) if e2 != e3]
+        assert all(np.allclose(d["inputs"][0], rows_like(disagreeing, d["inputs"][0])) for d in report["disagreements"])
+        assert (await stack.client.get("/v1/models/digits_fast/shadow")).status_code == 404
+
+
+def rows_like(rows: list[list[float]], row: list[float]) -> list[float]:
+    """The row of ``rows`` closest to ``row`` (the stored input is float32)."""
+    return min(rows, key=lambda candidate: float(np.abs(np.subtract(candidate, row)).sum()))
