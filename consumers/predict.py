@@ -16,11 +16,13 @@ from toposerve.consumers.stage import Outgoing, Stage, outgoing
 from toposerve.models import (
     InputError,
     LoadedModel,
+    ModelLoadError,
     ModelRegistry,
     TensorError,
     check_features,
     decode_tensor,
     encode_tensor,
+    signature_problems,
     to_row_predictions,
 )
 
@@ -90,7 +92,14 @@ class PredictStage(Stage):
             serving[name] = self.registry.load(name, versions[0] if versions else None)
         loaded = {model_key(m): m for m in serving.values()}
         for name, versions in self.versions.items():
-            loaded |= {model_key(m): m for m in self.registry.load_versions(name, versions).values()}
+            for version in versions[1:]:
+                try:
+                    candidate = load_checked_version(self.registry, serving[name], version)
+                except ModelLoadError as exc:
+                    # The served version serves; a broken or incompatible other version is left out.
+                    log.warning("stage %s does not load %s@%s: %s", self.name, name, version, exc)
+                    continue
+                loaded[model_key(candidate)] = candidate
         return serving, loaded
 
     def instrument(self, metrics: StageMetrics) -> None:
@@ -227,6 +236,17 @@ class PredictStage(Stage):
             rows=to_row_predictions(class_indices, probabilities, loaded.manifest.labels),
         )
         return [self._answer(prediction)]
+
+
+def load_checked_version(registry: ModelRegistry, serving: LoadedModel, version: str) -> LoadedModel:
+    """Another version of ``serving``'s model, loaded (sha256 checked) if its input signature is the same."""
+    candidate = registry.manifest(serving.manifest.name, version)
+    if candidate is None:
+        raise ModelLoadError(f"no version {version!r}")
+    problems = signature_problems(serving.manifest, candidate)
+    if problems:
+        raise ModelLoadError("; ".join(problems))
+    return registry.load(serving.manifest.name, version)
 
 
 def model_key(loaded: LoadedModel) -> str:

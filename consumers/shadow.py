@@ -11,6 +11,7 @@ profiles send only to the caller; so both versions are also timed on the same ma
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import ClassVar
@@ -19,8 +20,19 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from toposerve.brokers import Envelope, Features, ShadowComparison, ShadowStore, VersionPolicy
+from toposerve.consumers.predict import load_checked_version
 from toposerve.consumers.stage import Outgoing, Stage, TransientError
-from toposerve.models import InputError, LoadedModel, ModelRegistry, TensorError, check_features, decode_tensor
+from toposerve.models import (
+    InputError,
+    LoadedModel,
+    ModelLoadError,
+    ModelRegistry,
+    TensorError,
+    check_features,
+    decode_tensor,
+)
+
+log = logging.getLogger(__name__)
 
 
 def labels_of(loaded: LoadedModel, features: np.ndarray) -> tuple[list[str], float]:
@@ -47,8 +59,18 @@ class ShadowStage(Stage):
 
     async def start(self) -> None:
         def load() -> dict[tuple[str, str], LoadedModel]:
-            return {(model, version): self.registry.load(model, version)
-                    for model in self.policies for version in self.registry.versions[model]}
+            loaded = {}
+            for model, policy in self.policies.items():
+                serving = self.registry.load(model, policy.serve)
+                loaded[(model, policy.serve or serving.manifest.version)] = serving
+                for version in self.registry.versions[model]:
+                    try:
+                        loaded[(model, version)] = load_checked_version(self.registry, serving, version)
+                    except ModelLoadError as exc:
+                        if version == policy.shadow:
+                            raise
+                        log.warning("stage %s does not load %s@%s: %s", self.name, model, version, exc)
+            return loaded
         self.loaded = await asyncio.to_thread(load)
 
     async def stop(self) -> None:

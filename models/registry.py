@@ -69,6 +69,7 @@ class ModelRegistry:
         self.models_dir = models_dir
         self.intra_op_threads = intra_op_threads
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self.refused_files: dict[str, str] = {}
 
     @cached_property
     def manifests(self) -> dict[str, ModelManifest]:
@@ -77,8 +78,17 @@ class ModelRegistry:
 
     @cached_property
     def versions(self) -> dict[str, dict[str, ModelManifest]]:
-        """Model name -> version -> manifest: ``manifest.json`` and the ``<name>@<version>.json`` files."""
-        return collect_versions(self.manifests, [read_version_manifest(p) for p in version_manifest_paths(self.models_dir)])
+        """Model name -> version -> manifest: ``manifest.json`` and the ``<name>@<version>.json`` files.
+
+        A version file that cannot be read is left out (and kept in ``refused_files`` with the
+        reason): a bad file dropped into the directory must not stop the versions that work."""
+        extra = []
+        for path in version_manifest_paths(self.models_dir):
+            try:
+                extra.append(read_version_manifest(path))
+            except ModelLoadError as exc:
+                self.refused_files[path.name] = str(exc)
+        return collect_versions(self.manifests, extra)
 
     def manifest(self, name: str, version: str | None = None) -> ModelManifest | None:
         if version is None:

@@ -1,7 +1,7 @@
 """The ``toposerve`` command line: one module per command group, gathered here.
 
 serve (up, worker, ingress), lifecycle (status, down, swap), describe (topology, asyncapi, profiles), bench, batch,
-dead, cache (cache, items), accounts, edge, keys, render; common holds what they share.
+dead, cache (cache, items), accounts, edge, keys, render, models (promote, rollback, versions); common holds what they share.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from toposerve.deploy.cli.describe import asyncapi, profiles, topology
 from toposerve.deploy.cli.edge import edge
 from toposerve.deploy.cli.keys import keys
 from toposerve.deploy.cli.lifecycle import down, status, swap
+from toposerve.deploy.cli.models import models
 from toposerve.deploy.cli.render import render
 from toposerve.deploy.cli.serve import ingress, up, worker
 
@@ -27,7 +28,7 @@ def main() -> None:
 
 
 for command in (up, down, status, swap, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items,
-                accounts, edge, keys, render):
+                accounts, edge, keys, render, models):
     main.add_command(command)
 
 

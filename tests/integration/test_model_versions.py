@@ -9,16 +9,22 @@ its labels against ONNX Runtime run directly on the version's file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import shutil
 import uuid
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 from prometheus_client import generate_latest
 
 from tests.integration.conftest import Stack, start_stack
 from toposerve.brokers import CanarySpec, JobStatus, Settings, ShadowStore, choose_version
+from toposerve.deploy.cli import main
 from toposerve.deploy.profile import PROFILES_DIR
 from toposerve.models import ModelRegistry
 
@@ -173,3 +179,130 @@ async def test_the_shadow_sees_every_job_and_its_agreement_is_the_direct_computa
 def rows_like(rows: list[list[float]], row: list[float]) -> list[float]:
     """The row of ``rows`` closest to ``row`` (the stored input is float32)."""
     return min(rows, key=lambda candidate: float(np.abs(np.subtract(candidate, row)).sum()))
+
+
+def models_cli(settings: Settings, *args: str):
+    """``toposerve models ...`` as an operator runs it, against the test's services and namespace."""
+    env = {"TOPOSERVE_AMQP_URL": settings.amqp_url, "TOPOSERVE_REDIS_URL": settings.redis_url,
+           "TOPOSERVE_NAMESPACE": settings.namespace, "TOPOSERVE_MODELS_DIR": settings.models_dir or str(MODELS_DIR)}
+    return CliRunner().invoke(main, ["models", *args], env=env)
+
+
+class SteadyLoad:
+    """``callers`` callers, each sending one iris request after another (async: waiting for its job) until stopped;
+    what each one got, in order."""
+
+    def __init__(self, stack: Stack, callers: int = 4) -> None:
+        self.stack = stack
+        self.sent = 0
+        self.errors: list[str] = []
+        self.answers: list[list[tuple[int, dict]]] = [[] for _ in range(callers)]
+        self.stop = asyncio.Event()
+
+    async def _caller(self, index: int) -> None:
+        row = index
+        while not self.stop.is_set():
+            row = (row + 1) % len(IRIS_ROWS)
+            self.sent += 1
+            try:
+                self.answers[index].append((row, await predict(self.stack, [IRIS_ROWS[row]])))
+            except (AssertionError, httpx.HTTPError) as exc:
+                self.errors.append(repr(exc))
+
+    async def each_made(self, more: int) -> None:
+        """Wait until every caller got ``more`` answers more than now."""
+        targets = [len(a) + more for a in self.answers]
+        while any(len(a) < t for a, t in zip(self.answers, targets, strict=True)):
+            await asyncio.sleep(0.01)
+
+    def run(self) -> asyncio.Future:
+        return asyncio.gather(*(self._caller(i) for i in range(len(self.answers))))
+
+
+def runs_of(versions: list[str]) -> list[str]:
+    """Consecutive repeats folded: ['2', '2', '3', '2'] -> ['2', '3', '2']."""
+    return [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+
+
+@pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
+async def test_promote_then_rollback_under_steady_load_switches_once_each_and_loses_nothing(
+        settings: Settings, tmp_path: Path, base: str) -> None:
+    async for stack in versioned_stack(settings, tmp_path, base, {"serve": "2"}):
+        load = SteadyLoad(stack)
+        running = load.run()
+        await load.each_made(5)
+        promoted = await asyncio.to_thread(models_cli, settings, "promote", "--profile", str(tmp_path / f"{base}.yaml"),
+                                           "iris", "3")
+        assert promoted.exit_code == 0, promoted.output
+        assert "iris@3 serves now (was 2" in promoted.output
+        await load.each_made(8)
+        assert (await stack.client.get("/v1/models/iris/versions")).json()["serving"] == "3"
+        rolled = await asyncio.to_thread(models_cli, settings, "rollback", "--profile", str(tmp_path / f"{base}.yaml"),
+                                         "iris")
+        assert rolled.exit_code == 0, rolled.output
+        assert "iris@2 serves again (was 3)" in rolled.output
+        await load.each_made(8)
+        load.stop.set()
+        await running
+        answers = [answer for caller in load.answers for answer in caller]
+        # Exact counts: every request sent was answered, and succeeded.
+        assert load.errors == []
+        assert len(answers) == load.sent
+        assert all(a["status"] == "succeeded" for _, a in answers)
+        # Each caller's answers (in the order it sent them) came from 2, then 3, then 2: one switch each way.
+        for caller in load.answers:
+            assert runs_of([a["model_version"] for _, a in caller]) == ["2", "3", "2"]
+        expected = {version: onnx_labels(version, IRIS_ROWS) for version in ("2", "3")}
+        assert all(a["predictions"][0]["label"] == expected[a["model_version"]][row] for row, a in answers)
+
+
+def broken_versions(models_dir: Path) -> None:
+    """Next to iris@2 and iris@3: iris@4 with another input signature, iris@5 whose file does not load,
+    iris@6 whose file is not the one its manifest hashes."""
+    entry = json.loads((models_dir / "iris@3.json").read_text())
+    wider = {**entry, "version": "4", "input": {**entry["input"], "shape": [None, 5],
+                                               "features": [*entry["input"]["features"], "stem_length_cm"]}}
+    (models_dir / "iris@4.json").write_text(json.dumps(wider))
+    garbage = b"this is not an ONNX model"
+    (models_dir / "iris@5.onnx").write_bytes(garbage)
+    (models_dir / "iris@5.json").write_text(json.dumps({**entry, "version": "5", "file": "iris@5.onnx",
+                                                        "sha256": hashlib.sha256(garbage).hexdigest()}))
+    shutil.copy(models_dir / "iris@3.onnx", models_dir / "iris@6.onnx")
+    (models_dir / "iris@6.onnx").write_bytes((models_dir / "iris@6.onnx").read_bytes() + b"\0")
+    (models_dir / "iris@6.json").write_text(json.dumps({**entry, "version": "6", "file": "iris@6.onnx"}))
+
+
+@pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
+async def test_a_corrupt_or_incompatible_version_is_refused_and_the_old_one_keeps_serving(
+        settings: Settings, tmp_path: Path, base: str) -> None:
+    models_dir = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models_dir)
+    broken_versions(models_dir)
+    settings = settings.model_copy(update={"models_dir": str(models_dir)})
+    async for stack in versioned_stack(settings, tmp_path, base, {"serve": "2"}):
+        load = SteadyLoad(stack, callers=2)
+        running = load.run()
+        await load.each_made(3)
+        profile = str(tmp_path / f"{base}.yaml")
+        refusals = {
+            "4": "iris@4 cannot replace iris@2: input shape [None, 5] differs from version 2's [None, 4]",
+            "5": "iris@5 is refused: model file",
+            "6": "iris@6 is refused: model file",
+            "9": "iris has no version '9'",
+        }
+        for version, reason in refusals.items():
+            result = await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", version)
+            assert result.exit_code == 1 and reason in " ".join(result.output.split()), (version, result.output)
+        assert "does not load in ONNX Runtime" in " ".join(
+            (await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", "5")).output.split())
+        assert "sha256" in (await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris",
+                                                    "6")).output
+        await load.each_made(3)
+        load.stop.set()
+        await running
+        answers = [answer for caller in load.answers for answer in caller]
+        assert load.errors == [] and len(answers) == load.sent
+        assert {(a["status"], a["model_version"]) for _, a in answers} == {("succeeded", "2")}
+        # Nothing to roll back to: no promotion was made.
+        result = await asyncio.to_thread(models_cli, settings, "rollback", "--profile", profile, "iris")
+        assert result.exit_code == 1 and "nothing to roll back to" in result.output

@@ -1,0 +1,76 @@
+"""``toposerve models promote|rollback|versions``: which version of a model serves, changed while the profile runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from toposerve.brokers import ServingVersions, Settings, connect_redis
+from toposerve.deploy.cli.common import checked_profile, say
+from toposerve.deploy.components import models_dir
+from toposerve.deploy.version_ops import VersionRefused, policy_of, promote, rollback, serving_version
+from toposerve.models import ModelRegistry
+
+PROFILE_OPTION = click.option("--profile", "profile_name", required=True, help="The running profile (name or path)")
+
+
+@click.group()
+def models() -> None:
+    """Model versions: list them, promote one to serve, roll back (no restart, no lost request)."""
+
+
+@models.command("promote")
+@PROFILE_OPTION
+@click.argument("model")
+@click.argument("version")
+def promote_command(profile_name: str, model: str, version: str) -> None:
+    """Make MODEL@VERSION serve (after checking its file, sha256 and input signature)."""
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        change = asyncio.run(promote(settings, profile, models_dir(settings), model, version))
+    except VersionRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+    say(f"{model}@{change.version} serves now (was {change.previous}; `toposerve models rollback` returns to it)")
+
+
+@models.command("rollback")
+@PROFILE_OPTION
+@click.argument("model")
+def rollback_command(profile_name: str, model: str) -> None:
+    """Make the version that served before the last promotion serve again."""
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        change = asyncio.run(rollback(settings, profile, models_dir(settings), model))
+    except VersionRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+    say(f"{model}@{change.version} serves again (was {change.previous})")
+
+
+@models.command("versions")
+@PROFILE_OPTION
+@click.argument("model")
+def versions_command(profile_name: str, model: str) -> None:
+    """MODEL's versions in the model directory and the one serving, as JSON."""
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        policy = policy_of(profile, model)
+    except VersionRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    async def serving() -> str:
+        client = connect_redis(settings.redis_url, max_connections=2)
+        try:
+            return await serving_version(ServingVersions(client, settings.namespace), profile, model)
+        finally:
+            await client.aclose()
+
+    known = ModelRegistry(models_dir(settings)).versions.get(model, {})
+    click.echo(json.dumps({"model": model, "serving": asyncio.run(serving()),
+                           "canary": policy.canary.model_dump() if policy.canary else None, "shadow": policy.shadow,
+                           "versions": {v: {"sha256": m.sha256, "test_accuracy": m.metrics.get("test_accuracy")}
+                                        for v, m in sorted(known.items())}}, indent=2))
