@@ -84,7 +84,7 @@ from toposerve.brokers.messages import (
 )
 from toposerve.brokers.redaction import redact
 from toposerve.brokers.results import CompletionListener, JobDone, JobError, JobRecord, JobStatus, ResultStore
-from toposerve.brokers.serving_versions import ServingChange, ServingVersions
+from toposerve.brokers.serving_versions import LoadedReport, ServingChange, ServingVersions
 from toposerve.brokers.settings import Settings
 from toposerve.brokers.shadow_store import ShadowComparison, ShadowStore, ShadowTally
 from toposerve.brokers.telemetry_messages import (
@@ -116,6 +116,7 @@ from toposerve.brokers.versions import (
 )
 
 __all__ = [
+    "LoadedReport",
     "ShadowComparison",
     "ShadowStore",
     "ShadowTally",

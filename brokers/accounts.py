@@ -162,7 +162,8 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
              "aggregate": {"join:*"},
              "batch_store": {"batch:*", "job:*", "job-owner:*"},
              "telemetry": {"telemetry:*"},
-             "shadow": {"shadow:*"}}.get(kind, set())
+             "shadow": {"shadow:*"},
+             "predict": {"loaded:*"}}.get(kind, set())
     return Account(role=kind, broker=broker,
                    redis=RedisAccount(user=broker.user, rules=_redis_rules(namespace, keys, channels=True)))
 

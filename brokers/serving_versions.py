@@ -15,6 +15,16 @@ from toposerve.brokers.versions import ModelVersion
 
 # A promotion outlives any run of the profile; refreshed at every change (every key has a TTL).
 SERVING_TTL_S = 90 * 24 * 3600
+# A predict stage's report of what it loaded, renewed every few seconds: a gone stage's report expires.
+LOADED_TTL_S = 15
+
+
+class LoadedReport(BaseModel):
+    """What one predict stage process has loaded of a model, and the versions it refused (with why)."""
+
+    stage: str
+    loaded: list[ModelVersion]
+    refused: dict[str, str] = {}
 
 
 class ServingChange(BaseModel):
@@ -54,6 +64,17 @@ class ServingVersions:
     async def previous(self, model: str) -> str | None:
         value = await self.client.hget(self.key(model), "previous")
         return value.decode() if isinstance(value, bytes) else value
+
+    async def report_loaded(self, model: str, instance: str, report: LoadedReport) -> None:
+        await self.client.set(f"{self.namespace}:loaded:{model}:{instance}", report.model_dump_json(), ex=LOADED_TTL_S)
+
+    async def loaded_reports(self, model: str) -> dict[str, LoadedReport]:
+        """The live predict stage processes' reports for ``model``, by instance."""
+        prefix = f"{self.namespace}:loaded:{model}:"
+        keys = [key async for key in self.client.scan_iter(match=prefix + "*", count=200)]
+        values = await self.client.mget(keys) if keys else []
+        return {(k.decode() if isinstance(k, bytes) else k)[len(prefix):]: LoadedReport.model_validate_json(v)
+                for k, v in zip(keys, values, strict=True) if v is not None}
 
     async def forget(self, model: str) -> None:
         """Back to the profile's ``serve`` (``toposerve down``, or a fresh start)."""

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     # Seconds a stage waits for in-flight work after SIGTERM before it exits anyway.
     drain_timeout_s: float = Field(default=10.0, ge=0)
+    # Seconds between a predict stage's looks at the model directory for versions dropped in
+    # while it runs (loaded after their sha256 and input signature are checked; `toposerve models reload`).
+    version_watch_s: float = Field(default=1.0, gt=0)
     # ONNX Runtime threads per predict process (the stages are processes, so keep it small).
     ort_intra_op_threads: int = Field(default=1, ge=0)
     # Log lines: "plain" (human) or "json" (one object per line, with job_id and trace_id).

@@ -5,11 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import ClassVar
 
 import numpy as np
+from redis.exceptions import RedisError
 
-from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, published_key, utc_now
+from toposerve.brokers import (
+    Envelope,
+    Failure,
+    FailureCode,
+    Features,
+    JobSlice,
+    LoadedReport,
+    Prediction,
+    ServingVersions,
+    published_key,
+    stop_task,
+    utc_now,
+)
 from toposerve.consumers.batching import UNCALIBRATED_INLINE_ROWS, MicroBatcher
 from toposerve.consumers.metrics import StageMetrics, VersionMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
@@ -45,11 +59,20 @@ class PredictStage(Stage):
         cascade: tuple[float, str] | None = None,
         publishes: str | None = None,
         versions: dict[str, list[str]] | None = None,
+        reports: ServingVersions | None = None,
+        watch_s: float = 1.0,
     ) -> None:
         super().__init__(name)
         # Models with a version policy: every version the stage loads (the first answers a
         # message that names none); a message naming a version is answered by that one.
         self.versions = versions or {}
+        # Where the stage says which versions it loaded (promote waits for every stage to have one);
+        # every ``watch_s`` it also loads versions dropped into the model directory since it started.
+        self.reports = reports
+        self.watch_s = watch_s
+        self.instance = f"{name}-{uuid.uuid4().hex[:12]}"
+        self.refused: dict[str, tuple[str, str]] = {}  # model_key -> (sha256, why), so a file is judged once
+        self._watch: asyncio.Task | None = None
         # A routing-key template ({model}) for predictions that a post-processing stage
         # (``kind: custom``) turns into the job's answer; None: ``prediction.<model>``, final.
         self.publishes = publishes
@@ -80,9 +103,63 @@ class PredictStage(Stage):
             rows = self.batcher.calibrate(name, one, full)
             log.info("model %s: %.0f us for 1 row, %.0f us for %d; batches up to %d rows run on the event loop",
                      name, one * 1e6, full * 1e6, size, rows)
+        if self.versions and self.reports is not None:
+            await self._report()  # before the first message: promote may count on this stage at once
+            self._watch = asyncio.create_task(self._watch_versions(), name=f"{self.name}-version-watch")
+
+    async def _watch_versions(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_s)
+            try:
+                await self.pick_up_versions()
+                await self._report()
+            except RedisError as exc:
+                log.warning("stage %s cannot report its model versions: %s", self.name, exc)
+            except Exception:  # noqa: BLE001 - the watch must outlive any one bad look at the directory
+                log.exception("stage %s: looking for new model versions failed", self.name)
+
+    async def pick_up_versions(self) -> list[str]:
+        """Load the versions of the policies' models that appeared in the model directory (checked:
+        sha256, and the input signature of the version the stage serves); the keys loaded."""
+        fresh = await asyncio.to_thread(self.registry.rescan)
+        added = []
+        for name in self.versions:
+            for version, manifest in fresh.get(name, {}).items():
+                key = f"{name}@{version}"
+                if key in self.loaded:
+                    if self.loaded[key].manifest.sha256 != manifest.sha256 and key not in self.refused:
+                        why = "its manifest changed on disk; a version is immutable: give the new file a new version"
+                        self.refused[key] = (manifest.sha256, why)
+                        log.warning("stage %s keeps serving %s as loaded: %s", self.name, key, why)
+                    continue
+                if self.refused.get(key, ("",))[0] == manifest.sha256:
+                    continue
+                try:
+                    candidate = await asyncio.to_thread(load_checked_version, self.registry, self.models[name], version)
+                except ModelLoadError as exc:
+                    self.refused[key] = (manifest.sha256, str(exc))
+                    log.warning("stage %s refuses %s: %s", self.name, key, exc)
+                    continue
+                self.refused.pop(key, None)
+                self.loaded[key] = candidate
+                added.append(key)
+                log.info("stage %s loaded %s (sha256 %s)", self.name, key, manifest.sha256[:16])
+        return added
+
+    async def _report(self) -> None:
+        assert self.reports is not None
+        for name in self.versions:
+            loaded = sorted(key.split("@", 1)[1] for key in self.loaded if key.split("@", 1)[0] == name)
+            refused = {key.split("@", 1)[1]: why for key, (_, why) in self.refused.items()
+                       if key.split("@", 1)[0] == name}
+            await self.reports.report_loaded(name, self.instance,
+                                             LoadedReport(stage=self.name, loaded=loaded, refused=refused))
 
     async def stop(self) -> None:
+        await stop_task(self._watch)
         await self.batcher.close()
+        if self.reports is not None:
+            await self.reports.client.aclose()
 
     def _load(self) -> tuple[dict[str, LoadedModel], dict[str, LoadedModel]]:
         """Each model's answering version (by name), and every loaded version (by ``model_key``)."""

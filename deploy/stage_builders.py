@@ -18,6 +18,7 @@ from toposerve.brokers import (
     JoinStore,
     PredictionCache,
     ResultStore,
+    ServingVersions,
     Settings,
     ShadowStore,
     TelemetryStore,
@@ -95,11 +96,15 @@ def _preprocess(ctx: StageContext, spec: PreprocessSpec) -> Stage:
 
 
 def _predict(ctx: StageContext, spec: PredictSpec) -> Stage:
+    versions = stage_versions(ctx)
     return PredictStage(ctx.stage_name, ctx.registry, ctx.profile.stage_models(ctx.stage_name),
                         max_batch_size=spec.max_batch_size, max_batch_delay_ms=spec.max_batch_delay_ms,
                         max_rows=ctx.settings.max_rows, groups=ctx.profile.group_parts(ctx.stage_name),
                         cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None,
-                        publishes=spec.publishes, versions=stage_versions(ctx))
+                        publishes=spec.publishes, versions=versions,
+                        reports=ServingVersions(connect_redis(ctx.settings.redis_url, max_connections=4),
+                                                ctx.settings.namespace) if versions else None,
+                        watch_s=ctx.settings.version_watch_s)
 
 
 def stage_versions(ctx: StageContext) -> dict[str, list[str]]:

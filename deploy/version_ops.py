@@ -10,9 +10,10 @@ version added later (``toposerve models reload``, consumers/version_watch.py) af
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from toposerve.brokers import ServingChange, ServingVersions, Settings, connect_redis
+from toposerve.brokers import LoadedReport, ServingChange, ServingVersions, Settings, connect_redis
 from toposerve.deploy.profile import Profile
 from toposerve.models import ModelLoadError, ModelManifest, ModelRegistry, open_model, signature_problems
 
@@ -50,6 +51,69 @@ def check_candidate(models_dir: Path, model: str, version: str, serving: str) ->
     return candidate
 
 
+def lacking(reports: dict[str, LoadedReport], version: str) -> dict[str, str]:
+    """Pure: the stage processes (by instance) that have not loaded ``version``, with what they said."""
+    return {instance: report.refused.get(version, "not loaded yet")
+            for instance, report in reports.items() if version not in report.loaded}
+
+
+async def require_loaded(store: ServingVersions, model: str, version: str) -> None:
+    """Stages load, then the switch: refused unless every running predict stage process has loaded it."""
+    reports = await store.loaded_reports(model)
+    if not reports:
+        raise VersionRefused(f"no running predict stage reports the versions of {model} it loaded "
+                             "(is the profile up in this namespace?)")
+    missing = lacking(reports, version)
+    if missing:
+        said = "; ".join(f"{reports[i].stage} ({i}): {why}" for i, why in sorted(missing.items()))
+        raise VersionRefused(f"{model}@{version} is not loaded by every predict stage: {said} "
+                             "(`toposerve models reload` waits until it is)")
+
+
+async def reload(settings: Settings, profile: Profile, models_dir: Path, timeout_s: float = 30.0
+                 ) -> dict[str, str]:
+    """Check every version of the policies' models in the model directory, and wait until the running
+    predict stages have loaded the sound ones; ``model@version`` -> "loaded" or why it is refused."""
+    client = connect_redis(settings.redis_url, max_connections=2)
+    outcome: dict[str, str] = {}
+    try:
+        store = ServingVersions(client, settings.namespace)
+        registry = ModelRegistry(models_dir)
+        known = registry.versions  # reads the version files: the unreadable ones are in refused_files now
+        outcome |= {name.removesuffix(".json"): why for name, why in registry.refused_files.items()}
+        waiting: dict[str, tuple[str, str]] = {}
+        for model in profile.versions:
+            serving = await serving_version(store, profile, model)
+            for version in sorted(known.get(model, {})):
+                try:
+                    check_candidate(models_dir, model, version, serving)
+                except VersionRefused as exc:
+                    outcome[f"{model}@{version}"] = str(exc)
+                    continue
+                waiting[f"{model}@{version}"] = (model, version)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while waiting:
+            for key, (model, version) in list(waiting.items()):
+                reports = await store.loaded_reports(model)
+                missing = lacking(reports, version)
+                refusals = {why for why in missing.values() if why != "not loaded yet"}
+                if reports and not missing:
+                    outcome[key] = f"loaded by {len(reports)} predict stage process(es)"
+                    del waiting[key]
+                elif refusals:
+                    outcome[key] = "refused by a predict stage: " + "; ".join(sorted(refusals))
+                    del waiting[key]
+            if waiting and asyncio.get_running_loop().time() > deadline:
+                for key in waiting:
+                    outcome[key] = f"not loaded by every predict stage within {timeout_s:g} s"
+                break
+            if waiting:
+                await asyncio.sleep(0.2)
+        return outcome
+    finally:
+        await client.aclose()
+
+
 async def serving_version(store: ServingVersions, profile: Profile, model: str) -> str:
     policy = policy_of(profile, model)
     current = await store.current(model)
@@ -66,6 +130,7 @@ async def promote(settings: Settings, profile: Profile, models_dir: Path, model:
         if version == serving:
             raise VersionRefused(f"{model}@{version} serves already")
         check_candidate(models_dir, model, version, serving)
+        await require_loaded(store, model, version)
         return await store.promote(model, version, serving)
     finally:
         await client.aclose()
@@ -82,6 +147,7 @@ async def rollback(settings: Settings, profile: Profile, models_dir: Path, model
             raise VersionRefused(f"{model}: nothing to roll back to ({model}@{serving} serves and no promotion "
                                  "was made in this namespace)")
         check_candidate(models_dir, model, previous, serving)
+        await require_loaded(store, model, previous)
         return await store.promote(model, previous, serving)
     finally:
         await client.aclose()

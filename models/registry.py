@@ -90,6 +90,12 @@ class ModelRegistry:
                 self.refused_files[path.name] = str(exc)
         return collect_versions(self.manifests, extra)
 
+    def rescan(self) -> dict[str, dict[str, ModelManifest]]:
+        """Read the version files again (a version may have been dropped in); loaded sessions stay."""
+        self.__dict__.pop("versions", None)
+        self.refused_files = {}
+        return self.versions
+
     def manifest(self, name: str, version: str | None = None) -> ModelManifest | None:
         if version is None:
             return self.manifests.get(name)

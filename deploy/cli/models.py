@@ -1,4 +1,4 @@
-"""``toposerve models promote|rollback|versions``: which version of a model serves, changed while the profile runs."""
+"""``toposerve models promote|rollback|reload|versions``: which version of a model serves, changed while the profile runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 from toposerve.brokers import ServingVersions, Settings, connect_redis
 from toposerve.deploy.cli.common import checked_profile, say
 from toposerve.deploy.components import models_dir
-from toposerve.deploy.version_ops import VersionRefused, policy_of, promote, rollback, serving_version
+from toposerve.deploy.version_ops import VersionRefused, policy_of, promote, reload, rollback, serving_version
 from toposerve.models import ModelRegistry
 
 PROFILE_OPTION = click.option("--profile", "profile_name", required=True, help="The running profile (name or path)")
@@ -48,6 +48,25 @@ def rollback_command(profile_name: str, model: str) -> None:
     except VersionRefused as exc:
         raise click.ClickException(str(exc)) from exc
     say(f"{model}@{change.version} serves again (was {change.previous})")
+
+
+@models.command("reload")
+@PROFILE_OPTION
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="Seconds to wait for the stages")
+def reload_command(profile_name: str, timeout_s: float) -> None:
+    """Check the versions in the model directory (sha256, loading, input signature against the serving one)
+    and wait until the running predict stages loaded the sound ones; a refused one is said, and exits 1."""
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        outcome = asyncio.run(reload(settings, profile, models_dir(settings), timeout_s))
+    except VersionRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+    for key, what in sorted(outcome.items()):
+        click.echo(f"{key}: {what}")
+    refused = sorted(key for key, what in outcome.items() if not what.startswith("loaded"))
+    if refused:
+        raise click.ClickException(f"refused: {', '.join(refused)}; the versions serving are unchanged")
 
 
 @models.command("versions")

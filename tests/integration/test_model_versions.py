@@ -273,36 +273,50 @@ def broken_versions(models_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("base", ["synchronous", "asynchronous"])
-async def test_a_corrupt_or_incompatible_version_is_refused_and_the_old_one_keeps_serving(
+async def test_reload_loads_a_dropped_in_version_refuses_corrupt_or_incompatible_ones_and_nothing_fails(
         settings: Settings, tmp_path: Path, base: str) -> None:
     models_dir = tmp_path / "models"
     shutil.copytree(MODELS_DIR, models_dir)
-    broken_versions(models_dir)
-    settings = settings.model_copy(update={"models_dir": str(models_dir)})
+    held_back = tmp_path / "held_back"
+    held_back.mkdir()
+    for name in ("iris@3.json", "iris@3.onnx"):
+        shutil.move(models_dir / name, held_back / name)
+    settings = settings.model_copy(update={"models_dir": str(models_dir), "version_watch_s": 0.2})
     async for stack in versioned_stack(settings, tmp_path, base, {"serve": "2"}):
+        profile = str(tmp_path / f"{base}.yaml")
         load = SteadyLoad(stack, callers=2)
         running = load.run()
         await load.each_made(3)
-        profile = str(tmp_path / f"{base}.yaml")
-        refusals = {
-            "4": "iris@4 cannot replace iris@2: input shape [None, 5] differs from version 2's [None, 4]",
-            "5": "iris@5 is refused: model file",
-            "6": "iris@6 is refused: model file",
-            "9": "iris has no version '9'",
-        }
-        for version, reason in refusals.items():
+        # Not in the directory yet: refused, and 2 keeps serving.
+        result = await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", "3")
+        assert result.exit_code == 1 and "iris has no version '3'" in result.output, result.output
+        # Dropped in while the profile runs: iris@3, and three broken versions.
+        for path in held_back.iterdir():
+            shutil.copy(path, models_dir / path.name)
+        (models_dir / "iris@3.json").touch()
+        broken_versions(models_dir)
+        result = await asyncio.to_thread(models_cli, settings, "reload", "--profile", profile)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1, result.output
+        assert "iris@3: loaded by 1 predict stage process(es)" in said
+        assert "iris@4: iris@4 cannot replace iris@2: input shape [None, 5] differs from version 2's [None, 4]" in said
+        assert "iris@5: iris@5 is refused: model file" in said and "does not load in ONNX Runtime" in said
+        assert "iris@6: iris@6 is refused: model file" in said and "sha256" in said
+        assert "refused: iris@4, iris@5, iris@6; the versions serving are unchanged" in said
+        for version, reason in {"4": "input shape [None, 5] differs", "5": "does not load in ONNX Runtime",
+                                "6": "sha256", "9": "iris has no version '9'"}.items():
             result = await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", version)
             assert result.exit_code == 1 and reason in " ".join(result.output.split()), (version, result.output)
-        assert "does not load in ONNX Runtime" in " ".join(
-            (await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", "5")).output.split())
-        assert "sha256" in (await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris",
-                                                    "6")).output
         await load.each_made(3)
+        assert {a["model_version"] for caller in load.answers for _, a in caller} == {"2"}
+        # The sound one serves once promoted.
+        result = await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", "3")
+        assert result.exit_code == 0, result.output
+        await load.each_made(5)
         load.stop.set()
         await running
         answers = [answer for caller in load.answers for answer in caller]
         assert load.errors == [] and len(answers) == load.sent
-        assert {(a["status"], a["model_version"]) for _, a in answers} == {("succeeded", "2")}
-        # Nothing to roll back to: no promotion was made.
-        result = await asyncio.to_thread(models_cli, settings, "rollback", "--profile", profile, "iris")
-        assert result.exit_code == 1 and "nothing to roll back to" in result.output
+        assert all(a["status"] == "succeeded" for _, a in answers)
+        for caller in load.answers:
+            assert runs_of([a["model_version"] for _, a in caller]) == ["2", "3"]
