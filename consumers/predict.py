@@ -12,6 +12,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from toposerve.brokers import (
+    CanarySpec,
     Envelope,
     Failure,
     FailureCode,
@@ -20,6 +21,7 @@ from toposerve.brokers import (
     LoadedReport,
     Prediction,
     ServingVersions,
+    choose_version,
     published_key,
     stop_task,
     utc_now,
@@ -61,11 +63,15 @@ class PredictStage(Stage):
         versions: dict[str, list[str]] | None = None,
         reports: ServingVersions | None = None,
         watch_s: float = 1.0,
+        canaries: dict[str, CanarySpec] | None = None,
     ) -> None:
         super().__init__(name)
         # Models with a version policy: every version the stage loads (the first answers a
         # message that names none); a message naming a version is answered by that one.
         self.versions = versions or {}
+        # A message that names no version (a direct publisher's) is given one as the ingress would:
+        # the canary for its share of job ids, so a republished job (same id) lands on the same version.
+        self.canaries = canaries or {}
         # Where the stage says which versions it loaded (promote waits for every stage to have one);
         # every ``watch_s`` it also loads versions dropped into the model directory since it started.
         self.reports = reports
@@ -191,6 +197,9 @@ class PredictStage(Stage):
 
     async def handle(self, message: Envelope) -> list[Outgoing]:
         assert isinstance(message, Features)
+        canary = self.canaries.get(message.model)
+        if message.version is None and canary is not None and message.model in self.models:
+            message.version = choose_version(self.models[message.model].manifest.version, canary, message.id)
         if self.version_metrics is None or message.version is None:
             return await self._handle(message)
         # Versioned jobs are counted and timed per version, side by side (canary against serve).

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 from redis.exceptions import RedisError
 
-from toposerve.brokers import Envelope, Features, ShadowComparison, ShadowStore, VersionPolicy
+from toposerve.brokers import Envelope, Features, ShadowComparison, ShadowStore, VersionPolicy, choose_version
 from toposerve.consumers.predict import load_checked_version
 from toposerve.consumers.stage import Outgoing, Stage, TransientError
 from toposerve.models import (
@@ -81,7 +81,8 @@ class ShadowStage(Stage):
         policy = self.policies.get(message.model)
         if policy is None or policy.shadow is None:
             return []
-        serve_version = message.version or policy.serve
+        serve_version = message.version or (choose_version(policy.serve, policy.canary, message.id)
+                                             if policy.serve is not None else None)  # as the predict stage does
         if serve_version == policy.shadow or serve_version is None:
             return []  # a job for the shadow version itself: nothing to compare it with
         serving, shadow = self.loaded.get((message.model, serve_version)), self.loaded[(message.model, policy.shadow)]

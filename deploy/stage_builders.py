@@ -104,7 +104,8 @@ def _predict(ctx: StageContext, spec: PredictSpec) -> Stage:
                         publishes=spec.publishes, versions=versions,
                         reports=ServingVersions(connect_redis(ctx.settings.redis_url, max_connections=4),
                                                 ctx.settings.namespace) if versions else None,
-                        watch_s=ctx.settings.version_watch_s)
+                        watch_s=ctx.settings.version_watch_s,
+                        canaries={m: p.canary for m, p in ctx.profile.versions.items() if p.canary and m in versions})
 
 
 def stage_versions(ctx: StageContext) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 
 from tests.integration.conftest import Stack, start_stack
-from toposerve.brokers import CanarySpec, JobStatus, Settings, ShadowStore, choose_version
+from toposerve.brokers import CanarySpec, InferenceRequest, JobStatus, Settings, ShadowStore, choose_version, publishing
 from toposerve.deploy.cli import main
 from toposerve.deploy.profile import PROFILES_DIR
 from toposerve.models import ModelRegistry
@@ -131,6 +131,9 @@ async def test_a_version_named_in_the_url_answers(settings: Settings, tmp_path: 
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "unknown_version"
         assert "'9'" in response.json()["error"]["message"] and "['2', '3']" in response.json()["error"]["message"]
+        for wrong in ("3.1", "v3", "%20"):
+            response = await stack.client.post(f"/v1/models/iris/versions/{wrong}/predict", json={"instances": IRIS_ROWS})
+            assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_version", wrong
         # A model without a policy has its manifest's version only.
         response = await stack.client.post("/v1/models/digits_fast/versions/2/predict", json={"instances": [[0] * 64]})
         assert response.status_code == 404, response.text
@@ -320,3 +323,39 @@ async def test_reload_loads_a_dropped_in_version_refuses_corrupt_or_incompatible
         assert all(a["status"] == "succeeded" for _, a in answers)
         for caller in load.answers:
             assert runs_of([a["model_version"] for _, a in caller]) == ["2", "3"]
+
+
+async def test_a_job_published_straight_to_the_exchange_twice_lands_on_the_same_version(
+        settings: Settings, tmp_path: Path) -> None:
+    """A direct AMQP publisher names no version: the predict stage chooses as the ingress does, by job id."""
+    policy = {"serve": "2", "canary": {"version": "3", "percent": 50}}
+    async for stack in versioned_stack(settings, tmp_path, "asynchronous", policy):
+        ids = [uuid.uuid4() for _ in range(30)]
+        seen: dict[uuid.UUID, list[str]] = {i: [] for i in ids}
+        async with publishing(settings, "test-versions", stack.profile.queue_specs(settings.namespace)) as publisher:
+            for _ in range(2):  # the second round: a publisher retrying every job, same ids
+                for job_id in ids:
+                    await publisher.publish(InferenceRequest(id=job_id, model="iris", instances=[IRIS_ROWS[3]]),
+                                            "request.iris")
+                for job_id in ids:
+                    for _ in range(300):
+                        record = await stack.results.get(job_id)
+                        if record is not None and record.status is JobStatus.SUCCEEDED:
+                            seen[job_id].append(record.model_version or "")
+                            break
+                        await asyncio.sleep(0.02)
+                    await stack.results.delete(job_id)  # so the retry's answer is the one read next
+            # A version no stage has: the job fails, saying which versions there are.
+            unknown = InferenceRequest(id=uuid.uuid4(), model="iris", version="9", instances=[IRIS_ROWS[0]])
+            await publisher.publish(unknown, unknown.routing_key())
+        for _ in range(300):
+            record = await stack.results.get(unknown.id)
+            if record is not None and record.status is not JobStatus.PENDING:
+                break
+            await asyncio.sleep(0.02)
+        assert record is not None and record.status is JobStatus.FAILED and record.error is not None
+        assert record.error.code == "unknown_model"
+        assert "has no version '9'" in record.error.message and "['2', '3']" in record.error.message
+        canary = CanarySpec(version="3", percent=50)
+        assert seen == {i: [choose_version("2", canary, i)] * 2 for i in ids}
+        assert {v for versions in seen.values() for v in versions} == {"2", "3"}
