@@ -197,15 +197,16 @@ class Profile(_Strict):
         if "shadow" in self.stages:
             raise ValueError("a shadow version adds a stage named 'shadow'; this profile has a stage of that "
                              "name that is not a shadow stage")
-        self.stages["shadow"] = ShadowSpec(kind="shadow", consumes=[f"features.{model}.#" for model in shadowed],
+        self.stages["shadow"] = ShadowSpec(kind="shadow", consumes=[key for model in shadowed
+                                                     for key in (f"features.{model}", f"features.{model}.*")],
                                            prefetch=256)
         return self
 
     @model_validator(mode="after")
     def _versioned_keys_have_a_consumer(self) -> Profile:
         # A versioned job travels as request.<model>.v<version> / features.<model>.v<version>:
-        # the stages must be bound to those keys too (``request.#``, ``features.*.*``), or it would
-        # be unroutable.
+        # the stages must be bound to those keys too (``request.*.*``, ``features.*.*``), or it would
+        # be unroutable. (``#`` works too, but AsyncAPI channel addresses cannot hold it.)
         kinds = {"request": (PreprocessSpec, "preprocess"), "features": (PredictSpec, "predict")}
         for model, policy in self.versions.items():
             # A policy without versions serves the manifest's, unknown here: any version word stands for it.
@@ -215,7 +216,7 @@ class Profile(_Strict):
                     key = versioned_key(kind, model, version)
                     if patterns and not any_binding_matches(patterns, key):
                         raise ValueError(f"models.{model}: no {stage_kind} stage consumes {key} "
-                                         f"(bind e.g. '{kind}.#')")
+                                         f"(bind e.g. '{kind}.*.*')")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,11 @@ def topology(profile_name: str) -> None:
     click.echo(f"  ingress: mode={profile.ingress.mode} http://{profile.ingress.host}:{profile.ingress.port} "
                f"publishes {publishes}{kept}")
     click.echo(f"  models: {', '.join(profile.models)}")
+    for model, policy in profile.versions.items():
+        canary = f", canary {model}@{policy.canary.version} {policy.canary.percent:g}%" if policy.canary else ""
+        shadow = f", shadow {model}@{policy.shadow}" if policy.shadow else ""
+        click.echo(f"  versions: {model}@{policy.serve or '(manifest)'} serves{canary}{shadow} "
+                   f"(keys request|features.{model}.v<version>)")
     for group, spec in profile.groups.items():
         click.echo(f"  group {group}: {', '.join(spec.models)} (one request to all; joined within "
                    f"{spec.join_timeout_s:g}s by an aggregate stage)")

@@ -1,7 +1,7 @@
 """Model versions on real RabbitMQ and Redis, on the asynchronous and the synchronous profiles.
 
 A profile derived from the shipped one serves iris@2 with iris@3 as a canary (or shadow); its
-stages are bound to the versioned keys (``request.#``, ``features.#``). Every answer's
+stages are bound to the versioned keys (``request.*.*``, ``features.*.*``). Every answer's
 ``model_version`` is checked against the pure choice (``choose_version``) for its job id, and
 its labels against ONNX Runtime run directly on the version's file.
 """
@@ -40,8 +40,8 @@ def versioned_profile(tmp_path: Path, base: str, policy: dict) -> Path:
     data["models"] = {"iris": policy, "digits_fast": {}}
     data["ingress"].pop("book_model", None)
     for stage in data["stages"].values():
-        stage["consumes"] = [key.replace(".*", ".#") if key.startswith(("request", "features")) else key
-                             for key in stage["consumes"]]
+        stage["consumes"] = [bound for key in stage["consumes"] for bound in
+                             ([key, f"{key}.*"] if key.startswith(("request", "features")) else [key])]
     path = tmp_path / f"{base}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -151,7 +151,7 @@ async def test_the_shadow_sees_every_job_and_its_agreement_is_the_direct_computa
         settings: Settings, tmp_path: Path, base: str) -> None:
     count = 120
     async for stack in versioned_stack(settings, tmp_path, base, {"serve": "2", "shadow": "3"}):
-        assert "shadow" in stack.runners  # the profile added the stage: a second binding on features.iris.#
+        assert "shadow" in stack.runners  # the profile added the stage: a second binding on features.iris(.*)
         answered = await predict_many(stack, count, concurrency=16)
         expected = {version: onnx_labels(version, IRIS_ROWS) for version in ("2", "3")}
         # Callers only ever get the serving version.

@@ -66,8 +66,8 @@ def write_profile(tmp_path: Path, models: object, bind_versions: bool = True) ->
     data["models"] = models
     data["ingress"].pop("book_model")
     if bind_versions:
-        data["stages"]["preprocess"]["consumes"] = ["request.#"]
-        data["stages"]["predict"]["consumes"] = ["features.#"]
+        data["stages"]["preprocess"]["consumes"] = ["request.*", "request.*.*"]
+        data["stages"]["predict"]["consumes"] = ["features.*", "features.*.*"]
     path = tmp_path / "versioned.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -90,7 +90,7 @@ def test_a_profile_with_a_wrong_version_fails_with_the_field(tmp_path: Path) -> 
                                            r"\(versions: \['2', '3'\]\)"):
         checked_profile(write_profile(tmp_path, {"iris": {"serve": "2", "canary": {"version": "7", "percent": 5}}}),
                         MODELS_DIR)
-    with pytest.raises(ProfileError, match=r"models\.iris: no preprocess stage consumes request\.iris\.v2 \(bind e\.g\. 'request\.#'\)"):
+    with pytest.raises(ProfileError, match=r"models\.iris: no preprocess stage consumes request\.iris\.v2 \(bind e\.g\. 'request\.\*\.\*'\)"):
         load_profile(str(write_profile(tmp_path, {"iris": {"serve": "2", "shadow": "3"}}, bind_versions=False)))
     with pytest.raises(ProfileError, match="models.iris.canary.percent: Input should be greater than 0"):
         load_profile(str(write_profile(tmp_path, {"iris": {"serve": "2", "canary": {"version": "3", "percent": 0}}})))
