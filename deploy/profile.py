@@ -183,6 +183,10 @@ class Profile(_Strict):
         unknown = sorted(set(self.versions) - set(self.models))
         if unknown:
             raise ValueError(f"versions: {unknown} are not in the profile's 'models'")
+        if self.versions and self.ingress.prediction_cache_ttl_s is not None:
+            # Cached answers are keyed by the model's manifest version, not by the version that answered.
+            raise ValueError("version policies and ingress.prediction_cache_ttl_s cannot be combined: cached "
+                             "answers would not say which version gave them")
         grouped = sorted(set(self.versions) & {m for g in self.groups.values() for m in g.models})
         if grouped:
             raise ValueError(f"versions: {grouped} are members of a model group; a group's members serve one version")

@@ -92,6 +92,11 @@ def test_a_profile_with_a_wrong_version_fails_with_the_field(tmp_path: Path) -> 
                         MODELS_DIR)
     with pytest.raises(ProfileError, match=r"models\.iris: no preprocess stage consumes request\.iris\.v2 \(bind e\.g\. 'request\.\*\.\*'\)"):
         load_profile(str(write_profile(tmp_path, {"iris": {"serve": "2", "shadow": "3"}}, bind_versions=False)))
+    cached = yaml.safe_load(write_profile(tmp_path, {"iris": {"serve": "2"}}).read_text())
+    cached["ingress"]["prediction_cache_ttl_s"] = 60
+    (tmp_path / "cached.yaml").write_text(yaml.safe_dump(cached))
+    with pytest.raises(ProfileError, match="version policies and ingress.prediction_cache_ttl_s cannot be combined"):
+        load_profile(str(tmp_path / "cached.yaml"))
     with pytest.raises(ProfileError, match="models.iris.canary.percent: Input should be greater than 0"):
         load_profile(str(write_profile(tmp_path, {"iris": {"serve": "2", "canary": {"version": "3", "percent": 0}}})))
 
