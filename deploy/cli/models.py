@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from toposerve.brokers import ServingVersions, Settings, connect_redis
 from toposerve.deploy.cli.common import checked_profile, say
 from toposerve.deploy.components import models_dir
+from toposerve.deploy.profile import Profile
 from toposerve.deploy.version_ops import VersionRefused, policy_of, promote, reload, rollback, serving_version
 from toposerve.models import ModelRegistry
 
+T = TypeVar("T")
 PROFILE_OPTION = click.option("--profile", "profile_name", required=True, help="The running profile (name or path)")
 
 
@@ -21,18 +26,24 @@ def models() -> None:
     """Model versions: list them, promote one to serve, roll back (no restart, no lost request)."""
 
 
+def run_operation(profile_name: str, operation: Callable[[Settings, Profile, Path], Awaitable[T]]) -> T:
+    """An operation on the running profile's versions; a refusal is a clear error (exit 1), not a traceback."""
+    settings = Settings()
+    profile = checked_profile(profile_name, settings)
+    try:
+        return asyncio.run(operation(settings, profile, models_dir(settings)))
+    except VersionRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @models.command("promote")
 @PROFILE_OPTION
 @click.argument("model")
 @click.argument("version")
 def promote_command(profile_name: str, model: str, version: str) -> None:
     """Make MODEL@VERSION serve (after checking its file, sha256 and input signature)."""
-    settings = Settings()
-    profile = checked_profile(profile_name, settings)
-    try:
-        change = asyncio.run(promote(settings, profile, models_dir(settings), model, version))
-    except VersionRefused as exc:
-        raise click.ClickException(str(exc)) from exc
+    change = run_operation(profile_name, lambda settings, profile, folder: promote(settings, profile, folder, model,
+                                                                                  version))
     say(f"{model}@{change.version} serves now (was {change.previous}; `toposerve models rollback` returns to it)")
 
 
@@ -41,12 +52,7 @@ def promote_command(profile_name: str, model: str, version: str) -> None:
 @click.argument("model")
 def rollback_command(profile_name: str, model: str) -> None:
     """Make the version that served before the last promotion serve again."""
-    settings = Settings()
-    profile = checked_profile(profile_name, settings)
-    try:
-        change = asyncio.run(rollback(settings, profile, models_dir(settings), model))
-    except VersionRefused as exc:
-        raise click.ClickException(str(exc)) from exc
+    change = run_operation(profile_name, lambda settings, profile, folder: rollback(settings, profile, folder, model))
     say(f"{model}@{change.version} serves again (was {change.previous})")
 
 
@@ -56,12 +62,8 @@ def rollback_command(profile_name: str, model: str) -> None:
 def reload_command(profile_name: str, timeout_s: float) -> None:
     """Check the versions in the model directory (sha256, loading, input signature against the serving one)
     and wait until the running predict stages loaded the sound ones; a refused one is said, and exits 1."""
-    settings = Settings()
-    profile = checked_profile(profile_name, settings)
-    try:
-        outcome = asyncio.run(reload(settings, profile, models_dir(settings), timeout_s))
-    except VersionRefused as exc:
-        raise click.ClickException(str(exc)) from exc
+    outcome = run_operation(profile_name, lambda settings, profile, folder: reload(settings, profile, folder,
+                                                                                  timeout_s))
     for key, what in sorted(outcome.items()):
         click.echo(f"{key}: {what}")
     refused = sorted(key for key, what in outcome.items() if not what.startswith("loaded"))
