@@ -143,7 +143,7 @@ class Ingress:
         self.monitor: StageMonitor | None = None
         self.stats = IngressStats()
         self.prediction_cache: PredictionCache | None = None
-        self._coalescers: dict[tuple[str, str | None], FeatureCoalescer] = {}
+        self._coalescers: dict[str, FeatureCoalescer] = {}
         self.cache_fills: CompletionListener | None = None
         if config.spec.prediction_cache_ttl_s:
             self.prediction_cache = PredictionCache(self.results.client, settings.namespace,
@@ -338,7 +338,8 @@ class Ingress:
                 or not isinstance(request, InferenceRequest) or request.instances is None
                 or request.model in self.config.groups):
             return None
-        key = (request.model, request.version)
+        # One coalescer per model version: a message is for one version (a model without versions: its name).
+        key = request.model if request.version is None else f"{request.model}@{request.version}"
         coalescer = self._coalescers.get(key)
         if coalescer is None:
             coalescer = self._coalescers[key] = FeatureCoalescer(
