@@ -136,8 +136,10 @@ class Ingress:
         self.connection: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.results = ResultStore(connect_redis(settings.redis_url), settings.namespace, config.spec.result_ttl_s)
-        self.versions = IngressVersions(config.versions, {name: every_version[name] for name in config.models},
-                                        ServingVersions(self.results.client, settings.namespace))
+        # Every version of a model with a policy; the one version of any other model (or group).
+        known = {name: {m.version: m} for name, m in self.manifests.items()}
+        known |= {name: every_version[name] for name in config.versions}
+        self.versions = IngressVersions(config.versions, known, ServingVersions(self.results.client, settings.namespace))
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.replies: ReplyRouter | None = None
         self.monitor: StageMonitor | None = None
