@@ -356,6 +356,10 @@ async def test_a_job_published_straight_to_the_exchange_twice_lands_on_the_same_
         assert record is not None and record.status is JobStatus.FAILED and record.error is not None
         assert record.error.code == "unknown_model"
         assert "has no version '9'" in record.error.message and "['2', '3']" in record.error.message
+        # Failures are counted per version too, beside the answers.
+        exported = generate_latest(stack.runners["predict"].metrics.registry).decode()
+        assert 'toposerve_model_version_jobs_total{model="iris",outcome="failed",stage="predict",version="9"} 1.0' \
+            in exported
         canary = CanarySpec(version="3", percent=50)
         assert seen == {i: [choose_version("2", canary, i)] * 2 for i in ids}
         assert {v for versions in seen.values() for v in versions} == {"2", "3"}
