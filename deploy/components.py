@@ -8,7 +8,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from toposerve.api import IngressConfig, LiveProfile, create_app
+from toposerve.api.config import StageOutline
 from toposerve.brokers import (
+    PRODUCES,
     ResultStore,
     Settings,
     any_binding_matches,
@@ -31,6 +33,8 @@ from toposerve.deploy.profile import (
     PredictSpec,
     PreprocessSpec,
     Profile,
+    StoreSpec,
+    TelemetrySpec,
     available_profiles,
     load_profile,
 )
@@ -100,6 +104,41 @@ def keeps_outcomes(profile: Profile) -> bool:
     return any(any_binding_matches(spec.consumes, key) for spec in profile.stages.values() for key in keys)
 
 
+def _stores(profile: Profile, spec: object) -> list[str]:
+    """What a stage keeps in Redis, as the operator's view names it."""
+    if isinstance(spec, PreprocessSpec):
+        return [*(["feature cache"] if spec.feature_cache_ttl_s else []), *(["items"] if spec.data_sources else [])]
+    if isinstance(spec, StoreSpec):
+        return ["job records", *(["prediction cache"] if profile.ingress.prediction_cache_ttl_s else [])]
+    if isinstance(spec, BatchStoreSpec):
+        return ["batches", "job records"]
+    if isinstance(spec, AggregateSpec):
+        return ["joins"]
+    if isinstance(spec, TelemetrySpec):
+        return ["telemetry"]
+    return []
+
+
+def _publishes(spec: object) -> list[str]:
+    """The routing-key patterns of a stage's outputs: its kind's, a ``publishes`` template's, a cascade's."""
+    words = list(PRODUCES[spec.kind])  # type: ignore[attr-defined]
+    template = getattr(spec, "publishes", None)
+    if template:
+        words = [w for w in words if not (isinstance(spec, PredictSpec) and w == "prediction")]
+        return [*(f"{w}.*" for w in words), template.format(kind="*", model="*")]
+    if isinstance(spec, PredictSpec) and spec.cascade is None:
+        words = [w for w in words if w != "features"]
+    return [f"{w}.*" for w in words]
+
+
+def stage_outlines(profile: Profile, namespace: str) -> dict[str, StageOutline]:
+    """Every stage as the operator's view draws it: kind, queue, replicas, keys in and out, Redis stores."""
+    return {name: StageOutline(kind=spec.kind, queue=profile.queue_spec(namespace, name).name,
+                               replicas=spec.replicas, consumes=list(spec.consumes),
+                               publishes=_publishes(spec), stores=_stores(profile, spec))
+            for name, spec in profile.stages.items()}
+
+
 def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
     """The profile's ingress section as validated, and what its stages decide for the ingress."""
     return IngressConfig(
@@ -118,6 +157,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         batch_profiles=[] if runs_batches(profile) else shipped_batch_profiles(),
         sample_image=SAMPLE_IMAGE,
         dead_letters=profile.dead_letters,
+        stages=stage_outlines(profile, settings.namespace),
     )
 
 
