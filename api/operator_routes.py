@@ -97,7 +97,8 @@ def _unavailable(exc: Exception) -> ApiError:
 
 
 @router.get("/dead-letters", responses={200: success(DeadLetterList, "The oldest dead letters (none removed)"),
-                                        **error_responses(_BROKER_DOWN)})
+                                        **error_responses({422: "invalid_request: limit is not 1 to 1000",
+                                                           **_BROKER_DOWN})})
 async def list_dead_letters(request: Request, limit: int = Query(50, ge=1, le=1000)) -> Response:
     """The namespace's dead letters with their reason, oldest first; listing removes nothing."""
     try:
