@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from toposerve.brokers import stop_task
+from toposerve.brokers import connect_redis, stop_task
 from toposerve.brokers.stage_reports import (
     REPORT_INTERVAL_S,
     REPORT_TTL_S,
@@ -25,6 +28,9 @@ from toposerve.brokers.stage_reports import (
     StageReport,
     stage_report_key,
 )
+
+if TYPE_CHECKING:
+    from toposerve.consumers.runner import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +117,27 @@ class StageReporter:
                                 self.stage, type(exc).__name__, exc)
                 self._failing = True
             await asyncio.sleep(self.interval_s)
+
+
+def reporter_for(runner: StageRunner, profile: str, replica: int) -> StageReporter:
+    """The runner's reporter, under a name unique to this process (replica indexes repeat
+    across pods, and a restarted replica is a new process)."""
+    return StageReporter(connect_redis(runner.settings.redis_url, max_connections=2), runner.settings.namespace,
+                         profile, runner.stage.name, f"{replica}.{socket.gethostname()}.{os.getpid()}",
+                         runner.metrics.registry, lambda: runner.stats.in_flight)
+
+
+class ReportedStage:
+    """A stage runner that reports while it runs: what a single-process ingress runs as its companions."""
+
+    def __init__(self, runner: StageRunner, reporter: StageReporter) -> None:
+        self.runner = runner
+        self.reporter = reporter
+
+    async def start(self) -> None:
+        await self.runner.start()
+        self.reporter.start()
+
+    async def drain_and_close(self) -> None:
+        await self.reporter.close()
+        await self.runner.drain_and_close()

@@ -22,6 +22,7 @@ from toposerve.consumers import (
     StageMetricSet,
     StageRunner,
 )
+from toposerve.consumers.stage_report import ReportedStage, reporter_for
 from toposerve.deploy.accounts import ingress_role, settings_for_role, stage_role
 from toposerve.deploy.asyncapi import asyncapi_specification
 from toposerve.deploy.profile import (
@@ -169,8 +170,11 @@ def build_app(profile: Profile, settings: Settings, with_stages: bool = False, f
     registry = CollectorRegistry()  # this process's metrics: the ingress's, and its stages' (web_single)
     if with_stages:
         stage_metrics = StageMetricSet(registry)
-        companions = [build_stage_runner(profile, name, settings, replica, metrics=stage_metrics.for_stage(name))
-                      for name, spec in profile.stages.items() for replica in range(spec.replicas)]
+        # Each reports to the operator's view as a stage process would (consumers/stage_report.py).
+        companions = [ReportedStage(runner, reporter_for(runner, profile.name, replica))
+                      for name, spec in profile.stages.items() for replica in range(spec.replicas)
+                      for runner in [build_stage_runner(profile, name, settings, replica,
+                                                        metrics=stage_metrics.for_stage(name))]]
     source = None
     if follow:
         from toposerve.deploy.live_profile import RedisLiveProfileSource

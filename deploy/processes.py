@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -16,9 +15,9 @@ import time
 import uvicorn
 
 from toposerve.api import guarded_protocol
-from toposerve.brokers import Settings, configure_logs, connect_redis
-from toposerve.consumers import LoopHeartbeat, StageRunner, serve_metrics
-from toposerve.consumers.stage_report import StageReporter
+from toposerve.brokers import Settings, configure_logs
+from toposerve.consumers import LoopHeartbeat, serve_metrics
+from toposerve.consumers.stage_report import reporter_for
 from toposerve.deploy.components import build_app, build_stage_runner
 from toposerve.deploy.profile import Profile
 
@@ -83,7 +82,7 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("stage %s.%s replica %d starting (namespace %s)", profile.name, stage, replica, settings.namespace)
-    reporter = stage_reporter(runner, profile.name, replica)
+    reporter = reporter_for(runner, profile.name, replica)
     reporter.start()
     try:
         await runner.run_until(stop)
@@ -91,14 +90,6 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
         await reporter.close()
         await heartbeat.close()
     log.info("stage %s.%s replica %d stopped: %s", profile.name, stage, replica, runner.stats)
-
-
-def stage_reporter(runner: StageRunner, profile: str, replica: int) -> StageReporter:
-    """The replica's report for the operator's view, under a name unique to this process
-    (replica indexes repeat across pods, and a restarted replica is a new process)."""
-    return StageReporter(connect_redis(runner.settings.redis_url, max_connections=2), runner.settings.namespace,
-                         profile, runner.stage.name, f"{replica}.{socket.gethostname()}.{os.getpid()}",
-                         runner.metrics.registry, lambda: runner.stats.in_flight)
 
 
 def ingress_server_config(app: object, settings: Settings, host: str, port: int,

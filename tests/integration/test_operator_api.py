@@ -109,3 +109,12 @@ async def test_the_page_is_served_without_a_key_and_holds_no_data(keyed_stack: S
     assert script.status_code == 200 and "/v1/topology/live" in script.text
     assert (await keyed_stack.client.get("/ui/../v1/jobs")).status_code in (401, 404)
     assert (await keyed_stack.client.get("/ui/secrets.txt")).status_code == 404
+
+
+async def test_a_single_process_profiles_stages_report_too(settings: Settings) -> None:
+    async for stack in start_stack(settings, "web_single"):
+        async def all_reporting() -> bool:
+            view = (await stack.client.get("/v1/topology/live")).json()
+            return all(s["replicas_reporting"] == s["replicas"] and not s["flags"] for s in view["stages"].values())
+
+        await wait_for_condition(all_reporting, timeout=10)
