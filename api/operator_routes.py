@@ -20,6 +20,7 @@ from toposerve.api.responses import json_response
 from toposerve.api.topology_graph import topology_graph
 from toposerve.api.topology_live import LiveTopology, LiveTopologySampler
 from toposerve.producers import DeadLetters
+from toposerve.producers.dead_letters import DeadLetter, ReplayReport
 
 router = APIRouter(prefix="/v1")
 
@@ -28,20 +29,9 @@ class DeadLetterIds(BaseModel):
     ids: list[str] = Field(min_length=1, max_length=1000, description="Job ids or AMQP message ids")
 
 
-class DeadLetterItem(BaseModel):
-    routing_key: str
-    job_id: str | None
-    message_id: str | None
-    reason: str
-    stage: str | None
-    queue: str | None
-    attempts: int | None
-    bytes: int
-
-
 class DeadLetterList(BaseModel):
     total: int
-    letters: list[DeadLetterItem]
+    letters: list[DeadLetter]
     may_act: bool = Field(description="Whether this caller may replay or discard (an operator key)")
 
 
@@ -110,7 +100,7 @@ async def list_dead_letters(request: Request, limit: int = Query(50, ge=1, le=10
                           "may_act": may_operate(request)})
 
 
-def _report(report) -> Response:
+def _report(report: ReplayReport) -> Response:
     return json_response({"done": report.replayed, "refused": [{"id": i, "why": w} for i, w in report.refused],
                           "not_found": report.not_found})
 
@@ -119,23 +109,22 @@ _ACT_ERRORS = error_responses({403: "forbidden: not an operator key", 422: "inva
                                **_BROKER_DOWN})
 
 
-@router.post("/dead-letters/replay", responses={200: success(DeadLetterReport, "What was replayed"), **_ACT_ERRORS})
-async def replay_dead_letters(body: DeadLetterIds, request: Request) -> Response:
-    """Re-publish these dead letters under their original routing key (each acked after its confirm)."""
+async def _act(request: Request, ids: list[str], replay: bool) -> Response:
     _operator(request)
     try:
         async with DeadLetters(_ingress(request).settings) as letters:
-            return _report(await letters.replay(body.ids))
+            return _report(await (letters.replay(ids) if replay else letters.discard(ids)))
     except (OSError, ConnectionError) as exc:
         raise _unavailable(exc) from exc
+
+
+@router.post("/dead-letters/replay", responses={200: success(DeadLetterReport, "What was replayed"), **_ACT_ERRORS})
+async def replay_dead_letters(body: DeadLetterIds, request: Request) -> Response:
+    """Re-publish these dead letters under their original routing key (each acked after its confirm)."""
+    return await _act(request, body.ids, replay=True)
 
 
 @router.post("/dead-letters/discard", responses={200: success(DeadLetterReport, "What was discarded"), **_ACT_ERRORS})
 async def discard_dead_letters(body: DeadLetterIds, request: Request) -> Response:
     """Remove these dead letters for good."""
-    _operator(request)
-    try:
-        async with DeadLetters(_ingress(request).settings) as letters:
-            return _report(await letters.discard(body.ids))
-    except (OSError, ConnectionError) as exc:
-        raise _unavailable(exc) from exc
+    return await _act(request, body.ids, replay=False)

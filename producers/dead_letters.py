@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
+from pydantic import BaseModel, ConfigDict, Field
 
 from toposerve.brokers import (
     ATTEMPTS_HEADER,
@@ -43,8 +44,11 @@ DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, REASON_HEADER, STAGE_HEADER, QUEUE_HEADER,
                      "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
 
-@dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(BaseModel):
+    """One dead letter as it is listed (``toposerve dead list --json``, ``GET /v1/dead-letters``)."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
     routing_key: str
     job_id: str | None
     message_id: str | None
@@ -52,12 +56,10 @@ class DeadLetter:
     stage: str | None
     queue: str | None
     attempts: int | None
-    size: int
+    size: int = Field(serialization_alias="bytes", description="Bytes of the body")
 
     def as_dict(self) -> dict[str, object]:
-        return {"routing_key": self.routing_key, "job_id": self.job_id, "message_id": self.message_id,
-                "reason": self.reason,
-                "stage": self.stage, "queue": self.queue, "attempts": self.attempts, "bytes": self.size}
+        return self.model_dump(by_alias=True)
 
 
 @dataclass

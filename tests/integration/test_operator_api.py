@@ -111,10 +111,15 @@ async def test_the_page_is_served_without_a_key_and_holds_no_data(keyed_stack: S
     assert (await keyed_stack.client.get("/ui/secrets.txt")).status_code == 404
 
 
-async def test_a_single_process_profiles_stages_report_too(settings: Settings) -> None:
+@pytest.fixture
+async def web_single_stack(settings: Settings) -> AsyncIterator[Stack]:
     async for stack in start_stack(settings, "web_single"):
-        async def all_reporting() -> bool:
-            view = (await stack.client.get("/v1/topology/live")).json()
-            return all(s["replicas_reporting"] == s["replicas"] and not s["flags"] for s in view["stages"].values())
+        yield stack
 
-        await wait_for_condition(all_reporting, timeout=10)
+
+async def test_a_single_process_profiles_stages_report_too(web_single_stack: Stack) -> None:
+    async def all_reporting() -> bool:
+        view = (await web_single_stack.client.get("/v1/topology/live")).json()
+        return all(s["replicas_reporting"] == s["replicas"] and not s["flags"] for s in view["stages"].values())
+
+    await wait_for_condition(all_reporting, timeout=10)
