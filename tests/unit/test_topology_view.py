@@ -136,3 +136,32 @@ def test_the_page_escapes_what_it_is_given() -> None:
     html = page("<script>", "async", "ns", 1000)
     assert "<script>" not in html.split("<body")[1].split("<script src")[0]
     assert "&lt;script&gt;" in html and 'data-poll-ms="1000"' in html
+
+
+def test_toposerve_ui_prints_the_page_of_an_ingress_that_answers_and_says_when_none_does() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from click.testing import CliRunner
+
+    from toposerve.deploy.cli import main
+    from toposerve.deploy.local_services import free_port
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/ui" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        shown = CliRunner().invoke(main, ["ui", "--url", url])
+        assert shown.exit_code == 0 and shown.output.strip() == f"{url}/ui"
+    finally:
+        server.shutdown()
+    missing = CliRunner().invoke(main, ["ui", "--url", f"http://127.0.0.1:{free_port()}"])
+    assert missing.exit_code == 1 and "no ingress answers" in missing.output and "toposerve up" in missing.output
