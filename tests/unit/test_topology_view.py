@@ -165,3 +165,25 @@ def test_toposerve_ui_prints_the_page_of_an_ingress_that_answers_and_says_when_n
         server.shutdown()
     missing = CliRunner().invoke(main, ["ui", "--url", f"http://127.0.0.1:{free_port()}"])
     assert missing.exit_code == 1 and "no ingress answers" in missing.output and "toposerve up" in missing.output
+
+
+async def test_queue_figures_from_the_management_api_are_read_for_the_profiles_queues_only() -> None:
+    import httpx
+
+    from toposerve.api.topology_live import queues_by_management
+
+    seen = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen["path"], seen["auth"] = request.url.raw_path.decode(), request.headers.get("authorization")
+        return httpx.Response(200, json=[
+            {"name": "t.p.predict", "messages_ready": 7, "messages_unacknowledged": 3, "consumers": 2,
+             "message_stats": {"publish_details": {"rate": 12.5}, "deliver_get_details": {"rate": 11.0}}},
+            {"name": "other.queue", "messages_ready": 1, "consumers": 0}])
+
+    url, auth, vhost = management_api("http://ops:pw@rabbit:15672", "amqp://u:p@rabbit:5672/prod")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        found = await queues_by_management(client, url, auth, vhost, ["t.p.predict", "t.p.store"])
+    assert seen["path"].startswith("/api/queues/prod?") and seen["auth"].startswith("Basic ")
+    assert found == {"t.p.predict": QueueFigures(depth=7, consumers=2, unacked=3, publish_per_s=12.5,
+                                                 deliver_per_s=11.0)}
