@@ -9,7 +9,17 @@ from typing import Protocol
 from faststream.specification.base import Specification
 from prometheus_client import CollectorRegistry
 
-from toposerve.api import book_routes, edge_routes, health, items_routes, oip_routes, routes_v1, version_routes
+from toposerve.api import (
+    book_routes,
+    edge_routes,
+    health,
+    items_routes,
+    oip_routes,
+    operator_routes,
+    routes_v1,
+    ui_routes,
+    version_routes,
+)
 from toposerve.api.auth import SecurityMiddleware, security_options
 from toposerve.api.batch_routes import router as batch_router
 from toposerve.api.batch_routes import submit_router
@@ -102,4 +112,6 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.include_router(submit_router(config))
     app.include_router(batch_router)
     app.include_router(items_routes.router)
+    app.include_router(operator_routes.router)
+    app.include_router(ui_routes.router)
     return app

@@ -29,8 +29,9 @@ import orjson
 
 from toposerve.brokers import Settings
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/health/all", "/metrics"})
-OPEN_PREFIXES = ("/v2/health/",)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/health/all", "/metrics", "/ui"})
+# The operator's page and its script hold no data (api/ui_routes.py): what they show comes through keyed routes.
+OPEN_PREFIXES = ("/v2/health/", "/ui/")
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 

@@ -77,6 +77,17 @@ class IngressSpec(BaseModel):
         return self
 
 
+class StageOutline(BaseModel):
+    """One stage as the operator's view draws it (deploy/ derives it from the profile)."""
+
+    kind: str
+    queue: str
+    replicas: int = Field(ge=1)
+    consumes: list[str]
+    publishes: list[str] = Field(default_factory=list, description="Routing keys (patterns) its outputs take")
+    stores: list[str] = Field(default_factory=list, description="What it keeps in Redis (jobs, joins, ...)")
+
+
 class IngressConfig(BaseModel):
     """The ingress's configuration: ``spec`` as the profile gave it, plus what follows from the profile's stages."""
 
@@ -106,6 +117,8 @@ class IngressConfig(BaseModel):
     sample_image: Path | None = None
     # Bounds of the namespace's dead-letter queue, declared by the ingress too.
     dead_letters: DeadLetterSpec = DeadLetterSpec()
+    # Every stage of the profile, in its order: the operator's view (api/topology_graph.py).
+    stages: dict[str, StageOutline] = Field(default_factory=dict)
 
     @property
     def mode(self) -> Literal["async", "sync", "sync_async"]:

@@ -5,6 +5,7 @@ Imports nothing else of toposerve; every other package builds on what it lists h
 
 from toposerve.brokers.accounts import (
     CLIENT_ROLES,
+    PRODUCES,
     SINGLE_PROCESS,
     STAGE_KINDS,
     Account,
@@ -143,6 +144,7 @@ __all__ = [
     "rabbit_queue",
     "CLIENT_ROLES",
     "SINGLE_PROCESS",
+    "PRODUCES",
     "STAGE_KINDS",
     "Account",
     "client_account",

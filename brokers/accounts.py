@@ -156,7 +156,8 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
                     [f"{word}.x" for word in PRODUCES[kind]] + list(publishes)), read=_first_words(consumes)),
                 TopicPermission(exchange=dead_exchange_name(namespace), write=".*", read=".*")],
     )
-    keys = {"unsettled:*"}  # the crash guard's counts, for every stage
+    # The crash guard's counts, and the report each replica writes for the operator's view.
+    keys = {"unsettled:*", "stage-report:*"}
     keys |= {"preprocess": {"features:*", "items:*", "job:*", "job-owner:*"},
              "store": {"job:*", "job-owner:*", "pred:*"},
              "aggregate": {"join:*"},

@@ -68,3 +68,16 @@ class Settings(BaseSettings):
     auth_failures_burst: int = Field(default=20, ge=1)
     # Clients (edge agent): the key sent to an ingress that requires one.
     api_key: str | None = Field(default=None, repr=False)
+    # Key ids (of the keys above) that may act on dead letters over HTTP (replay, discard);
+    # other keys may only list them. Authentication off: everyone may (the local quickstart).
+    operator_key_ids: str | None = None
+
+    # The operator's view (GET /v1/topology/live, /ui): RabbitMQ's management API, when its
+    # plugin is on (http://user:password@host:15672), gives unacked counts and broker rates;
+    # None: queue depths and consumers come from AMQP passive declares.
+    management_url: str | None = Field(default=None, repr=False)
+    # How often the page polls the live topology.
+    ui_poll_ms: int = Field(default=1500, ge=250, le=60_000)
+
+    def operator_ids(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in (self.operator_key_ids or "").split(",") if k.strip())

@@ -8,7 +8,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from toposerve.api import IngressConfig, LiveProfile, create_app
+from toposerve.api.config import StageOutline
 from toposerve.brokers import (
+    PRODUCES,
     ResultStore,
     Settings,
     any_binding_matches,
@@ -20,6 +22,7 @@ from toposerve.consumers import (
     StageMetricSet,
     StageRunner,
 )
+from toposerve.consumers.stage_report import ReportedStage, reporter_for
 from toposerve.deploy.accounts import ingress_role, settings_for_role, stage_role
 from toposerve.deploy.asyncapi import asyncapi_specification
 from toposerve.deploy.profile import (
@@ -32,6 +35,8 @@ from toposerve.deploy.profile import (
     PreprocessSpec,
     Profile,
     ProfileError,
+    StoreSpec,
+    TelemetrySpec,
     available_profiles,
     load_profile,
 )
@@ -108,6 +113,41 @@ def keeps_outcomes(profile: Profile) -> bool:
     return any(any_binding_matches(spec.consumes, key) for spec in profile.stages.values() for key in keys)
 
 
+def _stores(profile: Profile, spec: object) -> list[str]:
+    """What a stage keeps in Redis, as the operator's view names it."""
+    if isinstance(spec, PreprocessSpec):
+        return [*(["feature cache"] if spec.feature_cache_ttl_s else []), *(["items"] if spec.data_sources else [])]
+    if isinstance(spec, StoreSpec):
+        return ["job records", *(["prediction cache"] if profile.ingress.prediction_cache_ttl_s else [])]
+    if isinstance(spec, BatchStoreSpec):
+        return ["batches", "job records"]
+    if isinstance(spec, AggregateSpec):
+        return ["joins"]
+    if isinstance(spec, TelemetrySpec):
+        return ["telemetry"]
+    return []
+
+
+def _publishes(spec: object) -> list[str]:
+    """The routing-key patterns of a stage's outputs: its kind's, a ``publishes`` template's, a cascade's."""
+    words = list(PRODUCES[spec.kind])  # type: ignore[attr-defined]
+    template = getattr(spec, "publishes", None)
+    if template:
+        words = [w for w in words if not (isinstance(spec, PredictSpec) and w == "prediction")]
+        return [*(f"{w}.*" for w in words), template.format(kind="*", model="*")]
+    if isinstance(spec, PredictSpec) and spec.cascade is None:
+        words = [w for w in words if w != "features"]
+    return [f"{w}.*" for w in words]
+
+
+def stage_outlines(profile: Profile, namespace: str) -> dict[str, StageOutline]:
+    """Every stage as the operator's view draws it: kind, queue, replicas, keys in and out, Redis stores."""
+    return {name: StageOutline(kind=spec.kind, queue=profile.queue_spec(namespace, name).name,
+                               replicas=spec.replicas, consumes=list(spec.consumes),
+                               publishes=_publishes(spec), stores=_stores(profile, spec))
+            for name, spec in profile.stages.items()}
+
+
 def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
     """The profile's ingress section as validated, and what its stages decide for the ingress."""
     return IngressConfig(
@@ -127,6 +167,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         batch_profiles=[] if runs_batches(profile) else shipped_batch_profiles(),
         sample_image=SAMPLE_IMAGE,
         dead_letters=profile.dead_letters,
+        stages=stage_outlines(profile, settings.namespace),
     )
 
 
@@ -138,8 +179,11 @@ def build_app(profile: Profile, settings: Settings, with_stages: bool = False, f
     registry = CollectorRegistry()  # this process's metrics: the ingress's, and its stages' (web_single)
     if with_stages:
         stage_metrics = StageMetricSet(registry)
-        companions = [build_stage_runner(profile, name, settings, replica, metrics=stage_metrics.for_stage(name))
-                      for name, spec in profile.stages.items() for replica in range(spec.replicas)]
+        # Each reports to the operator's view as a stage process would (consumers/stage_report.py).
+        companions = [ReportedStage(runner, reporter_for(runner, profile.name, replica))
+                      for name, spec in profile.stages.items() for replica in range(spec.replicas)
+                      for runner in [build_stage_runner(profile, name, settings, replica,
+                                                        metrics=stage_metrics.for_stage(name))]]
     source = None
     if follow:
         from toposerve.deploy.live_profile import RedisLiveProfileSource

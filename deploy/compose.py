@@ -30,6 +30,7 @@ from toposerve.deploy.accounts import (
     write_private,
 )
 from toposerve.deploy.k8s import GRACE_PERIOD_S, HTTP_PORT, METRICS_PORT, dump_yaml, stage_workers
+from toposerve.deploy.monitoring import compose_services
 from toposerve.deploy.profile import Profile
 
 COMPOSE_FILE = Path(__file__).parent / "compose.yaml"
@@ -158,6 +159,8 @@ def render_compose(profiles: Sequence[Profile]) -> dict[str, Any]:
             service["healthcheck"] = _python_probe(f"http://127.0.0.1:{METRICS_PORT}/healthz")
             service["deploy"] = {"replicas": profile.stages[stage].replicas}
             services[f"{profile.name}-{stage}"] = service
+    # Prometheus (scraping every profile's services) and Grafana: `docker compose --profile monitoring`.
+    services.update(compose_services())
     return {"name": "toposerve", "services": services, "volumes": {"rabbitmq-data": {}, "redis-data": {}},
             "secrets": {
                 # deploy/api-keys.txt by default (relative to compose.yaml): create it before `up`.

@@ -397,6 +397,21 @@ def _check_namespace(namespace: str) -> None:
         raise ValueError(f"namespace {namespace!r} is not a valid Kubernetes namespace (DNS label)")
 
 
+def _pod_monitor(profile: Profile, namespace: str) -> Obj:
+    """A Prometheus Operator PodMonitor for the profile's pods: the ingress's ``http`` port and the
+    stages' ``metrics`` port (what the pods' prometheus.io annotations name, for the Operator)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(k8s_name("toposerve", profile.name), namespace, labels(profile)),
+        "spec": {
+            "selector": {"matchLabels": labels(profile)},
+            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "5s"},
+                                    {"port": "metrics", "path": "/metrics", "interval": "5s"}],
+        },
+    }
+
+
 def render_k8s(
     profile: Profile,
     *,
@@ -431,6 +446,7 @@ def render_k8s(
     if workers:
         objects.append(_trigger_authentication(profile, namespace, secret_prefix))
         objects.extend(_scaled_object(profile, namespace, stage) for stage in workers)
+    objects.append(_pod_monitor(profile, namespace))
     objects.extend(rabbitmq_account_objects(profile, namespace, profile_accounts(namespace, profile), secret_prefix,
                                             rabbitmq_cluster))
     return objects

@@ -359,6 +359,7 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
                              provision=provision, management_url=management_url,
                              replace=replace) as (base_url, supervisor):
             say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
+            say(f"  operator's page: {base_url}/ui  (live topology, jobs, dead letters, try it)")
             say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))
             say(f"  try: curl -X POST {base_url}/v1/models/{profile.models[0]}/predict "
                 "-d '{\"instances\": [[5.1,3.5,1.4,0.2]]}'")

@@ -17,6 +17,7 @@ import uvicorn
 from toposerve.api import guarded_protocol
 from toposerve.brokers import Settings, configure_logs
 from toposerve.consumers import LoopHeartbeat, serve_metrics
+from toposerve.consumers.stage_report import reporter_for
 from toposerve.deploy.components import build_app, build_stage_runner
 from toposerve.deploy.profile import Profile
 
@@ -81,9 +82,12 @@ async def run_stage(profile: Profile, stage: str, settings: Settings, replica: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("stage %s.%s replica %d starting (namespace %s)", profile.name, stage, replica, settings.namespace)
+    reporter = reporter_for(runner, profile.name, replica)
+    reporter.start()
     try:
         await runner.run_until(stop)
     finally:
+        await reporter.close()
         await heartbeat.close()
     log.info("stage %s.%s replica %d stopped: %s", profile.name, stage, replica, runner.stats)
 

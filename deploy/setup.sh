@@ -17,6 +17,18 @@ if ! command -v redis-server >/dev/null 2>&1 || ! { command -v rabbitmq-server >
   fi
 fi
 
+# The /ui browser tests drive Debian's chromium through Playwright (never a browser download).
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium from Debian (the /ui browser tests) ..." >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+      || echo "setup: could not install chromium; the /ui browser tests will skip" >&2
+  else
+    echo "setup: /usr/bin/chromium not found; the /ui browser tests skip (apt-get install -y chromium)" >&2
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

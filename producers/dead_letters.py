@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
+from pydantic import BaseModel, ConfigDict, Field
 
 from toposerve.brokers import (
     ATTEMPTS_HEADER,
@@ -43,8 +44,11 @@ DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, REASON_HEADER, STAGE_HEADER, QUEUE_HEADER,
                      "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
 
-@dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(BaseModel):
+    """One dead letter as it is listed (``toposerve dead list --json``, ``GET /v1/dead-letters``)."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
     routing_key: str
     job_id: str | None
     message_id: str | None
@@ -52,12 +56,10 @@ class DeadLetter:
     stage: str | None
     queue: str | None
     attempts: int | None
-    size: int
+    size: int = Field(serialization_alias="bytes", description="Bytes of the body")
 
     def as_dict(self) -> dict[str, object]:
-        return {"routing_key": self.routing_key, "job_id": self.job_id, "message_id": self.message_id,
-                "reason": self.reason,
-                "stage": self.stage, "queue": self.queue, "attempts": self.attempts, "bytes": self.size}
+        return self.model_dump(by_alias=True)
 
 
 @dataclass
@@ -177,9 +179,32 @@ class DeadLetters:
 
     async def replay(self, ids: Iterable[str] | None = None) -> ReplayReport:
         """Re-publish the dead letters with these job ids or message ids (``None``: all of them)."""
+        publisher = self._publisher
+
+        async def republish(message: AbstractIncomingMessage) -> str | None:
+            key = original_routing_key(message)
+            if key is None:
+                return "its original routing key cannot be known"
+            try:
+                await publisher.publish_raw(replay_copy(message), key)
+            except PublishRefused as exc:
+                return str(exc)
+            return None
+
+        return await self._settle(ids, republish)
+
+    async def discard(self, ids: Iterable[str]) -> ReplayReport:
+        """Remove the dead letters with these job ids or message ids for good (``replayed`` lists them)."""
+
+        async def drop(message: AbstractIncomingMessage) -> str | None:
+            return None
+
+        return await self._settle(list(ids), drop)
+
+    async def _settle(self, ids: Iterable[str] | None, act) -> ReplayReport:
+        """``act`` on each wanted dead letter; ack the ones it returns no refusal for (after it is done)."""
         wanted = None if ids is None else set(ids)
         channel, queue = await self._channel()
-        publisher = self._publisher
         report = ReplayReport(replayed=[], refused=[], not_found=[])
         seen: set[str] = set()
         try:
@@ -194,14 +219,9 @@ class DeadLetters:
                 if wanted is not None and not names & wanted:
                     continue  # left unacked: back to the queue when the channel closes
                 seen |= names or {"-"}
-                key = original_routing_key(message)
-                if key is None:
-                    report.refused.append((job_id or "-", "its original routing key cannot be known"))
-                    continue
-                try:
-                    await publisher.publish_raw(replay_copy(message), key)
-                except PublishRefused as exc:
-                    report.refused.append((job_id or "-", str(exc)))
+                refusal = await act(message)
+                if refusal is not None:
+                    report.refused.append((job_id or "-", refusal))
                     continue
                 await message.ack()  # only after the broker confirmed the copy
                 report.replayed.append(job_id or "-")

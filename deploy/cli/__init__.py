@@ -20,6 +20,7 @@ from toposerve.deploy.cli.lifecycle import down, status, swap
 from toposerve.deploy.cli.models import models
 from toposerve.deploy.cli.render import render
 from toposerve.deploy.cli.serve import ingress, up, worker
+from toposerve.deploy.cli.ui import ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +29,7 @@ def main() -> None:
 
 
 for command in (up, down, status, swap, worker, ingress, topology, asyncapi, profiles, bench, batch, dead, cache, items,
-                accounts, edge, keys, render, models):
+                accounts, edge, keys, render, models, ui):
     main.add_command(command)
 
 

@@ -114,6 +114,18 @@ def compose(output: IO[str]) -> None:
     output.write(text)
 
 
+@render.command("monitoring")
+@click.option("-o", "--output", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write into (deploy/monitoring is what compose.yaml mounts)")
+def monitoring(directory: Path) -> None:
+    """Prometheus' scrape config (every shipped profile's services), Grafana's provisioning and dashboard."""
+    from toposerve.deploy.monitoring import write_monitoring_files
+
+    profiles = [checked_profile(name) for name in available_profiles()]
+    for path in write_monitoring_files(directory, profiles):
+        click.echo(f"wrote {path}")
+
+
 @render.command("compose-secrets")
 @click.option("--namespace", envvar="TOPOSERVE_NAMESPACE", default="toposerve", show_default=True,
               help="Namespace of the accounts (TOPOSERVE_NAMESPACE of the services); env TOPOSERVE_NAMESPACE")

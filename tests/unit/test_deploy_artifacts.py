@@ -35,7 +35,7 @@ REPO = DEPLOY_DIR.parent
 NS = "shop-ml"
 IMAGE = "registry.example.com/toposerve:test"
 PREFIX, CLUSTER = "shop", "mq"  # --secret-prefix, --rabbitmq-cluster
-CRD_GROUPS = ("keda.sh/", "rabbitmq.com/")
+CRD_GROUPS = ("keda.sh/", "rabbitmq.com/", "monitoring.coreos.com/")
 K8S_VERSION = "1.30"  # a version every maintained cluster serves these APIs on
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 PROFILES = available_profiles()
@@ -265,7 +265,7 @@ def test_k8s_yaml_is_the_objects_as_one_stream(profile: Profile) -> None:
 
 def test_k8s_web_single_is_one_deployment_that_runs_every_stage() -> None:
     objects = [obj for obj in objects_of(load("web_single")) if not obj["apiVersion"].startswith("rabbitmq.com/")]
-    assert sorted(obj["kind"] for obj in objects) == ["ConfigMap", "Deployment", "Service"]
+    assert sorted(obj["kind"] for obj in objects) == ["ConfigMap", "Deployment", "PodMonitor", "Service"]
 
 
 def test_k8s_refuses_bad_names() -> None:
@@ -387,7 +387,8 @@ def test_compose_service_profiles_are_selected_by_toposerve_profile() -> None:
     lines = [line.strip() for line in (DEPLOY_DIR / ".env").read_text().splitlines()]
     assert "COMPOSE_PROFILES=${TOPOSERVE_PROFILE:-asynchronous}" in lines
     assert "asynchronous" in PROFILES
-    assert render_compose([])["services"].keys() == {"rabbitmq", "redis"}
+    always_on = {name for name, service in render_compose([])["services"].items() if "profiles" not in service}
+    assert always_on == {"rabbitmq", "redis"}  # Prometheus and Grafana: --profile monitoring
 
 
 @pytest.mark.parametrize("selected", [None, "prep_pred", "web_single"])
