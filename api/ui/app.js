@@ -242,6 +242,46 @@ async function actOnDeadLetter(action, id) {
   await loadDeadLetters();
 }
 
+// ------------------------------------------------------------------ model versions
+
+async function loadVersions() {
+  const tbody = document.querySelector("#versions-table tbody");
+  const status = document.getElementById("versions-status");
+  const listed = await api("/v1/models");
+  if (!listed.ok) { status.textContent = errorText(listed); return; }
+  const rows = [];
+  for (const model of listed.body.models || listed.body.data || []) {
+    const name = typeof model === "string" ? model : model.name;
+    const versions = await api(`/v1/models/${encodeURIComponent(name)}/versions`);
+    if (!versions.ok || (!versions.body.canary && !versions.body.shadow)) continue;
+    const v = versions.body;
+    const canary = v.canary ? `v${v.canary.version} · ${v.canary.percent} %` : "–";
+    let shadow = null;
+    if (v.shadow) {
+      const report = await api(`/v1/models/${encodeURIComponent(name)}/shadow`);
+      shadow = report.ok ? report.body : null;
+    }
+    const agreement = shadow && shadow.agreement_rate !== null ? `${fmt(shadow.agreement_rate * 100)} %` : "–";
+    // Labels of each version (the inputs of a digits image are 64 numbers: too long for a cell).
+    const sample = shadow ? shadow.disagreements.slice(0, 3)
+      .map((d) => `${d.serve_labels.join(",")} ≠ ${d.shadow_labels.join(",")}`).join("; ") : "";
+    rows.push({ name, cells: [name, `v${v.serving}`, canary, v.shadow ? `v${v.shadow}` : "–",
+      shadow ? fmt(shadow.jobs) : "–", agreement, shadow ? fmt(shadow.latency.serve_ms, 2) : "–",
+      shadow ? fmt(shadow.latency.shadow_ms, 2) : "–", sample] });
+  }
+  tbody.textContent = "";
+  for (const row of rows) {
+    const tr = el("tr", { "data-model": row.name });
+    for (const text of row.cells) tr.appendChild(el("td", {}, text));
+    tbody.appendChild(tr);
+  }
+  status.textContent = rows.length ? "" : "no model of this profile has a canary or a shadow";
+}
+
+function pollVersions() {
+  loadVersions().finally(() => setTimeout(pollVersions, Math.max(POLL_MS, 2000)));
+}
+
 // ------------------------------------------------------------------ try it
 
 async function loadModels() {
@@ -304,6 +344,7 @@ const PANELS = {
     document.getElementById("dead-refresh").addEventListener("click", loadDeadLetters);
     loadDeadLetters();
   },
+  "versions": () => pollVersions(),
   "try-it": () => {
     document.getElementById("try-form").addEventListener("submit", tryIt);
     loadModels();

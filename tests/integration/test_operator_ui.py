@@ -9,6 +9,7 @@ which is how docs/ui/ was made).
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import os
@@ -33,7 +34,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 HOW_TO_GET_IT = ("the /ui browser tests need Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; "
                  "deploy/setup.sh installs it when run as root) and Playwright from PyPI (pip install -e '.[test]'); "
                  "never `playwright install`")
-PROFILES = ("asynchronous", "horizontal_microservice", "prediction_cache")
+PROFILES = ("asynchronous", "horizontal_microservice", "prediction_cache", "model_versions")
 SAMPLE_DIGIT = REPO / "deploy" / "samples" / "digits" / "digit_3_64x64_rgb.png"
 WAIT_MS = 15_000
 
@@ -264,3 +265,29 @@ def test_a_killed_stage_shows_as_down_within_seconds(profiles, page) -> None:
     assert time.monotonic() - killed < WAIT_MS / 1000
     assert "DOWN" in page.locator('g[data-node="stage:predict"]').text_content()
     assert "no_consumer" in figure(page, "predict", "flags")
+
+
+def test_the_versions_panel_shows_the_canary_and_the_shadows_agreement(profiles, page) -> None:
+    running = profiles["model_versions"]
+    image = base64.b64encode(SAMPLE_DIGIT.read_bytes()).decode()
+    for _ in range(3):  # jobs the shadow stage compares (the same digit: both versions say 3)
+        answer = httpx.post(f"{running.base_url}/v1/models/digits_fast/predict", json={"image": image}, timeout=10)
+        assert answer.status_code == 202, answer.text
+        job = httpx.get(f"{running.base_url}/v1/jobs/{answer.json()['id']}", params={"wait": 10}, timeout=15)
+        assert job.json()["status"] == "succeeded", job.text
+    page.goto(f"{running.base_url}/ui#versions")
+    iris = page.locator('#versions-table tr[data-model="iris"]')
+    iris.wait_for(timeout=WAIT_MS)
+    assert [c.inner_text() for c in iris.locator("td").all()][:4] == ["iris", "v2", "v3 · 10 %", "–"]
+    page.wait_for_function(
+        """() => { const row = document.querySelector('#versions-table tr[data-model="digits_fast"]');
+                   return row && Number(row.children[4].textContent) >= 3; }""", timeout=WAIT_MS)
+    cells = [c.inner_text() for c in page.locator('#versions-table tr[data-model="digits_fast"] td').all()]
+    report = httpx.get(f"{running.base_url}/v1/models/digits_fast/shadow", timeout=10).json()
+    assert cells[1] == "v1" and cells[3] == "v2" and report["jobs"] >= 3
+    assert float(cells[5].removesuffix(" %")) == pytest.approx(report["agreement_rate"] * 100, abs=0.05)
+    # A profile without versions says so instead of an empty table.
+    page.goto(f"{profiles['asynchronous'].base_url}/ui#versions")
+    page.wait_for_function(
+        "() => document.getElementById('versions-status').textContent.includes('no model of this profile')",
+        timeout=WAIT_MS)
