@@ -25,6 +25,7 @@ from faststream.rabbit.response import RabbitPublishCommand
 from faststream.response import PublishType
 
 from toposerve.brokers.accounts import url_user
+from toposerve.brokers.amqp_nodes import failover_connection_class, node_urls
 from toposerve.brokers.connections import PublishRefused, amqp_message
 from toposerve.brokers.messages import Envelope
 from toposerve.brokers.settings import Settings
@@ -49,10 +50,13 @@ def make_broker(settings: Settings | str, name: str, *, connect_timeout_s: float
     bodies with their own pydantic types, once. FastDepends resolved the handler's message
     parameter in a worker thread per delivery: a thread hop per message, about a tenth of a
     stage's CPU.
+
+    Several node URLs (a cluster): the broker's robust connection fails over between them
+    (brokers/amqp_nodes.py).
     """
-    url = settings if isinstance(settings, str) else settings.amqp_url
-    return RabbitBroker(
-        url,
+    urls = node_urls(settings if isinstance(settings, str) else settings.amqp_url)
+    broker = RabbitBroker(
+        urls[0],
         client_properties={"connection_name": name},
         timeout=connect_timeout_s,
         default_channel=Channel(publisher_confirms=True, on_return_raises=True),
@@ -63,6 +67,11 @@ def make_broker(settings: Settings | str, name: str, *, connect_timeout_s: float
         decoder=_the_delivery,
         apply_types=False,
     )
+    if len(urls) > 1:
+        # FastStream 0.7 connects with aio_pika.connect_robust(**these kwargs) and has no
+        # option for a connection class; tests/unit/test_amqp_nodes.py guards this hook.
+        broker._connection_kwargs["connection_class"] = failover_connection_class(urls)  # noqa: SLF001
+    return broker
 
 
 async def _the_delivery(message):  # noqa: ANN001, ANN202 - FastStream's RabbitMessage -> aio-pika's

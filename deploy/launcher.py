@@ -57,6 +57,10 @@ DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}
 
 
 def _answers(url: str) -> bool:
+    """Something answers at ``url`` (at any node of a comma-separated list: a cluster with one
+    node down still serves)."""
+    if "," in url:
+        return any(_answers(node.strip()) for node in url.split(","))
     parsed = urlparse(url)
     return port_answers(parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS.get(parsed.scheme, 5672))
 
