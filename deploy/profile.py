@@ -148,6 +148,11 @@ class Profile(_Strict):
     dead_letters: DeadLetterSpec = DeadLetterSpec()
     stages: dict[StageName, StageSpec] = Field(min_length=1)
 
+    @property
+    def dead_letter_spec(self) -> DeadLetterSpec:
+        """``dead_letters`` with the profile's queue type unless it names its own."""
+        return self.dead_letters.model_copy(update={"queue_type": self.dead_letters.queue_type or self.queue_type})
+
     @model_validator(mode="after")
     def _kept_sync_answers_have_a_store(self) -> Profile:
         # ingress.keep_sync_answers_s: a store stage takes every outcome's copy (the predict
