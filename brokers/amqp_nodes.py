@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,23 @@ from yarl import URL
 
 from toposerve.brokers.redaction import redact
 
+log = logging.getLogger(__name__)
+
 AMQP_SCHEMES = ("amqp", "amqps")
-# Seconds between two connection attempts on a cluster (aio-pika's default is 5): the next
-# attempt goes to another node, which is most likely up, so waiting long only adds outage.
-FAILOVER_INTERVAL_S = 1.0
+# Seconds between two attempts while a process starts: each goes to another node, so a node
+# that is down at startup costs little.
+FIRST_CONNECT_INTERVAL_S = 0.5
+# Seconds before reconnecting once connected (aio-pika's default). Not shorter on purpose:
+# on RabbitMQ 3.10 a channel reopened on another node that publishes to a quorum queue
+# while that queue still elects a new leader (its leader died with the node) had every later
+# publish nacked, for good; reconnecting 1 s after the kill did that, 5 s did not
+# (tests/integration/test_fault_injection_cluster.py; README, "A RabbitMQ cluster").
+RECONNECT_INTERVAL_S = 5.0
+# Seconds of nothing but nacks before a connection is remade: that stuck state was seen too
+# (a publishing channel nacked for good after a failover, with the queue healthy, its leader
+# elected, and other channels publishing to it fine). A queue at its bound nacks some
+# publishes, not all for this long while its consumers drain it.
+NACKED_FOR_S = 10.0
 
 
 def node_urls(value: str) -> list[str]:
@@ -76,12 +90,15 @@ class FailoverConnection(RobustConnection):
         # The URL's own parameters stay in force (aio-pika reads them only without kwargs).
         kwargs = {**dict(URL(url).query), **kwargs, "fail_fast": False}
         super().__init__(url, loop=loop, **kwargs)
-        self.reconnect_interval = FAILOVER_INTERVAL_S
-        self.nodes = tuple(URL(node) for node in nodes)
+        self.reconnect_interval = FIRST_CONNECT_INTERVAL_S
+        # What the caller added to the first URL (FastStream puts the connection name there) goes to every node.
+        self.nodes = tuple(URL(node).update_query(URL(url).query) for node in nodes)
         self._node_index = 0
         self._failures_before_first = 0
         self._last_error: BaseException | None = None
         self._every_node_failed: asyncio.Future[None] = self.loop.create_future()
+        self._nacked_since: float | None = None
+        self._remaking: asyncio.Task[None] | None = None
 
     @property
     def node(self) -> str:
@@ -97,6 +114,30 @@ class FailoverConnection(RobustConnection):
         self._node_index = (self._node_index + 1) % len(self.nodes)
         self.url = self.nodes[self._node_index]
         await super()._on_connection_close(closing)
+
+    def note_confirm(self, acked: bool) -> None:
+        """A publish on this connection was confirmed (``acked``) or nacked; after ``NACKED_FOR_S``
+        of nacks only, the connection is remade (new channels, restored by aio-pika)."""
+        now = self.loop.time()
+        if acked:
+            self._nacked_since = None
+            return
+        if self._nacked_since is None:
+            self._nacked_since = now
+        elif now - self._nacked_since >= NACKED_FOR_S and (self._remaking is None or self._remaking.done()):
+            self._nacked_since = None
+            log.warning("every publish on %s was nacked for %.0f s: remaking the connection", self, NACKED_FOR_S)
+            self._remaking = self.loop.create_task(self._remake())
+
+    async def _remake(self) -> None:
+        try:
+            await self.reconnect()
+        except Exception as exc:  # noqa: BLE001 - the robust loop keeps trying; this only logs
+            log.warning("remaking %s failed: %s: %s", self, type(exc).__name__, redact(str(exc)))
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        self.reconnect_interval = RECONNECT_INTERVAL_S
 
     async def connect(self, timeout: TimeoutType = None) -> None:
         if self.connection_attempt:  # connected before: aio-pika's reconnect path

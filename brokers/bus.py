@@ -25,7 +25,7 @@ from faststream.rabbit.response import RabbitPublishCommand
 from faststream.response import PublishType
 
 from toposerve.brokers.accounts import url_user
-from toposerve.brokers.amqp_nodes import failover_connection_class, node_urls
+from toposerve.brokers.amqp_nodes import FailoverConnection, failover_connection_class, node_urls
 from toposerve.brokers.connections import PublishRefused, amqp_message
 from toposerve.brokers.messages import Envelope
 from toposerve.brokers.settings import Settings
@@ -191,12 +191,23 @@ class Publisher:
                 self.exchange or DEFAULT_EXCHANGE, declare=False)
         return self._exchange_obj
 
+    def _note_confirm(self, acked: bool) -> None:
+        """Tell a cluster connection how its publishes fare (brokers/amqp_nodes.py remakes one nacked for good)."""
+        connection = self.broker._connection  # noqa: SLF001 - FastStream 0.7 has no public accessor
+        if isinstance(connection, FailoverConnection):
+            connection.note_confirm(acked)
+
     async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:
         """``mandatory=False`` is for best-effort copies: a message no queue takes is dropped, not refused."""
         try:
             target = self._exchange_obj if self._exchange_obj is not None else await self._target()
             if target is not None:
-                await target.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
+                try:
+                    await target.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
+                except DeliveryError as exc:
+                    self._note_confirm(acked=isinstance(exc, PublishError))  # a return is not a nack
+                    raise
+                self._note_confirm(acked=True)
             else:
                 command = RabbitPublishCommand(message, _publish_type=PublishType.PUBLISH, routing_key=routing_key,
                                                exchange=self.exchange, mandatory=mandatory)

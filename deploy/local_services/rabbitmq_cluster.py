@@ -72,6 +72,17 @@ class RabbitMQCluster:
                     return self.node_named(parts[1])
         raise ServiceUnavailable(f"no live node reports a leader for queue {queue!r}")
 
+    def describe(self) -> str:
+        """Queues (type, state, leader, members online, messages, consumers) and bindings, for a failing test."""
+        for node in self.nodes:
+            if node.running:
+                queues = node.ctl("list_queues", "-q", "name", "type", "durable", "state", "leader", "online",
+                                  "messages", "consumers", timeout=30)
+                bindings = node.ctl("list_bindings", "-q", "source_name", "destination_name", "routing_key",
+                                    timeout=30)
+                return f"queues (asked {node.node}):\n{queues.stdout}\nbindings:\n{bindings.stdout}"
+        return "no node runs"
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
