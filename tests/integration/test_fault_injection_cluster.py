@@ -152,7 +152,7 @@ async def test_asynchronous_quorum_queues_survive_two_node_kills(
     await asyncio.sleep(0.2)
     # The client waits longer than the ingress's publish timeout (10 s): a POST whose node dies
     # mid-publish must still get its 202 or 503, and a status 0 here is a real hang.
-    load = Load(stack, interval_s=0.03, max_seconds=90, client_timeout_s=15).start()
+    load = Load(stack, interval_s=0.05, max_seconds=90, client_timeout_s=15).start()
     queue = stack.profile.queue_spec(stack.settings.namespace, "predict").name
     rounds: list[str] = []
     recoveries: list[float] = []
@@ -268,7 +268,7 @@ async def test_batch_of_200k_rows_completes_once_across_a_node_kill(
     cluster = cluster_services.cluster
     store = workers["store"].process
     assert store is not None
-    load = BatchLoad(stack, interval_s=0.2, client_timeout_s=15).start()
+    load = BatchLoad(stack, interval_s=0.5, client_timeout_s=15).start()
     try:
         # The node dies holding the big batch's chunks and predictions (the store is frozen,
         # so none of it is stored yet): they must come through once, from the other replicas.
