@@ -134,13 +134,20 @@ def caller_view(sent: list) -> str:
 # --------------------------------------------------------------------------- asynchronous
 
 
-@pytest.fixture
-async def async_stack(cluster_services: ClusterServices, tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
-    settings = cluster_services.settings(NAMESPACES["asynchronous"])
-    profile = str(cluster_services.profiles["asynchronous"])
-    with stage_processes(settings, profile, ("preprocess", "predict", "store"), tmp_path) as workers:
+async def workers_and_ingress(settings: Settings, profile: str, stages: tuple[str, ...],
+                              log_dir: Path) -> AsyncIterator[tuple[Stack, dict[str, WorkerProcess]]]:
+    """``stages`` as real worker processes, and the ingress in this process."""
+    with stage_processes(settings, profile, stages, log_dir) as workers:
         async for stack in start_stack(settings, profile, stages=[]):
             yield stack, workers
+
+
+@pytest.fixture
+async def async_stack(cluster_services: ClusterServices, tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
+    async for running in workers_and_ingress(cluster_services.settings(NAMESPACES["asynchronous"]),
+                                             str(cluster_services.profiles["asynchronous"]),
+                                             ("preprocess", "predict", "store"), tmp_path):
+        yield running
 
 
 async def test_asynchronous_quorum_queues_survive_two_node_kills(
@@ -205,10 +212,9 @@ async def test_asynchronous_quorum_queues_survive_two_node_kills(
 
 @pytest.fixture
 async def sync_stack(cluster_services: ClusterServices, tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
-    settings = cluster_services.settings(NAMESPACES["synchronous"])
-    with stage_processes(settings, "synchronous", ("preprocess", "predict"), tmp_path) as workers:
-        async for stack in start_stack(settings, "synchronous", stages=[]):
-            yield stack, workers
+    async for running in workers_and_ingress(cluster_services.settings(NAMESPACES["synchronous"]), "synchronous",
+                                             ("preprocess", "predict"), tmp_path):
+        yield running
 
 
 async def test_synchronous_callers_get_answers_or_quick_refusals_across_a_node_kill(
