@@ -96,8 +96,8 @@ def trusted_producers(namespace: str) -> frozenset[str]:
 
 
 def url_user(url: str) -> str | None:
-    """The user name in an AMQP or Redis URL (None when it names none)."""
-    user = urlparse(url).username
+    """The user name in an AMQP or Redis URL, the first node's for several (None when it names none)."""
+    user = urlparse(url.split(",", 1)[0]).username
     return unquote(user) if user else None
 
 

@@ -25,6 +25,7 @@ from faststream.rabbit.response import RabbitPublishCommand
 from faststream.response import PublishType
 
 from toposerve.brokers.accounts import url_user
+from toposerve.brokers.amqp_nodes import FailoverConnection, failover_connection_class, node_urls
 from toposerve.brokers.connections import PublishRefused, amqp_message
 from toposerve.brokers.messages import Envelope
 from toposerve.brokers.settings import Settings
@@ -49,10 +50,13 @@ def make_broker(settings: Settings | str, name: str, *, connect_timeout_s: float
     bodies with their own pydantic types, once. FastDepends resolved the handler's message
     parameter in a worker thread per delivery: a thread hop per message, about a tenth of a
     stage's CPU.
+
+    Several node URLs (a cluster): the broker's robust connection fails over between them
+    (brokers/amqp_nodes.py).
     """
-    url = settings if isinstance(settings, str) else settings.amqp_url
-    return RabbitBroker(
-        url,
+    urls = node_urls(settings if isinstance(settings, str) else settings.amqp_url)
+    broker = RabbitBroker(
+        urls[0],
         client_properties={"connection_name": name},
         timeout=connect_timeout_s,
         default_channel=Channel(publisher_confirms=True, on_return_raises=True),
@@ -63,6 +67,11 @@ def make_broker(settings: Settings | str, name: str, *, connect_timeout_s: float
         decoder=_the_delivery,
         apply_types=False,
     )
+    if len(urls) > 1:
+        # FastStream 0.7 connects with aio_pika.connect_robust(**these kwargs) and has no
+        # option for a connection class; tests/unit/test_amqp_nodes.py guards this hook.
+        broker._connection_kwargs["connection_class"] = failover_connection_class(urls)  # noqa: SLF001
+    return broker
 
 
 async def _the_delivery(message):  # noqa: ANN001, ANN202 - FastStream's RabbitMessage -> aio-pika's
@@ -182,12 +191,23 @@ class Publisher:
                 self.exchange or DEFAULT_EXCHANGE, declare=False)
         return self._exchange_obj
 
+    def _note_confirm(self, acked: bool) -> None:
+        """Tell a cluster connection how its publishes fare (brokers/amqp_nodes.py remakes one nacked for good)."""
+        connection = self.broker._connection  # noqa: SLF001 - FastStream 0.7 has no public accessor
+        if isinstance(connection, FailoverConnection):
+            connection.note_confirm(acked)
+
     async def publish_raw(self, message: aio_pika.Message, routing_key: str, mandatory: bool = True) -> None:
         """``mandatory=False`` is for best-effort copies: a message no queue takes is dropped, not refused."""
         try:
             target = self._exchange_obj if self._exchange_obj is not None else await self._target()
             if target is not None:
-                await target.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
+                try:
+                    await target.publish(message, routing_key, mandatory=mandatory, timeout=self.timeout_s)
+                except DeliveryError as exc:
+                    self._note_confirm(acked=isinstance(exc, PublishError))  # a return is not a nack
+                    raise
+                self._note_confirm(acked=True)
             else:
                 command = RabbitPublishCommand(message, _publish_type=PublishType.PUBLISH, routing_key=routing_key,
                                                exchange=self.exchange, mandatory=mandatory)

@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from toposerve.brokers.amqp_nodes import failover_connection_class, node_urls
 from toposerve.brokers.messages import Envelope
 
 JSON = "application/json"
@@ -28,8 +29,13 @@ async def connect_amqp(url: str, name: str) -> AbstractRobustConnection:
     """An aio-pika connection, for the two jobs FastStream cannot do: the ingress's reply
     router (many concurrent replies on one queue; FastStream's ``request`` serialises them,
     faststream#1318) and its passive queue checks (api/stage_monitor.py). A robust
-    connection reconnects by itself and restores channels, queues and consumers."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, timeout=10)
+    connection reconnects by itself and restores channels, queues and consumers; over
+    several node URLs (a cluster), on the next node (brokers/amqp_nodes.py)."""
+    urls = node_urls(url)
+    if len(urls) == 1:
+        return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, timeout=10)
+    return await aio_pika.connect_robust(urls[0], client_properties={"connection_name": name}, timeout=10,
+                                         connection_class=failover_connection_class(urls))
 
 
 def connect_redis(url: str, max_connections: int = 64) -> redis.Redis:

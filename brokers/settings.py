@@ -8,15 +8,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from toposerve.brokers.amqp_nodes import node_urls
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOPOSERVE_", extra="ignore")
+    # hide_input_in_errors: a refused URL or key must not be echoed (it may carry a password);
+    # the validators name what is wrong, masked.
+    model_config = SettingsConfigDict(env_prefix="TOPOSERVE_", extra="ignore", hide_input_in_errors=True)
 
     # amqps:// and rediss:// connect with TLS (README, "Security"). Kept out of repr():
     # the URLs carry the passwords.
+    # Several node URLs of one cluster, comma-separated: every connection picks a live node
+    # and fails over to another (brokers/amqp_nodes.py).
     amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     namespace: str = Field(default="toposerve", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -81,3 +87,13 @@ class Settings(BaseSettings):
 
     def operator_ids(self) -> frozenset[str]:
         return frozenset(k.strip() for k in (self.operator_key_ids or "").split(",") if k.strip())
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _node_urls(cls, value: str) -> str:
+        return ",".join(node_urls(value))
+
+    @property
+    def amqp_nodes(self) -> list[str]:
+        """The broker node URLs (one, or a cluster's)."""
+        return node_urls(self.amqp_url)

@@ -67,9 +67,14 @@ class DeadLetterSpec(BaseModel):
 
     max_length: int | None = Field(default=100_000, ge=1, description="Dead letters kept at most")
     max_bytes: int | None = Field(default=256 * 1024 * 1024, ge=1024, description="Bytes of bodies kept at most")
+    # None: the profile's queue type. On a cluster a classic queue lives on one node; while that
+    # node is down, declaring it fails, and so does every robust channel that must restore it.
+    queue_type: Literal["classic", "quorum"] | None = None
 
     def arguments(self) -> dict[str, object]:
         args: dict[str, object] = {"x-overflow": "drop-head"}
+        if self.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
         if self.max_length is not None:
             args["x-max-length"] = self.max_length
         if self.max_bytes is not None:

@@ -177,7 +177,9 @@ def write_private(path: Path, text: str) -> Path:
 
 
 def with_login(url: str, user: str, password: str) -> str:
-    """``url`` with this user and password instead of its own."""
+    """``url`` with this user and password instead of its own (on every node of a comma-separated list)."""
+    if "," in url:
+        return ",".join(with_login(node.strip(), user, password) for node in url.split(","))
     parsed = urlparse(url)
     netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parsed.hostname}"
     if parsed.port:

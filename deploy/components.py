@@ -83,7 +83,7 @@ def build_stage_runner(profile: Profile, stage_name: str, settings: Settings, re
         guard=guard,
         outcomes_kept=outcomes_kept,
         recorder=_pending_recorder(profile, stage_name, settings) if outcomes_kept else None,
-        dead_letters=profile.dead_letters,
+        dead_letters=profile.dead_letter_spec,
         bind=not standby,
     )
 
@@ -166,7 +166,7 @@ def ingress_config(profile: Profile, settings: Settings) -> IngressConfig:
         batches=runs_batches(profile),
         batch_profiles=[] if runs_batches(profile) else shipped_batch_profiles(),
         sample_image=SAMPLE_IMAGE,
-        dead_letters=profile.dead_letters,
+        dead_letters=profile.dead_letter_spec,
         stages=stage_outlines(profile, settings.namespace),
     )
 

@@ -39,6 +39,7 @@ from toposerve.deploy.local_services import (
     free_port,
     port_answers,
     start_rabbitmq,
+    start_rabbitmq_cluster,
     start_redis,
 )
 from toposerve.deploy.profile import Profile
@@ -57,23 +58,38 @@ DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}
 
 
 def _answers(url: str) -> bool:
+    """Something answers at ``url`` (at any node of a comma-separated list: a cluster with one
+    node down still serves)."""
+    if "," in url:
+        return any(_answers(node.strip()) for node in url.split(","))
     parsed = urlparse(url)
     return port_answers(parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS.get(parsed.scheme, 5672))
 
 
 def ensure_services(settings: Settings, say: Say, definitions: dict | None = None,
-                    acl: list[str] | None = None) -> tuple[Settings, list[LocalService]]:
+                    acl: list[str] | None = None, cluster: int = 1) -> tuple[Settings, list[LocalService]]:
     """The settings to run with, and the throwaway servers started for them (to stop later).
 
     A server whose URL is not set (``TOPOSERVE_AMQP_URL``, ``TOPOSERVE_REDIS_URL``) is a
     throwaway one started here, with the accounts in ``definitions`` / ``acl`` and no guest
-    or default user; a URL that is set must answer, and is used as it is.
+    or default user; a URL that is set must answer, and is used as it is. ``cluster`` > 1: the
+    throwaway RabbitMQ is a cluster of that many nodes (deploy/local_services/rabbitmq_cluster.py).
     """
+    if cluster > 1 and "amqp_url" in settings.model_fields_set:
+        raise LaunchError(f"--cluster {cluster} starts a throwaway cluster; TOPOSERVE_AMQP_URL is set "
+                          f"({_redact(settings.amqp_url)}): unset it, or drop --cluster to use that broker")
+
+    def throwaway_rabbitmq() -> LocalService:
+        if cluster > 1:
+            return start_rabbitmq_cluster(cluster, definitions=definitions)  # type: ignore[return-value]
+        return start_rabbitmq(definitions=definitions)
+
     started: list[LocalService] = []
     urls: dict[str, str] = {}
     # The Redis it starts keeps an append-only file (fsync every second), so a restart of
     # it loses at most a second of results instead of every one (README, "Configuration").
-    wanted = (("amqp_url", "RabbitMQ", "rabbitmq-server", lambda: start_rabbitmq(definitions=definitions)),
+    wanted = (("amqp_url", "RabbitMQ" if cluster <= 1 else f"a {cluster}-node RabbitMQ cluster", "rabbitmq-server",
+               throwaway_rabbitmq),
               ("redis_url", "Redis", "redis-server", lambda: persistent_redis(acl)))
     try:
         for field, what, binary, start in wanted:
@@ -230,7 +246,7 @@ def wait_ready(url: str, timeout_s: float, supervisor: Supervisor) -> bool:
 def running_profile(
     profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
     accounts_file: Path | None = None, provision: bool = False, management_url: str | None = None,
-    replace: bool = False,
+    replace: bool = False, cluster: int = 1,
 ) -> Iterator[tuple[str, Supervisor]]:
     """Start services (if needed) and every process of the profile; stop them all on exit.
 
@@ -246,7 +262,7 @@ def running_profile(
     path = accounts_file or AccountsFile.path_for(settings.namespace)
     passwords = new_passwords(accounts, keep=AccountsFile.load(path) if provision and path.is_file() else None)
     settings, started = ensure_services(settings, say, definitions=rabbitmq_definitions(accounts, passwords),
-                                        acl=redis_acl(accounts, passwords))
+                                        acl=redis_acl(accounts, passwords), cluster=cluster)
     provisioned = set()
     try:
         if provision:
@@ -344,7 +360,7 @@ def role_logins(settings: Settings, ours: set[str], accounts: list[Account],
 
 def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: str, port: int, say: Say,
                 provision: bool = False, management_url: str | None = None, accounts_file: Path | None = None,
-                replace: bool = False) -> int:
+                replace: bool = False, cluster: int = 1) -> int:
     """``toposerve up``: run until Ctrl-C or SIGTERM."""
     stop_requested = False
 
@@ -357,7 +373,7 @@ def run_profile(profile: Profile, profile_arg: str, settings: Settings, host: st
     try:
         with running_profile(profile, profile_arg, settings, host, port, say, accounts_file=accounts_file,
                              provision=provision, management_url=management_url,
-                             replace=replace) as (base_url, supervisor):
+                             replace=replace, cluster=cluster) as (base_url, supervisor):
             say(f"ready: {base_url}  (profile {profile.name}, namespace {settings.namespace}); Ctrl-C stops")
             say(f"  operator's page: {base_url}/ui  (live topology, jobs, dead letters, try it)")
             say("  metrics: " + ", ".join(f"{c.name} {c.metrics_url}" for c in supervisor.children if c.metrics_url))

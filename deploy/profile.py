@@ -222,6 +222,10 @@ class Profile(_Strict):
                         raise ValueError(f"models.{model}: no {stage_kind} stage consumes {key} "
                                          f"(bind e.g. '{kind}.*.*')")
         return self
+    @property
+    def dead_letter_spec(self) -> DeadLetterSpec:
+        """``dead_letters`` with the profile's queue type unless it names its own."""
+        return self.dead_letters.model_copy(update={"queue_type": self.dead_letters.queue_type or self.queue_type})
 
     @model_validator(mode="after")
     def _kept_sync_answers_have_a_store(self) -> Profile:

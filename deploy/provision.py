@@ -23,15 +23,17 @@ class ProvisionError(RuntimeError):
 
 
 def management_url_for(amqp_url: str) -> str:
-    """The management API next to a broker: same host, port 15672 (15671 for amqps)."""
-    parsed = urlparse(amqp_url)
+    """The management API next to a broker (the first node of a cluster): same host, port 15672
+    (15671 for amqps). Definitions imported on one node apply to the whole cluster."""
+    parsed = urlparse(amqp_url.split(",", 1)[0])
     scheme, port = ("https", 15671) if parsed.scheme == "amqps" else ("http", 15672)
     return f"{scheme}://{parsed.hostname or '127.0.0.1'}:{port}"
 
 
 async def provision_rabbitmq(management_url: str, amqp_url: str, definitions: dict) -> None:
-    """Import ``definitions`` (users, permissions, topic permissions) as the administrator of ``amqp_url``."""
-    parsed = urlparse(amqp_url)
+    """Import ``definitions`` (users, permissions, topic permissions) as the administrator of ``amqp_url``
+    (its first node's login, for a cluster)."""
+    parsed = urlparse(amqp_url.split(",", 1)[0])
     admin = (unquote(parsed.username or "guest"), unquote(parsed.password or "guest"))
     vhost = unquote(parsed.path.lstrip("/")) or "/"
     body = {**definitions, "permissions": [{**p, "vhost": vhost} for p in definitions.get("permissions", [])],

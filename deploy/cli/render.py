@@ -52,9 +52,12 @@ _secret_prefix = click.option("--secret-prefix", default=DEFAULT_SECRET_PREFIX, 
               help="The RabbitmqCluster (in the namespace) the topology operator makes the accounts on")
 @click.option("--api-keys-secret", default="toposerve-api-keys", show_default=True,
               help="Secret with key 'keys.txt' (hashed API keys of the ingress, from `toposerve keys hash`)")
+@click.option("--rabbitmq-replicas", type=click.IntRange(0, 99), default=0, show_default=True,
+              help="Also render the RabbitmqCluster (Cluster Operator) with this many nodes, e.g. 3; "
+                   "0: --rabbitmq-cluster names an existing one")
 @click.option("-o", "--output", type=click.File("w"), default="-", help="Write here (default: stdout)")
 def k8s(profile_name: str, namespace: str, image: str, secret_prefix: str, rabbitmq_cluster: str,
-        api_keys_secret: str, output: IO[str]) -> None:
+        api_keys_secret: str, rabbitmq_replicas: int, output: IO[str]) -> None:
     """Kubernetes manifests for one profile (Deployments, Service, KEDA ScaledObjects, broker accounts).
 
     No credential in them: the pods read their role's URLs from the Secrets `render k8s-secrets` writes.
@@ -62,7 +65,8 @@ def k8s(profile_name: str, namespace: str, image: str, secret_prefix: str, rabbi
     profile = checked_profile(profile_name)
     try:
         text = render_k8s_yaml(profile, namespace=namespace, image=image, secret_prefix=secret_prefix,
-                               rabbitmq_cluster=rabbitmq_cluster, api_keys_secret=api_keys_secret)
+                               rabbitmq_cluster=rabbitmq_cluster, api_keys_secret=api_keys_secret,
+                               rabbitmq_replicas=rabbitmq_replicas)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     output.write(text)

@@ -26,8 +26,11 @@ from toposerve.deploy.profile import available_profiles
               help="Where the roles' URLs are kept (0600; default: the user's state directory)")
 @click.option("--replace", is_flag=True,
               help="Take the namespace over from another live profile: its queues are unbound (their messages kept)")
+@click.option("--cluster", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Nodes of the throwaway RabbitMQ toposerve starts (when TOPOSERVE_AMQP_URL is not set): "
+                   "3 runs the profile against a local 3-node cluster")
 def up(profile_name: str, host: str | None, port: int | None, provision: bool, management_url: str | None,
-       accounts_file: Path | None, replace: bool) -> None:
+       accounts_file: Path | None, replace: bool, cluster: int) -> None:
     """Run the ingress and every stage of a profile on this machine until Ctrl-C."""
     from toposerve.deploy.launcher import LaunchError, run_profile
     from toposerve.deploy.local_services import ServiceUnavailable
@@ -39,7 +42,7 @@ def up(profile_name: str, host: str | None, port: int | None, provision: bool, m
     try:
         code = run_profile(profile, profile_name, settings, host or profile.ingress.host,
                            port or profile.ingress.port, say, provision=provision, management_url=management_url,
-                           accounts_file=accounts_file, replace=replace)
+                           accounts_file=accounts_file, replace=replace, cluster=cluster)
     except (LaunchError, ServiceUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)

@@ -30,10 +30,14 @@ Typical use::
         connect(mq.url, rd.url)
         mq.kill(); mq.restart()      # fault injection: same ports, same data
 
+``start_rabbitmq_cluster(3)`` starts three such nodes joined into one cluster (its ``url``
+lists the nodes comma-separated, as ``TOPOSERVE_AMQP_URL`` takes them).
+
 ``tls=TlsFiles(ca, cert, key)`` makes either server listen with TLS only; its ``url``
 is then ``amqps://...?cafile=CA`` / ``rediss://...?ssl_ca_certs=CA&ssl_cert_reqs=required``.
 """
 
+from toposerve.deploy.local_services.rabbitmq_cluster import RabbitMQCluster, start_rabbitmq_cluster
 from toposerve.deploy.local_services.rabbitmq_server import RabbitMQService, start_rabbitmq
 from toposerve.deploy.local_services.redis_server import RedisService, start_redis
 from toposerve.deploy.local_services.server_process import (
@@ -49,6 +53,7 @@ from toposerve.deploy.local_services.server_process import (
 __all__ = [
     "INSTALL_HINT",
     "LocalService",
+    "RabbitMQCluster",
     "RabbitMQService",
     "RedisService",
     "ServiceUnavailable",
@@ -57,5 +62,6 @@ __all__ = [
     "free_port",
     "port_answers",
     "start_rabbitmq",
+    "start_rabbitmq_cluster",
     "start_redis",
 ]

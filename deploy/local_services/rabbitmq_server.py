@@ -266,12 +266,13 @@ def start_rabbitmq(
     tls: TlsFiles | None = None,
     definitions: dict | None = None,
     management: bool = False,
-) -> LocalService:
+    admin: tuple[str, str] | None = None,
+) -> RabbitMQService:
     """Start a throwaway RabbitMQ node on loopback; returns once AMQP answers.
 
     ``definitions`` (RabbitMQ's definitions format: users, permissions, topic permissions):
     imported at boot, and the node has no guest account: an admin with a random password
-    instead, whom ``url`` names.
+    (or ``admin``: user, password; the nodes of a cluster share one) instead, whom ``url`` names.
 
     ``url`` is ``amqp://guest:guest@127.0.0.1:PORT/``. Without ``workdir`` a temp dir
     is created and removed by ``stop()``; a given ``workdir`` is kept. With ``tls`` the
@@ -296,7 +297,8 @@ def start_rabbitmq(
     dport = dist_port if dist_port is not None else free_port()
     while dport == amqp_port:
         dport = free_port()
-    admin = (ADMIN_USER, secrets.token_urlsafe(18)) if definitions is not None else None
+    if admin is None and definitions is not None:
+        admin = (ADMIN_USER, secrets.token_urlsafe(18))
     login = f"{admin[0]}:{admin[1]}" if admin else "guest:guest"
     url = f"amqp://{login}@{LOOPBACK}:{amqp_port}/"
     if tls is not None:

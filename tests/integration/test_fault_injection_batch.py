@@ -82,11 +82,11 @@ class BatchLoad(SteadyLoad):
         return [u for u in self.uploads if start <= u.at and u.at + u.seconds <= end]
 
 
-async def upload(stack: Stack, rows: np.ndarray, timeout_s: float = 60.0) -> Upload:
+async def upload(stack: Stack, rows: np.ndarray, timeout_s: float = 60.0, chunk_rows: int = CHUNK_ROWS) -> Upload:
     at = time.monotonic()
     try:
         response = await asyncio.wait_for(
-            stack.client.post(f"/v1/batches?model=iris&chunk_rows={CHUNK_ROWS}", content=csv_body(rows),
+            stack.client.post(f"/v1/batches?model=iris&chunk_rows={chunk_rows}", content=csv_body(rows),
                               headers={"content-type": "text/csv"}),
             timeout_s)
     except TimeoutError:
