@@ -7,8 +7,19 @@ import logging
 from typing import ClassVar
 
 import numpy as np
+from redis.exceptions import RedisError
 
-from toposerve.brokers import Envelope, Failure, FailureCode, Features, JobSlice, Prediction, published_key, utc_now
+from toposerve.brokers import (
+    BatchStore,
+    Envelope,
+    Failure,
+    FailureCode,
+    Features,
+    JobSlice,
+    Prediction,
+    published_key,
+    utc_now,
+)
 from toposerve.consumers.batching import UNCALIBRATED_INLINE_ROWS, MicroBatcher
 from toposerve.consumers.metrics import StageMetrics
 from toposerve.consumers.stage import Outgoing, Stage, outgoing
@@ -41,8 +52,12 @@ class PredictStage(Stage):
         groups: dict[str, str] | None = None,
         cascade: tuple[float, str] | None = None,
         publishes: str | None = None,
+        batches: BatchStore | None = None,
     ) -> None:
         super().__init__(name)
+        # A profile with a batch stage: a chunk of a cancelled batch is skipped (one flag read per chunk).
+        self.batches = batches
+        self.skipped_chunks = 0
         # A routing-key template ({model}) for predictions that a post-processing stage
         # (``kind: custom``) turns into the job's answer; None: ``prediction.<model>``, final.
         self.publishes = publishes
@@ -74,6 +89,8 @@ class PredictStage(Stage):
 
     async def stop(self) -> None:
         await self.batcher.close()
+        if self.batches is not None:
+            await self.batches.client.aclose()
 
     def instrument(self, metrics: StageMetrics) -> None:
         self.batcher.observe_batch = metrics.batch_size.observe
@@ -88,7 +105,23 @@ class PredictStage(Stage):
         assert isinstance(message, Features)
         if message.jobs:
             return await self._handle_jobs(message)
+        if message.batch_id is not None and await self._cancelled(message.batch_id):
+            self.skipped_chunks += 1
+            failure = Failure(**message.carried(), stage=self.name, code=FailureCode.CANCELLED,
+                              message=f"batch {message.batch_id} was cancelled; this chunk was not predicted")
+            return [Outgoing(failure, failure.routing_key())]
         return await self._handle_one(message)
+
+    async def _cancelled(self, batch_id: str) -> bool:
+        """Whether the chunk's batch was cancelled. Redis down: the chunk is predicted (a cancel is
+        a saving, never a reason to lose or hold a chunk of a batch that runs on)."""
+        if self.batches is None:
+            return False
+        try:
+            return await self.batches.is_cancelled(batch_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not read batch %s's cancel flag (%s); predicting its chunk", batch_id, exc)
+            return False
 
     async def _handle_jobs(self, message: Features) -> list[Outgoing]:
         """Many jobs in one message: one ONNX call for every live job's rows, an answer each.

@@ -200,6 +200,50 @@ async function findJob(event) {
   else target.textContent = errorText(result);
 }
 
+// ------------------------------------------------------------------ batches
+
+async function loadBatches() {
+  const result = await api("/v1/batches?limit=50");
+  const tbody = document.querySelector("#batch-table tbody");
+  const status = document.getElementById("batch-status");
+  tbody.textContent = "";
+  if (!result.ok) { status.textContent = errorText(result); return; }
+  status.textContent = `${result.body.batches.length} of ${result.body.total}`;
+  for (const batch of result.body.batches) {
+    const row = el("tr", { "data-batch": batch.id, "data-state": batch.state });
+    const finished = batch.done + batch.failed;
+    const bar = el("progress", { max: batch.total, value: Math.min(finished, batch.total) });
+    const cells = [batch.id, batch.model, batch.state, null, `${batch.done} done · ${batch.failed} failed / ${batch.total}`,
+                   `${batch.chunks_done}/${batch.chunks}`, new Date(batch.created * 1000).toLocaleString(),
+                   batch.owner || "–"];
+    for (const text of cells) {
+      const cell = el("td", {}, text);
+      if (text === null) cell.appendChild(bar);
+      row.appendChild(cell);
+    }
+    const actions = el("td");
+    const button = el("button", { type: "button", "data-action": "cancel" }, "cancel");
+    button.disabled = batch.state !== "running";  // the server decides who may (owner or operator key)
+    button.addEventListener("click", () => cancelBatch(batch.id));
+    actions.appendChild(button);
+    row.appendChild(actions);
+    tbody.appendChild(row);
+  }
+}
+
+async function cancelBatch(id) {
+  const target = document.getElementById("batch-result");
+  const result = await api(`/v1/batches/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+  target.textContent = result.ok ? `cancelled ${id}` : errorText(result);
+  target.dataset.lastAction = `cancel:${id}:${result.status}`;
+  await loadBatches();
+}
+
+async function pollBatches() {
+  try { await loadBatches(); } catch (e) { document.getElementById("batch-status").textContent = `unreachable (${e})`; }
+  setTimeout(pollBatches, POLL_MS * 2);
+}
+
 // ------------------------------------------------------------------ dead letters
 
 async function loadDeadLetters() {
@@ -300,6 +344,10 @@ async function tryIt(event) {
 const PANELS = {
   "topology": () => pollTopology(),
   "jobs": () => document.getElementById("job-form").addEventListener("submit", findJob),
+  "batches": () => {
+    document.getElementById("batch-refresh").addEventListener("click", loadBatches);
+    pollBatches();
+  },
   "dead-letters": () => {
     document.getElementById("dead-refresh").addEventListener("click", loadDeadLetters);
     loadDeadLetters();
@@ -316,6 +364,7 @@ function start() {
   key.addEventListener("change", () => {
     sessionStorage.setItem("toposerve-api-key", key.value);
     loadDeadLetters();
+    loadBatches();
     loadModels();
   });
   for (const section of document.querySelectorAll("section[data-panel]")) {
