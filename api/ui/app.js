@@ -202,14 +202,22 @@ async function findJob(event) {
 
 // ------------------------------------------------------------------ batches
 
-async function loadBatches() {
-  const result = await api("/v1/batches?limit=50");
-  const tbody = document.querySelector("#batch-table tbody");
-  const status = document.getElementById("batch-status");
+// A listing panel's table emptied, and its answer; null (the error shown in its status) when refused.
+async function fetchListing(path, tableId, statusId) {
+  const result = await api(path);
+  const tbody = document.querySelector(`#${tableId} tbody`);
+  const status = document.getElementById(statusId);
   tbody.textContent = "";
-  if (!result.ok) { status.textContent = errorText(result); return; }
-  status.textContent = `${result.body.batches.length} of ${result.body.total}`;
-  for (const batch of result.body.batches) {
+  if (!result.ok) { status.textContent = errorText(result); return null; }
+  return { body: result.body, tbody, status };
+}
+
+async function loadBatches() {
+  const listing = await fetchListing("/v1/batches?limit=50", "batch-table", "batch-status");
+  if (!listing) return;
+  const { body, tbody, status } = listing;
+  status.textContent = `${body.batches.length} of ${body.total}`;
+  for (const batch of body.batches) {
     const row = el("tr", { "data-batch": batch.id, "data-state": batch.state });
     const finished = batch.done + batch.failed;
     const bar = el("progress", { max: batch.total, value: Math.min(finished, batch.total) });
@@ -247,14 +255,12 @@ async function pollBatches() {
 // ------------------------------------------------------------------ dead letters
 
 async function loadDeadLetters() {
-  const result = await api("/v1/dead-letters?limit=100");
-  const tbody = document.querySelector("#dead-table tbody");
-  const status = document.getElementById("dead-status");
-  tbody.textContent = "";
-  if (!result.ok) { status.textContent = errorText(result); return; }
-  status.textContent = `${result.body.letters.length} of ${result.body.total}` +
-    (result.body.may_act ? "" : " · read-only (not an operator key)");
-  for (const letter of result.body.letters) {
+  const listing = await fetchListing("/v1/dead-letters?limit=100", "dead-table", "dead-status");
+  if (!listing) return;
+  const { body, tbody, status } = listing;
+  status.textContent = `${body.letters.length} of ${body.total}` +
+    (body.may_act ? "" : " · read-only (not an operator key)");
+  for (const letter of body.letters) {
     const id = letter.job_id || letter.message_id;
     const row = el("tr", { "data-dead": id || "" });
     for (const text of [letter.job_id || "–", letter.routing_key, letter.stage || "–", fmt(letter.attempts), letter.reason]) {
@@ -263,7 +269,7 @@ async function loadDeadLetters() {
     const actions = el("td");
     for (const action of ["replay", "discard"]) {
       const button = el("button", { type: "button", "data-action": action }, action);
-      button.disabled = !result.body.may_act || !id;
+      button.disabled = !body.may_act || !id;
       button.addEventListener("click", () => actOnDeadLetter(action, id));
       actions.appendChild(button);
     }
