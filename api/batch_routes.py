@@ -1,4 +1,9 @@
-"""The batch pattern over HTTP: ``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/batches/{id}/results``.
+"""The batch pattern over HTTP: ``POST /v1/batches``, ``GET /v1/batches`` (a page of them with their
+progress), ``GET /v1/batches/{id}``, ``GET /v1/batches/{id}/results``, ``POST /v1/batches/{id}/cancel``.
+
+Listing shows a key its own batches, and an operator key (or anyone, authentication off) every
+batch. Cancelling is for the batch's owner or an operator key: the batch is ``cancelled`` at once,
+and the predict stage skips its chunks still queued (each one is stored as a ``cancelled`` failure).
 
 A POSTed file (raw CSV/JSONL body with ``?model=``, or multipart with a ``file``
 part) goes through the same submitter as ``toposerve batch submit``: it is spooled to
@@ -31,9 +36,20 @@ from toposerve.api.config import IngressConfig
 from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import Ingress
 from toposerve.api.openapi import ADMISSION_ERRORS, BINARY_SCHEMA, LOCATION, codes, request_body, success, with_fallback
+from toposerve.api.operator_routes import may_operate
 from toposerve.api.responses import json_response
 from toposerve.api.schemas import BatchAccepted
-from toposerve.brokers import BatchManifest, BatchStatus, BatchStore, PublishRefused, iter_results
+from toposerve.brokers import (
+    ALREADY_CANCELLED,
+    ALREADY_FINISHED,
+    NO_BATCH,
+    BatchManifest,
+    BatchPage,
+    BatchStatus,
+    BatchStore,
+    PublishRefused,
+    iter_results,
+)
 from toposerve.models import load_manifests
 from toposerve.producers import DEFAULT_CHUNK_ROWS, BatchInputError, BatchSubmitter, bytes_source
 
@@ -192,6 +208,55 @@ async def get_batch(batch_id: str, request: Request) -> Response:
         raise _unavailable(exc) from exc
     if status is None:
         raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
+    return Response(status.model_dump_json(), media_type="application/json")
+
+
+@router.get("/batches", responses={200: success(BatchPage, "The newest batches this caller may see, with progress"),
+                                   **error_responses({422: "invalid_request: offset or limit out of range",
+                                                      503: "store_unavailable"})})
+async def list_batches(request: Request, offset: int = Query(0, ge=0, le=100_000),
+                       limit: int = Query(50, ge=1, le=200)) -> Response:
+    """A page of batches, newest first: this key's own, or every batch for an operator key."""
+    ingress = _ingress(request)
+    owner = None if may_operate(request) else current_owner()
+    try:
+        page = await _store(ingress).page(owner, offset, limit)
+    except RedisError as exc:
+        raise _unavailable(exc) from exc
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+@router.post("/batches/{batch_id}/cancel", responses={
+    200: success(BatchStatus, "Cancelled: its chunks still queued are skipped"),
+    **error_responses({403: "forbidden: neither the key that created the batch nor an operator key",
+                       404: "unknown_batch: not a batch id, or expired",
+                       409: "batch_finished: it already ended (the message names its state), or was cancelled",
+                       503: "store_unavailable"}),
+})
+async def cancel_batch(batch_id: str, request: Request) -> Response:
+    """Cancel a running batch (its owner, or an operator key): it ends ``cancelled``, with what was done kept."""
+    ingress = _ingress(request)
+    store = _store(ingress)
+    batch_id = _batch_id(batch_id)
+    try:
+        manifest = await store.manifest(batch_id)
+        if manifest is None:
+            raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it never existed or it expired")
+        caller = current_owner()
+        if not (may_operate(request) or caller == manifest.owner):
+            raise ApiError(403, "forbidden", f"batch {batch_id} may be cancelled only by the key that created it "
+                                             "or an operator key (its id in TOPOSERVE_OPERATOR_KEY_IDS)")
+        found = await store.cancel(batch_id)
+        status = await store.status(batch_id)
+    except RedisError as exc:
+        raise _unavailable(exc) from exc
+    if found == NO_BATCH or status is None:
+        raise ApiError(404, "unknown_batch", f"no batch {batch_id}: it expired")
+    if found == ALREADY_CANCELLED:
+        raise ApiError(409, "batch_finished", f"batch {batch_id} is already cancelled")
+    if found == ALREADY_FINISHED:
+        raise ApiError(409, "batch_finished", f"batch {batch_id} already finished with state {status.state!r} "
+                                              f"({status.done} of {status.total} rows predicted)")
     return Response(status.model_dump_json(), media_type="application/json")
 
 

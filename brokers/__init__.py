@@ -18,7 +18,12 @@ from toposerve.brokers.accounts import (
 )
 from toposerve.brokers.background import stop_task
 from toposerve.brokers.batches import (
+    ALREADY_CANCELLED,
+    ALREADY_FINISHED,
+    CANCELLED,
+    NO_BATCH,
     BatchManifest,
+    BatchPage,
     BatchStatus,
     BatchStore,
     ChunkMeta,
@@ -154,6 +159,11 @@ __all__ = [
     "trusted_producers",
     "url_user",
     "BatchManifest",
+    "ALREADY_CANCELLED",
+    "ALREADY_FINISHED",
+    "CANCELLED",
+    "NO_BATCH",
+    "BatchPage",
     "BatchStatus",
     "BatchStore",
     "CLIENT_ID_PATTERN",

@@ -112,9 +112,10 @@ def _first_words(keys: Iterable[str]) -> str:
     return "^$" if not words else "^(" + "|".join(words) + r")\."
 
 
-def _redis_rules(namespace: str, keys: Iterable[str], channels: bool) -> list[str]:
+def _redis_rules(namespace: str, keys: Iterable[str], channels: bool, read_only: Iterable[str] = ()) -> list[str]:
     ns = namespace
     rules = ["on", "resetkeys", *(f"~{ns}:{pattern}" for pattern in sorted(set(keys))),
+             *(f"%R~{ns}:{pattern}" for pattern in sorted(set(read_only))),
              # Read only: which profile is live (deploy/lifecycle.py), checked by every process that binds.
              f"%R~{ns}:lifecycle", "resetchannels"]
     if channels:
@@ -165,8 +166,10 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
              "telemetry": {"telemetry:*"},
              "shadow": {"shadow:*"},
              "predict": {"loaded:*"}}.get(kind, set())
-    return Account(role=kind, broker=broker,
-                   redis=RedisAccount(user=broker.user, rules=_redis_rules(namespace, keys, channels=True)))
+    # The predict stage reads one batch key, a cancelled batch's flag, once per chunk; it writes none.
+    read_only = {"batch:*:cancelled"} if kind == "predict" else set()
+    return Account(role=kind, broker=broker, redis=RedisAccount(
+        user=broker.user, rules=_redis_rules(namespace, keys, channels=True, read_only=read_only)))
 
 
 def ingress_account(namespace: str, role: str = "ingress") -> Account:

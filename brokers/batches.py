@@ -12,6 +12,9 @@ Keys (all with the batch TTL, refreshed on every write):
 - ``{ns}:batch:{id}:meta``     hash: chunk index -> JSON {"sent": n, "errors": {offset: reason}, "names": [...]}
 - ``{ns}:batch:{id}:published`` set: chunk indices the broker confirmed
 - ``{ns}:batch:{id}:results``  hash: chunk index -> compact JSON of the chunk's outcome
+- ``{ns}:batch:{id}:cancelled`` string: present once the batch is cancelled (the predict stage's one read per chunk)
+- ``{ns}:batch:index``          sorted set: batch id -> created, the newest ``BATCH_INDEX_MAX`` within the TTL
+- ``{ns}:batch:index:owner:{key id}`` the same, for one API key's batches
 
 Progress is exact under redelivery: a chunk's result and the counters are written by
 one Lua script that does nothing when the chunk's field already exists.
@@ -29,6 +32,10 @@ import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
 BATCH_NAMESPACE = uuid.UUID("6f1c2b1e-6a2d-5d1e-9a8f-2b7e4c0d9a11")
+# The index keeps the newest batches only: listing stays bounded however many were made.
+BATCH_INDEX_MAX = 10_000
+# What cancelling found: it cancelled the batch, or the batch was already finished or cancelled.
+CANCELLED, ALREADY_FINISHED, ALREADY_CANCELLED, NO_BATCH = "cancelled", "finished", "already_cancelled", "missing"
 
 
 def new_batch_id() -> str:
@@ -72,6 +79,17 @@ class BatchStatus(BaseModel):
     updated: float | None = None
     elapsed_s: float
     rate: float = Field(description="Finished rows per second since the batch was created")
+    owner: str | None = Field(None, description="The API key id that created it (None: authentication off, the CLI)")
+    cancelled: float | None = Field(None, description="Unix time it was cancelled; its remaining chunks are skipped")
+
+
+class BatchPage(BaseModel):
+    """One page of the batches a caller may see, newest first."""
+
+    total: int = Field(description="Batches listed for this caller (the newest, within the batch TTL)")
+    offset: int
+    limit: int
+    batches: list[BatchStatus]
 
 
 # KEYS: results hash, manifest hash, meta hash, published set.
@@ -104,6 +122,23 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
+# KEYS: manifest hash, cancel flag. ARGV: ttl, now. Finished or cancelled batches are left as they are.
+_CANCEL = """
+local fields = redis.call('HMGET', KEYS[1], 'model', 'total', 'done', 'failed', 'cancelled')
+if not fields[1] then
+  return 'missing'
+end
+if fields[5] then
+  return 'already_cancelled'
+end
+if tonumber(fields[3] or 0) + tonumber(fields[4] or 0) >= tonumber(fields[2]) then
+  return 'finished'
+end
+redis.call('HSET', KEYS[1], 'cancelled', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+return 'cancelled'
+"""
+
 
 @dataclass
 class ChunkMeta:
@@ -124,7 +159,9 @@ class ChunkMeta:
                    names=data.get("names"))
 
 
-def batch_state(total: int, done: int, failed: int) -> str:
+def batch_state(total: int, done: int, failed: int, cancelled: bool = False) -> str:
+    if cancelled:
+        return "cancelled"
     if done + failed < total:
         return "running"
     if failed == 0:
@@ -139,6 +176,7 @@ class BatchStore:
         self.ttl_s = ttl_s
         self._complete = client.register_script(_COMPLETE_CHUNK)
         self._meta = client.register_script(_RECORD_META)
+        self._cancel = client.register_script(_CANCEL)
         self._manifests: dict[str, BatchManifest] = {}
         self._chunk_index: dict[str, dict[uuid.UUID, int]] = {}
 
@@ -151,10 +189,23 @@ class BatchStore:
         fields = {k: str(v) for k, v in manifest.model_dump(exclude_none=True).items()}
         fields |= {"done": "0", "failed": "0", "chunks_done": "0"}
         key = self.key(manifest.id)
+        indices = [self.index_key(None)] + ([self.index_key(manifest.owner)] if manifest.owner is not None else [])
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self.ttl_s)
+            for index in indices:
+                pipe.zadd(index, {manifest.id: manifest.created})
+                pipe.zremrangebyscore(index, "-inf", f"({manifest.created - self.ttl_s}")  # expired batches
+                pipe.zremrangebyrank(index, 0, -BATCH_INDEX_MAX - 1)
+                pipe.expire(index, self.ttl_s)
             await pipe.execute()
+
+    def index_key(self, owner: str | None) -> str:
+        """Every batch (``owner`` None), or one API key's."""
+        return f"{self.namespace}:batch:index" + (f":owner:{owner}" if owner is not None else "")
+
+    def cancel_key(self, batch_id: str) -> str:
+        return self.key(batch_id, "cancelled")
 
     async def record_meta(self, batch_id: str, index: int, meta: ChunkMeta) -> bool:
         """The chunk's row errors (counted as failed once), written before the chunk is published."""
@@ -211,23 +262,62 @@ class BatchStore:
                                        args=[index, payload, ok_rows, failed_rows, self.ttl_s, time.time()])
         return bool(written)
 
+    # -- cancelling -----------------------------------------------------------------
+
+    async def cancel(self, batch_id: str) -> str:
+        """Mark a running batch cancelled (its flag lives the batch TTL); what was found, as one of
+        ``CANCELLED``, ``ALREADY_CANCELLED``, ``ALREADY_FINISHED``, ``NO_BATCH``."""
+        found = await self._cancel(keys=[self.key(batch_id), self.cancel_key(batch_id)],
+                                   args=[self.ttl_s, time.time()])
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+    async def is_cancelled(self, batch_id: str) -> bool:
+        """One read of the batch's flag key (the only batch key the predict stage may read)."""
+        return bool(await self.client.exists(self.cancel_key(batch_id)))
+
     # -- readers --------------------------------------------------------------------
 
     async def status(self, batch_id: str) -> BatchStatus | None:
-        raw = await self.client.hgetall(self.key(batch_id))
-        if not raw or b"model" not in raw:
-            return None
-        data = {k.decode(): v.decode() for k, v in raw.items()}
-        total, done, failed = int(data["total"]), int(data.get("done", 0)), int(data.get("failed", 0))
-        created = float(data["created"])
-        updated = float(data["updated"]) if "updated" in data else None
-        state = batch_state(total, done, failed)
-        end = updated if (state != "running" and updated is not None) else time.time()
-        elapsed = max(end - created, 1e-6)
-        return BatchStatus(id=batch_id, model=data["model"], state=state, total=total, done=done, failed=failed,
-                           chunks=int(data["chunks"]), chunks_done=int(data.get("chunks_done", 0)),
-                           created=created, updated=updated, elapsed_s=round(elapsed, 3),
-                           rate=round((done + failed) / elapsed, 1))
+        return batch_status(batch_id, await self.client.hgetall(self.key(batch_id)))
+
+    async def page(self, owner: str | None, offset: int, limit: int) -> BatchPage:
+        """The newest batches first (every batch for ``owner`` None, else that key's); a batch that
+        expired since it was indexed is dropped from the index as it is met."""
+        index = self.index_key(owner)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s}")
+            pipe.zcard(index)
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            _, total, ids = await pipe.execute()
+        names = [raw.decode() for raw in ids]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for batch_id in names:
+                pipe.hgetall(self.key(batch_id))
+            hashes = await pipe.execute() if names else []
+        found = [batch_status(batch_id, raw) for batch_id, raw in zip(names, hashes, strict=True)]
+        gone = [batch_id for batch_id, status in zip(names, found, strict=True) if status is None]
+        if gone:
+            await self.client.zrem(index, *gone)
+        return BatchPage(total=total - len(gone), offset=offset, limit=limit,
+                         batches=[status for status in found if status is not None])
+
+
+def batch_status(batch_id: str, raw: dict[bytes, bytes]) -> BatchStatus | None:
+    """A batch's progress from its manifest hash; None for a hash that is not a batch (expired)."""
+    if not raw or b"model" not in raw:
+        return None
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+    total, done, failed = int(data["total"]), int(data.get("done", 0)), int(data.get("failed", 0))
+    created = float(data["created"])
+    updated = float(data["updated"]) if "updated" in data else None
+    cancelled = float(data["cancelled"]) if "cancelled" in data else None
+    state = batch_state(total, done, failed, cancelled is not None)
+    end = updated if (state != "running" and updated is not None) else time.time()
+    elapsed = max(end - created, 1e-6)
+    return BatchStatus(id=batch_id, model=data["model"], state=state, total=total, done=done, failed=failed,
+                       chunks=int(data["chunks"]), chunks_done=int(data.get("chunks_done", 0)),
+                       created=created, updated=updated, elapsed_s=round(elapsed, 3),
+                       rate=round((done + failed) / elapsed, 1), owner=data.get("owner"), cancelled=cancelled)
 
 
 async def iter_results(store: BatchStore, manifest: BatchManifest, labels: list[str]) -> AsyncIterator[bytes]:

@@ -224,6 +224,7 @@ class FailureCode(StrEnum):
     TOO_LARGE = "too_large"
     INCOMPLETE = "incomplete"  # a model group's members did not all answer, and partial answers are off
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"  # a chunk of a batch its owner (or an operator) cancelled: skipped, not predicted
     INTERNAL = "internal"
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from toposerve.brokers import (
+    BatchStore,
     CanarySpec,
     Envelope,
     Failure,
@@ -64,8 +65,12 @@ class PredictStage(Stage):
         reports: ServingVersions | None = None,
         watch_s: float = 1.0,
         canaries: dict[str, CanarySpec] | None = None,
+        batches: BatchStore | None = None,
     ) -> None:
         super().__init__(name)
+        # A profile with a batch stage: a chunk of a cancelled batch is skipped (one flag read per chunk).
+        self.batches = batches
+        self.skipped_chunks = 0
         # Models with a version policy: every version the stage loads (the first answers a
         # message that names none); a message naming a version is answered by that one.
         self.versions = versions or {}
@@ -166,6 +171,8 @@ class PredictStage(Stage):
         await self.batcher.close()
         if self.reports is not None:
             await self.reports.client.aclose()
+        if self.batches is not None:
+            await self.batches.client.aclose()
 
     def _load(self) -> tuple[dict[str, LoadedModel], dict[str, LoadedModel]]:
         """Each model's answering version (by name), and every loaded version (by ``model_key``)."""
@@ -218,7 +225,23 @@ class PredictStage(Stage):
     async def _handle(self, message: Features) -> list[Outgoing]:
         if message.jobs:
             return await self._handle_jobs(message)
+        if message.batch_id is not None and await self._cancelled(message.batch_id):
+            self.skipped_chunks += 1
+            failure = Failure(**message.carried(), stage=self.name, code=FailureCode.CANCELLED,
+                              message=f"batch {message.batch_id} was cancelled; this chunk was not predicted")
+            return [Outgoing(failure, failure.routing_key())]
         return await self._handle_one(message)
+
+    async def _cancelled(self, batch_id: str) -> bool:
+        """Whether the chunk's batch was cancelled. Redis down: the chunk is predicted (a cancel is
+        a saving, never a reason to lose or hold a chunk of a batch that runs on)."""
+        if self.batches is None:
+            return False
+        try:
+            return await self.batches.is_cancelled(batch_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not read batch %s's cancel flag (%s); predicting its chunk", batch_id, exc)
+            return False
 
     async def _handle_jobs(self, message: Features) -> list[Outgoing]:
         """Many jobs in one message: one ONNX call for every live job's rows, an answer each.

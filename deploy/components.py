@@ -40,7 +40,7 @@ from toposerve.deploy.profile import (
     available_profiles,
     load_profile,
 )
-from toposerve.deploy.stage_builders import StageContext, build_stage
+from toposerve.deploy.stage_builders import StageContext, build_stage, runs_batches
 from toposerve.models import ModelLoadError, ModelRegistry
 
 
@@ -96,10 +96,6 @@ def _pending_recorder(profile: Profile, stage_name: str, settings: Settings) -> 
         return None
     return ResultStore(connect_redis(settings.redis_url, max_connections=8), settings.namespace,
                        profile.ingress.result_ttl_s)
-
-
-def runs_batches(profile: Profile) -> bool:
-    return any(isinstance(spec, BatchStoreSpec) for spec in profile.stages.values())
 
 
 def shipped_batch_profiles() -> list[str]:

@@ -95,13 +95,20 @@ def _preprocess(ctx: StageContext, spec: PreprocessSpec) -> Stage:
     )
 
 
+def runs_batches(profile: Profile) -> bool:
+    return any(isinstance(spec, BatchStoreSpec) for spec in profile.stages.values())
+
+
 def _predict(ctx: StageContext, spec: PredictSpec) -> Stage:
     versions = stage_versions(ctx)
+    # Only a profile that runs batches reads their cancel flags: the others' predict stages need no Redis.
+    batches = BatchStore(connect_redis(ctx.settings.redis_url), ctx.settings.namespace,
+                         ctx.profile.ingress.result_ttl_s) if runs_batches(ctx.profile) else None
     return PredictStage(ctx.stage_name, ctx.registry, ctx.profile.stage_models(ctx.stage_name),
                         max_batch_size=spec.max_batch_size, max_batch_delay_ms=spec.max_batch_delay_ms,
                         max_rows=ctx.settings.max_rows, groups=ctx.profile.group_parts(ctx.stage_name),
                         cascade=(spec.cascade.threshold, spec.cascade.next_model) if spec.cascade else None,
-                        publishes=spec.publishes, versions=versions,
+                        publishes=spec.publishes, versions=versions, batches=batches,
                         reports=ServingVersions(connect_redis(ctx.settings.redis_url, max_connections=4),
                                                 ctx.settings.namespace) if versions else None,
                         watch_s=ctx.settings.version_watch_s,

@@ -200,17 +200,67 @@ async function findJob(event) {
   else target.textContent = errorText(result);
 }
 
+// ------------------------------------------------------------------ batches
+
+// A listing panel's table emptied, and its answer; null (the error shown in its status) when refused.
+async function fetchListing(path, tableId, statusId) {
+  const result = await api(path);
+  const tbody = document.querySelector(`#${tableId} tbody`);
+  const status = document.getElementById(statusId);
+  tbody.textContent = "";
+  if (!result.ok) { status.textContent = errorText(result); return null; }
+  return { body: result.body, tbody, status };
+}
+
+async function loadBatches() {
+  const listing = await fetchListing("/v1/batches?limit=50", "batch-table", "batch-status");
+  if (!listing) return;
+  const { body, tbody, status } = listing;
+  status.textContent = `${body.batches.length} of ${body.total}`;
+  for (const batch of body.batches) {
+    const row = el("tr", { "data-batch": batch.id, "data-state": batch.state });
+    const finished = batch.done + batch.failed;
+    const bar = el("progress", { max: batch.total, value: Math.min(finished, batch.total) });
+    const cells = [batch.id, batch.model, batch.state, null, `${batch.done} done · ${batch.failed} failed / ${batch.total}`,
+                   `${batch.chunks_done}/${batch.chunks}`, new Date(batch.created * 1000).toLocaleString(),
+                   batch.owner || "–"];
+    for (const text of cells) {
+      const cell = el("td", {}, text);
+      if (text === null) cell.appendChild(bar);
+      row.appendChild(cell);
+    }
+    const actions = el("td");
+    const button = el("button", { type: "button", "data-action": "cancel" }, "cancel");
+    button.disabled = batch.state !== "running";  // the server decides who may (owner or operator key)
+    button.addEventListener("click", () => cancelBatch(batch.id));
+    actions.appendChild(button);
+    row.appendChild(actions);
+    tbody.appendChild(row);
+  }
+}
+
+async function cancelBatch(id) {
+  const target = document.getElementById("batch-result");
+  const result = await api(`/v1/batches/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+  target.textContent = result.ok ? `cancelled ${id}` : errorText(result);
+  target.dataset.lastAction = `cancel:${id}:${result.status}`;
+  await loadBatches();
+}
+
+async function pollBatches() {
+  try { await loadBatches(); } catch (e) { document.getElementById("batch-status").textContent = `unreachable (${e})`; }
+  setTimeout(pollBatches, POLL_MS * 2);
+}
+
 // ------------------------------------------------------------------ dead letters
 
 async function loadDeadLetters() {
-  const result = await api("/v1/dead-letters?limit=100");
-  const tbody = document.querySelector("#dead-table tbody");
-  const status = document.getElementById("dead-status");
-  tbody.textContent = "";
-  if (!result.ok) { status.textContent = errorText(result); return; }
-  status.textContent = `${result.body.letters.length} of ${result.body.total}` +
-    (result.body.may_act ? "" : " · read-only (not an operator key)");
-  for (const letter of result.body.letters) {
+  const listing = await fetchListing("/v1/dead-letters?limit=100", "dead-table", "dead-status");
+  if (!listing) return;
+  const { body, tbody, status } = listing;
+  status.textContent = `${body.letters.length} of ${body.total}` +
+    (body.may_act ? "" : " · read-only (not an operator key)");
+  for (const letter of body.letters) {
     const id = letter.job_id || letter.message_id;
     const row = el("tr", { "data-dead": id || "" });
     for (const text of [letter.job_id || "–", letter.routing_key, letter.stage || "–", fmt(letter.attempts), letter.reason]) {
@@ -219,7 +269,7 @@ async function loadDeadLetters() {
     const actions = el("td");
     for (const action of ["replay", "discard"]) {
       const button = el("button", { type: "button", "data-action": action }, action);
-      button.disabled = !result.body.may_act || !id;
+      button.disabled = !body.may_act || !id;
       button.addEventListener("click", () => actOnDeadLetter(action, id));
       actions.appendChild(button);
     }
@@ -340,6 +390,10 @@ async function tryIt(event) {
 const PANELS = {
   "topology": () => pollTopology(),
   "jobs": () => document.getElementById("job-form").addEventListener("submit", findJob),
+  "batches": () => {
+    document.getElementById("batch-refresh").addEventListener("click", loadBatches);
+    pollBatches();
+  },
   "dead-letters": () => {
     document.getElementById("dead-refresh").addEventListener("click", loadDeadLetters);
     loadDeadLetters();
@@ -357,6 +411,7 @@ function start() {
   key.addEventListener("change", () => {
     sessionStorage.setItem("toposerve-api-key", key.value);
     loadDeadLetters();
+    loadBatches();
     loadModels();
   });
   for (const section of document.querySelectorAll("section[data-panel]")) {

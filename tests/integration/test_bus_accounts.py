@@ -180,6 +180,12 @@ async def test_redis_has_no_default_user_and_each_role_reaches_only_its_keys(
         await predict.get(f"{ns}:job:{uuid.uuid4()}")  # the store's keys, not the predict stage's
     with pytest.raises(NoPermissionError):
         await predict.flushall()
+    batch = uuid.uuid4()
+    assert await predict.exists(f"{ns}:batch:{batch}:cancelled") == 0  # a batch's cancel flag: read, once a chunk
+    with pytest.raises(NoPermissionError):
+        await predict.set(f"{ns}:batch:{batch}:cancelled", "1")  # but never written
+    with pytest.raises(NoPermissionError):
+        await predict.hgetall(f"{ns}:batch:{batch}")  # nor any other batch key
     await predict.aclose()
     store = redis.Redis.from_url(logins["store"].redis_url)
     assert await store.get(f"{ns}:job:{uuid.uuid4()}") is None  # its own keys: allowed

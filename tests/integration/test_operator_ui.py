@@ -26,7 +26,15 @@ import httpx
 import pytest
 
 from tests.support.processes import REPO, RunningProfile
-from toposerve.brokers import REASON_HEADER, dead_exchange_name
+from toposerve.brokers import (
+    REASON_HEADER,
+    BatchManifest,
+    BatchStore,
+    connect_redis,
+    dead_exchange_name,
+    encode_chunk_result,
+    new_batch_id,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -291,3 +299,35 @@ def test_the_versions_panel_shows_the_canary_and_the_shadows_agreement(profiles,
     page.wait_for_function(
         "() => document.getElementById('versions-status').textContent.includes('no model of this profile')",
         timeout=WAIT_MS)
+
+
+def _record_running_batch(redis_url: str, namespace: str) -> str:
+    """A batch with one of three chunks done, recorded as the submitter and the store stage would."""
+    async def record() -> str:
+        store = BatchStore(connect_redis(redis_url), namespace, 600)
+        try:
+            manifest = BatchManifest(id=new_batch_id(), model="iris", total=30, chunks=3, chunk_rows=10,
+                                     created=time.time())
+            await store.create(manifest)
+            await store.complete_chunk(manifest.id, 0, encode_chunk_result("1", [0] * 10, [[1.0, 0, 0]] * 10), 10, 0)
+            return manifest.id
+        finally:
+            await store.client.aclose()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, record()).result(timeout=30)
+
+
+def test_the_batches_panel_shows_progress_and_cancels(profiles, page, redis_url: str) -> None:
+    running = profiles["asynchronous"]
+    batch_id = _record_running_batch(redis_url, profiles["env"]["asynchronous"]["TOPOSERVE_NAMESPACE"])
+    page.goto(f"{running.base_url}/ui#batches")
+    row = page.locator(f'#batch-table tr[data-batch="{batch_id}"]')
+    row.wait_for(timeout=WAIT_MS)
+    assert row.get_attribute("data-state") == "running" and "10 done" in row.inner_text()
+    assert row.locator("progress").get_attribute("value") == "10" and row.locator("progress").get_attribute("max") == "30"
+    row.locator('button[data-action="cancel"]').click()
+    page.wait_for_function(f"""() => document.getElementById('batch-result').dataset.lastAction === 'cancel:{batch_id}:200'""",
+                           timeout=WAIT_MS)
+    page.wait_for_selector(f'#batch-table tr[data-batch="{batch_id}"][data-state="cancelled"]', timeout=WAIT_MS)
+    assert page.locator(f'#batch-table tr[data-batch="{batch_id}"] button[data-action="cancel"]').is_disabled()

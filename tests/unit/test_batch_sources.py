@@ -105,3 +105,5 @@ def test_batch_state() -> None:
     assert batch_state(10, 10, 0) == "succeeded"
     assert batch_state(10, 0, 10) == "failed"
     assert batch_state(10, 9, 1) == "partial"
+    assert batch_state(10, 5, 0, cancelled=True) == "cancelled"  # never succeeded, even once every row is done
+    assert batch_state(10, 10, 0, cancelled=True) == "cancelled"
