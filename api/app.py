@@ -22,6 +22,7 @@ from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
+from toposerve.api.tf_serving_routes import tf_serving_router
 from toposerve.brokers import Settings
 
 
@@ -97,6 +98,8 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.include_router(routes_v1.router)
     app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config))
+    if config.mode == "sync":
+        app.include_router(tf_serving_router())
     app.include_router(oip_routes.router)
     app.include_router(submit_router(config))
     app.include_router(batch_router)

@@ -46,7 +46,8 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 # codec ignores them; answers have exactly these keys.
 
 class OipErrorBody(BaseModel):
-    """Every error of a /v2 route (authentication and rate limits excepted: those are the API's own shape)."""
+    """Every error of a /v2 route, and of TF Serving's routes (the same shape), authentication and rate
+    limits excepted: those are the API's own shape."""
 
     model_config = ConfigDict(extra="forbid")
 

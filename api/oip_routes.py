@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -51,7 +52,6 @@ from toposerve.api.oip_codec import (
     SERVER_NAME,
     InferRequest,
     InferResponse,
-    ModelInput,
     ModelReady,
     OipError,
     OipErrorBody,
@@ -202,17 +202,47 @@ async def read_infer_body(request: Request, max_bytes: int, timeout_s: float) ->
 
 # -- inference ------------------------------------------------------------------------------
 
-def _jobs(ingress: Ingress, manifest: ModelManifest, model_input: ModelInput, name: str) -> list[InferenceRequest]:
-    if model_input.rows is not None:
-        return [ingress.parse_predict_body(manifest.name, {"instances": model_input.rows})]
+def input_jobs(ingress: Ingress, manifest: ModelManifest, rows: list[list[float]] | None,
+               images: list[str] | None, name: str) -> list[InferenceRequest]:
+    """The requests a protocol's call becomes: all rows in one request, or one request per image
+    (an image's problem named by its index in input ``name``). Shared by the TF Serving routes."""
+    if rows is not None:
+        return [ingress.parse_predict_body(manifest.name, {"instances": rows})]
     jobs = []
-    for index, image in enumerate(model_input.images or []):
+    for index, image in enumerate(images or []):
         try:
             jobs.append(ingress.parse_predict_body(manifest.name, {"image": image}))
         except ApiError as exc:
             raise ApiError(exc.status, exc.code, f"input {name!r} element {index}: {exc.message}",
                            exc.headers) from exc
     return jobs
+
+
+@dataclass
+class SyncAnswer:
+    """The rows of a call's jobs answered synchronously, in order."""
+
+    rows: list[RowPrediction]
+    model_version: str
+    missing: set[str]  # members of a model group that did not answer
+
+
+async def answer_jobs(ingress: Ingress, manifest: ModelManifest, jobs: list[InferenceRequest],
+                      timeout_s: float) -> SyncAnswer:
+    """Every job through the ingress's reply queue, in flight together; a failure is raised as its 4xx/5xx."""
+    outcomes = await asyncio.gather(*(ingress.predict_sync(job, timeout_s) for job in jobs), return_exceptions=True)
+    answer = SyncAnswer(rows=[], model_version=manifest.version, missing=set())
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(outcome, Failure):
+            raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
+        assert isinstance(outcome, Prediction)
+        answer.rows.extend(outcome.rows)
+        answer.model_version = outcome.model_version
+        if outcome.partial:
+            answer.missing |= {member for member, part in (outcome.parts or {}).items() if part.status != "succeeded"}
+    return answer
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
@@ -222,30 +252,17 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     call = parse_infer_call(data)
     model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
     timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)
-    jobs = _jobs(ingress, manifest, model_input, input_name(manifest))
-    outcomes = await asyncio.gather(*(ingress.predict_sync(job, timeout_s) for job in jobs), return_exceptions=True)
-    rows: list[RowPrediction] = []
-    missing: set[str] = set()
-    version_used = manifest.version
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        if isinstance(outcome, Failure):
-            raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
-        assert isinstance(outcome, Prediction)
-        rows.extend(outcome.rows)
-        version_used = outcome.model_version
-        if outcome.partial:
-            missing |= {member for member, part in (outcome.parts or {}).items() if part.status != "succeeded"}
+    jobs = input_jobs(ingress, manifest, model_input.rows, model_input.images, input_name(manifest))
+    answered = await answer_jobs(ingress, manifest, jobs, timeout_s)
     answer = {
         "model_name": manifest.name,
-        "model_version": version_used,
+        "model_version": answered.model_version,
         "id": call.id if call.id is not None else str(jobs[0].id),
-        "outputs": infer_outputs(rows, len(manifest.labels), call.outputs),
+        "outputs": infer_outputs(answered.rows, len(manifest.labels), call.outputs),
     }
-    if missing:
+    if answered.missing:
         # A model group answered without some members: said here, and -1 / "" in the tensors.
-        answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(missing))}
+        answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(answered.missing))}
     return json_response(answer)
 
 

@@ -45,6 +45,7 @@ from toposerve.api.schemas import (
     Stats,
     SyncAsyncAnswer,
 )
+from toposerve.api.tf_serving_codec import tf_model_status
 from toposerve.brokers import Failure, InferenceRequest, JobDone, JobRecord, JobStatus, Prediction, issued_by
 from toposerve.models import ModelManifest
 
@@ -85,7 +86,12 @@ async def list_models(request: Request) -> Response:
 @router.get("/models/{model}", responses={200: success(ModelDescription, "The model"),
                                           **error_responses({404: "unknown_model"})})
 async def describe_model(model: str, request: Request) -> Response:
-    return json_response(model_description(ingress_of(request).manifest(model)))
+    ingress = ingress_of(request)
+    manifest = ingress.manifest(model)
+    if ingress.config.mode == "sync":
+        # TF Serving's clients read this route's model_version_status (the book's synchronous pattern).
+        return json_response({**model_description(manifest), **tf_model_status(manifest)})
+    return json_response(model_description(manifest))
 
 
 def requested_timeout(request: Request, timeout: float | None) -> float | None:
