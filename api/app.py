@@ -9,7 +9,7 @@ from typing import Protocol
 from faststream.specification.base import Specification
 from prometheus_client import CollectorRegistry
 
-from toposerve.api import book_routes, edge_routes, health, items_routes, oip_routes, routes_v1
+from toposerve.api import book_routes, edge_routes, health, items_routes, job_events_routes, oip_routes, routes_v1
 from toposerve.api.auth import SecurityMiddleware, security_options
 from toposerve.api.batch_routes import router as batch_router
 from toposerve.api.batch_routes import submit_router
@@ -96,6 +96,7 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.include_router(observability_router)
     app.include_router(health.router)
     app.include_router(routes_v1.router)
+    app.include_router(job_events_routes.router)
     app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config))
     if config.mode == "sync":

@@ -222,29 +222,38 @@ async def get_job(
     except ValueError:
         raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
     ingress = ingress_of(request)
+    record = await wait_for_record(ingress, parsed, wait, current_owner())
+    if record is None:
+        raise job_not_found(ingress, parsed)
+    return job_response(record)
+
+
+async def wait_for_record(ingress: Ingress, job_id: uuid.UUID, wait_s: float, owner: str | None) -> JobRecord | None:
+    """The job's record as soon as it is terminal, or as it is after ``wait_s`` (pending, or None
+    when there is none): woken by the store's announcements, re-read at least every second.
+    A 503 when the store cannot be read."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + wait
+    until = loop.time() + wait_s
     while True:
-        with ingress.completions.watch(parsed) as announced:
+        with ingress.completions.watch(job_id) as announced:
             try:
-                record = await ingress.results.get_for(parsed, current_owner())
+                record = await ingress.results.get_for(job_id, owner)
             except RedisError as exc:
                 raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                                {"Retry-After": "1"}) from exc
             remaining = until - loop.time()
-            if record is None and remaining <= 0:
-                raise job_not_found(ingress, parsed)
             # A job published straight to the exchange has no record until its first stage
             # takes it: with ``wait``, wait for it to appear as for it to end.
-            if record is not None and (record.status is not JobStatus.PENDING or remaining <= 0):
-                return job_response(record)
+            if (record is None and remaining <= 0) or (record is not None and (
+                    record.status is not JobStatus.PENDING or remaining <= 0)):
+                return record
             # Woken by the store's announcement, which carries the record (no second read);
             # re-read at least every second regardless.
             with contextlib.suppress(TimeoutError):
                 done = JobDone.parse(await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0)))
-                record = done.record_for(current_owner())
+                record = done.record_for(owner)
                 if record is not None and record.status is not JobStatus.PENDING:
-                    return job_response(record)
+                    return record
 
 
 def predict_responses(config: IngressConfig) -> dict[int | str, dict]:

@@ -63,5 +63,7 @@ class Settings(BaseSettings):
     # past that the address gets 429 whatever key it sends, until it is under the rate.
     auth_failures_per_s: float = Field(default=1.0, gt=0)
     auth_failures_burst: int = Field(default=20, ge=1)
+    # Server-Sent Events (GET /v1/jobs/{id}/events): seconds between keep-alive comments.
+    sse_ping_s: float = Field(default=15.0, gt=0)
     # Clients (edge agent): the key sent to an ingress that requires one.
     api_key: str | None = Field(default=None, repr=False)
