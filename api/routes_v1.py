@@ -47,6 +47,7 @@ from toposerve.api.schemas import (
 )
 from toposerve.api.tf_serving_codec import tf_model_status
 from toposerve.brokers import Failure, InferenceRequest, JobDone, JobRecord, JobStatus, Prediction, issued_by
+from toposerve.brokers.callbacks import CallbackSpec
 from toposerve.models import ModelManifest
 
 router = APIRouter(prefix="/v1")
@@ -116,7 +117,9 @@ def outcome_response(outcome: JobRecord | Prediction | Failure) -> Response:
     return Response(record.model_dump_json(), media_type="application/json")
 
 
-async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
+async def accept_job(ingress: Ingress, inference: InferenceRequest, callback: CallbackSpec | None = None) -> dict:
+    if callback is not None:
+        await ingress.register_callback(inference.id, callback)
     await ingress.submit_async(inference)
     location = f"/v1/jobs/{inference.id}"
     return {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": inference.model, "location": location}
@@ -136,7 +139,9 @@ async def predict(
 async def handle_predict(ingress: Ingress, model: str, request: Request, timeout: float | None) -> Response:
     """A predict request for a served ``model``, admitted: the FastAPI route and the fast path
     (api/fast_path.py) both answer with this."""
-    inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
+    data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
+    callback = ingress.take_callback(data)
+    inference = ingress.parse_predict_body(model, data)
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
     cached = ingress.prediction_cache is not None and inference.item_id is None
@@ -147,7 +152,7 @@ async def handle_predict(ingress: Ingress, model: str, request: Request, timeout
             body = {"id": str(record.id), "status": record.status.value, "model": model, "location": location,
                     "cached": record.cached}
             return json_response(body, status=202, headers={"Location": location, "X-Cache": how})
-        job = await accept_job(ingress, inference)
+        job = await accept_job(ingress, inference, callback)
         return json_response(job, status=202, headers={"Location": job["location"]})
     timeout_s = ingress.timeout_for(requested_timeout(request, timeout))
     if cached and accurate is None:
@@ -160,7 +165,7 @@ async def handle_predict(ingress: Ingress, model: str, request: Request, timeout
 
     # sync_async: the accurate model's job is accepted first, so its id is returned
     # whatever happens to the fast answer.
-    job = await accept_job(ingress, ingress.follow_up_request(inference, accurate))
+    job = await accept_job(ingress, ingress.follow_up_request(inference, accurate), callback)
     fast: dict = {"id": str(inference.id), "model": model, "status": "failed"}
     try:
         outcome = await ingress.predict_sync(inference, timeout_s)

@@ -22,6 +22,7 @@ from toposerve.brokers import (
     TelemetryStore,
     connect_redis,
 )
+from toposerve.brokers.callbacks import CallbackRegistry
 from toposerve.consumers import (
     AggregateStage,
     BatchStoreStage,
@@ -103,7 +104,8 @@ def _store(ctx: StageContext, spec: StoreSpec) -> Stage:
     results = ctx.result_store()
     cache_ttl = ctx.profile.ingress.prediction_cache_ttl_s
     cache = PredictionCache(results.client, ctx.settings.namespace, cache_ttl) if cache_ttl else None
-    return StoreStage(ctx.stage_name, results, prediction_cache=cache)
+    callbacks = CallbackRegistry(results.client, ctx.settings.namespace, ctx.profile.ingress.result_ttl_s)
+    return StoreStage(ctx.stage_name, results, prediction_cache=cache, callbacks=callbacks, settings=ctx.settings)
 
 
 def _aggregate(ctx: StageContext, spec: AggregateSpec) -> Stage:
