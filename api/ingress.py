@@ -231,6 +231,10 @@ class Ingress:
         if self.prediction_cache is not None:
             raise ApiError(422, "invalid_callback", "callback is not offered with the prediction cache (a cached "
                                                     "answer never reaches the store stage)")
+        return self.check_callback(raw)
+
+    def check_callback(self, raw: object) -> CallbackSpec:
+        """A callback as the caller gave it -> the checked ``CallbackSpec``, or a 422 naming the problem."""
         try:
             spec = CallbackSpec.model_validate(raw)
             check_callback_url(spec.url, self.settings)
@@ -241,7 +245,7 @@ class Ingress:
             raise ApiError(422, "invalid_callback", str(exc)) from exc
         return spec
 
-    async def register_callback(self, job_id: uuid.UUID, spec: CallbackSpec) -> None:
+    async def register_callback(self, job_id: uuid.UUID | str, spec: CallbackSpec) -> None:
         """Before the job is published: the store may end it at once."""
         try:
             await self.callbacks.register(job_id, spec)

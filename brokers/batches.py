@@ -28,6 +28,8 @@ import orjson
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
+from toposerve.brokers.callbacks import CallbackDelivery
+
 BATCH_NAMESPACE = uuid.UUID("6f1c2b1e-6a2d-5d1e-9a8f-2b7e4c0d9a11")
 
 
@@ -72,6 +74,7 @@ class BatchStatus(BaseModel):
     updated: float | None = None
     elapsed_s: float
     rate: float = Field(description="Finished rows per second since the batch was created")
+    callback: CallbackDelivery | None = Field(default=None, description="The webhook's delivery, once it is over")
 
 
 # KEYS: results hash, manifest hash, meta hash, published set.
@@ -224,10 +227,15 @@ class BatchStore:
         state = batch_state(total, done, failed)
         end = updated if (state != "running" and updated is not None) else time.time()
         elapsed = max(end - created, 1e-6)
+        callback = CallbackDelivery.model_validate_json(data["callback"]) if "callback" in data else None
         return BatchStatus(id=batch_id, model=data["model"], state=state, total=total, done=done, failed=failed,
                            chunks=int(data["chunks"]), chunks_done=int(data.get("chunks_done", 0)),
                            created=created, updated=updated, elapsed_s=round(elapsed, 3),
-                           rate=round((done + failed) / elapsed, 1))
+                           rate=round((done + failed) / elapsed, 1), callback=callback)
+
+    async def record_callback(self, batch_id: str, delivery: CallbackDelivery) -> None:
+        """Note on the batch how its webhook went (the hash keeps its time to live)."""
+        await self.client.hset(self.key(batch_id), "callback", delivery.model_dump_json())
 
 
 async def iter_results(store: BatchStore, manifest: BatchManifest, labels: list[str]) -> AsyncIterator[bytes]:

@@ -23,6 +23,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import httpx
@@ -118,14 +119,14 @@ class CallbackRegistry:
         self.namespace = namespace
         self.ttl_s = ttl_s
 
-    def key(self, job_id: uuid.UUID) -> str:
+    def key(self, job_id: uuid.UUID | str) -> str:
         return f"{self.namespace}:job-callback:{job_id}"
 
-    async def register(self, job_id: uuid.UUID, spec: CallbackSpec) -> None:
+    async def register(self, job_id: uuid.UUID | str, spec: CallbackSpec) -> None:
         stored = _Registration(url=spec.url, secret=spec.secret.get_secret_value())
         await self.client.set(self.key(job_id), stored.model_dump_json(), ex=self.ttl_s)
 
-    async def take(self, job_id: uuid.UUID) -> CallbackSpec | None:
+    async def take(self, job_id: uuid.UUID | str) -> CallbackSpec | None:
         """The registration, removed (a redelivered outcome does not call twice)."""
         raw = await self.client.getdel(self.key(job_id))
         if raw is None:
@@ -133,7 +134,7 @@ class CallbackRegistry:
         stored = _Registration.model_validate_json(raw)
         return CallbackSpec(url=stored.url, secret=SecretStr(stored.secret))
 
-    async def forget(self, job_id: uuid.UUID) -> None:
+    async def forget(self, job_id: uuid.UUID | str) -> None:
         await self.client.delete(self.key(job_id))
 
 
@@ -144,7 +145,7 @@ class _Registration(BaseModel):
     secret: str
 
 
-async def deliver(http: httpx.AsyncClient, spec: CallbackSpec, job_id: uuid.UUID, body: bytes,
+async def deliver(http: httpx.AsyncClient, spec: CallbackSpec, job_id: uuid.UUID | str, body: bytes,
                   settings: Settings) -> CallbackDelivery:
     """POST ``body`` (the job record) to the callback until a 2xx or the last try; how it went."""
     url = shown_url(spec.url)
@@ -173,3 +174,49 @@ async def deliver(http: httpx.AsyncClient, spec: CallbackSpec, job_id: uuid.UUID
                 settings.callback_max_attempts, last_error)
     return CallbackDelivery(status="failed", attempts=settings.callback_max_attempts, url=url,
                             last_status=last_status, last_error=last_error)
+
+
+class CallbackSender:
+    """A stage's webhooks: each delivery in a task of its own (retries and their backoff never hold
+    the queue), its outcome handed to ``record``; ``close`` lets them finish their try, then cancels."""
+
+    def __init__(self, registry: CallbackRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._http: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def send(self, target: uuid.UUID | str, body: bytes,
+                   record: Callable[[CallbackDelivery], Awaitable[None]]) -> bool:
+        """Start delivering ``body`` if ``target`` (a job or batch id) has a callback; taken once."""
+        spec = await self.registry.take(target)
+        if spec is None:
+            return False
+        try:
+            check_callback_url(spec.url, self.settings)  # again here: this process's own allow-list
+        except CallbackRefused as exc:
+            log.warning("callback %s for %s refused: %s", shown_url(spec.url), target, exc)
+            return False
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        task = asyncio.create_task(self._send(spec, target, body, record), name=f"callback-{target}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _send(self, spec: CallbackSpec, target: uuid.UUID | str, body: bytes,
+                    record: Callable[[CallbackDelivery], Awaitable[None]]) -> None:
+        assert self._http is not None
+        delivery = await deliver(self._http, spec, target, body, self.settings)
+        try:
+            await record(delivery)
+        except Exception as exc:  # the store is down: the delivery happened (or not) all the same
+            log.warning("could not record the callback of %s: %s", target, exc)
+
+    async def close(self) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+        if self._http is not None:
+            await self._http.aclose()

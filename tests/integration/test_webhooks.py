@@ -128,3 +128,32 @@ async def test_a_callback_this_server_may_not_call_is_refused_at_submit(stack: S
         error = response.json()["error"]
         assert error["code"] == "invalid_callback" and says in error["message"], error
         assert "pw" not in error["message"]  # the credentials are not echoed back
+
+
+async def test_a_batch_calls_back_with_its_status_once_complete(settings: Settings) -> None:
+    allowed = settings.model_copy(update={"callback_allowed_hosts": "127.0.0.1", "callback_schemes": "http",
+                                          "callback_backoff_s": 0.05})
+    csv = "a,b,c,d\n" + "\n".join(",".join(map(str, row)) for row in ROWS * 5) + "\n"
+    async for stack in start_stack(allowed, "batch"):
+        async with receiving(failures=0) as receiver:
+            headers = {"Content-Type": "text/csv", "X-Callback-Url": receiver.url, "X-Callback-Secret": SECRET}
+            accepted = await stack.client.post("/v1/batches", params={"model": "iris", "chunk_rows": 4},
+                                               content=csv, headers=headers)
+            assert accepted.status_code == 202, accepted.text
+            batch_id = accepted.json()["id"]
+            for _ in range(200):
+                status = (await stack.client.get(f"/v1/batches/{batch_id}")).json()
+                if status.get("callback") is not None:
+                    break
+                await asyncio.sleep(0.05)
+        assert len(receiver.calls) == 1  # once, though three chunks completed
+        headers, body = receiver.calls[0]
+        assert verified(headers, body) and headers["X-Toposerve-Job"] == batch_id
+        called = json.loads(body)
+        assert called["id"] == batch_id and called["state"] == "succeeded" and called["done"] == 10
+        assert status["callback"]["status"] == "delivered" and status["callback"]["attempts"] == 1
+        refused = await stack.client.post("/v1/batches", params={"model": "iris"}, content=csv,
+                                          headers={"Content-Type": "text/csv",
+                                                   "X-Callback-Url": "http://example.com/hook",
+                                                   "X-Callback-Secret": SECRET})
+        assert refused.status_code == 422 and "'example.com' is not allowed" in refused.json()["error"]["message"]
