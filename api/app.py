@@ -53,6 +53,16 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         await ingress.start()
         app.state.ingress = ingress
         metrics.watch(ingress)
+        grpc_server = None
+        if settings.grpc_port is not None:
+            if security["keys"].enabled:
+                # Refused rather than served open: the gRPC port does not check API keys.
+                raise RuntimeError("TOPOSERVE_GRPC_PORT is set with API keys on, but the gRPC port does not "
+                                   "check API keys; unset one of them")
+            # Imported only when served: grpcio and tritonclient's messages cost every other ingress nothing.
+            from toposerve.api.oip_grpc import start_grpc_server
+
+            grpc_server = await start_grpc_server(lambda: app.state.ingress, settings.grpc_host, settings.grpc_port)
         switch = None
         if follow is not None:
             def rewatch(old: Ingress, new: Ingress) -> None:
@@ -66,6 +76,8 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5)
             metrics.unwatch()
             if switch is not None:
                 await switch.close()

@@ -321,7 +321,7 @@ def _binary_strings(chunk: bytes, count: int, name: str) -> list[bytes]:
     return elements
 
 
-def _image_text(element: bytes) -> str:
+def image_text(element: bytes) -> str:
     """A binary BYTES element: the image file itself, or its base64 text."""
     if element.startswith(_IMAGE_MAGIC):
         return base64.b64encode(element).decode()
@@ -383,7 +383,7 @@ def read_model_input(call: InferCall, manifest: ModelManifest, binary: bytes | N
         if shape[0] > max_rows:
             raise OipError(f"input {name!r} has {shape[0]} images, more than the limit of {max_rows}", 413)
         if chunk is not None:
-            return ModelInput(images=[_image_text(e) for e in _binary_strings(chunk, count, name)])
+            return ModelInput(images=[image_text(e) for e in _binary_strings(chunk, count, name)])
         flat = _flatten(tensor["data"], shape, name)
         for index, value in enumerate(flat):
             if not isinstance(value, str):

@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 from toposerve.api.oip_codec import (
     BINARY_HEADER,
     SERVER_NAME,
+    InferCall,
     InferRequest,
     InferResponse,
+    ModelInput,
     ModelReady,
     OipError,
     OipErrorBody,
@@ -106,14 +108,14 @@ def _ingress(request: Request) -> Ingress:
     return request.app.state.ingress
 
 
-def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
+def oip_manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
     manifest = ingress.manifest(model)  # 404 for an unknown model
     if version is not None and version != manifest.version:
         raise OipError(f"model {model!r} has no version {version!r}; available: [{manifest.version!r}]", 404)
     return manifest
 
 
-async def _ready(ingress: Ingress, model: str | None = None) -> bool:
+async def oip_ready(ingress: Ingress, model: str | None = None) -> bool:
     """/readyz's checks; for one model, over the stage queues its requests pass through (not a
     preprocess queue that rows preprocessed in the ingress skip)."""
     among = None
@@ -147,14 +149,14 @@ async def server_live() -> Response:
 @router.get("/health/ready", responses={200: success(ServerReady, "Ready"), 400: success(ServerReady, _NOT_READY)})
 async def server_ready(request: Request) -> Response:
     # The protocol: 200 means ready, a 4xx means not ready.
-    ready = await _ready(_ingress(request))
+    ready = await oip_ready(_ingress(request))
     return json_response({"ready": ready}, status=200 if ready else 400)
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     ingress = _ingress(request)
-    manifest = _manifest(ingress, model, version)
-    ready = await _ready(ingress, manifest.name)
+    manifest = oip_manifest(ingress, model, version)
+    ready = await oip_ready(ingress, manifest.name)
     return json_response({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
 
 
@@ -176,12 +178,12 @@ _MODEL_META = {200: success(OipModelMetadata, "The model's inputs and outputs"),
 
 @router.get("/models/{model}", responses=_MODEL_META)
 async def model_meta(model: str, request: Request) -> Response:
-    return json_response(model_metadata(_manifest(_ingress(request), model, None)))
+    return json_response(model_metadata(oip_manifest(_ingress(request), model, None)))
 
 
 @router.get("/models/{model}/versions/{version}", responses=_MODEL_META)
 async def model_version_meta(model: str, version: str, request: Request) -> Response:
-    return json_response(model_metadata(_manifest(_ingress(request), model, version)))
+    return json_response(model_metadata(oip_manifest(_ingress(request), model, version)))
 
 
 # -- reading an inference request ---------------------------------------------------------
@@ -245,12 +247,8 @@ async def answer_jobs(ingress: Ingress, manifest: ModelManifest, jobs: list[Infe
     return answer
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    ingress = _ingress(request)
-    manifest = _manifest(ingress, model, version)
-    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
-    call = parse_infer_call(data)
-    model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
+async def infer_answer(ingress: Ingress, manifest: ModelManifest, call: InferCall, model_input: ModelInput) -> dict:
+    """An infer call answered synchronously, as the protocol's response (shared by REST and gRPC)."""
     timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)
     jobs = input_jobs(ingress, manifest, model_input.rows, model_input.images, input_name(manifest))
     answered = await answer_jobs(ingress, manifest, jobs, timeout_s)
@@ -263,7 +261,16 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     if answered.missing:
         # A model group answered without some members: said here, and -1 / "" in the tensors.
         answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(answered.missing))}
-    return json_response(answer)
+    return answer
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    ingress = _ingress(request)
+    manifest = oip_manifest(ingress, model, version)
+    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
+    call = parse_infer_call(data)
+    model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
+    return json_response(await infer_answer(ingress, manifest, call, model_input))
 
 
 _INFER_RESPONSES = {

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(default=5, ge=1, le=20)
     callback_backoff_s: float = Field(default=1.0, gt=0)
     callback_timeout_s: float = Field(default=5.0, gt=0)
+    # The Open Inference Protocol over gRPC (api/oip_grpc.py): its own port in each ingress
+    # process (None: off), on this address.
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    grpc_host: str = "127.0.0.1"
     # Server-Sent Events (GET /v1/jobs/{id}/events): seconds between keep-alive comments.
     sse_ping_s: float = Field(default=15.0, gt=0)
     # Clients (edge agent): the key sent to an ingress that requires one.
