@@ -13,7 +13,6 @@ open through proxies (``TOPOSERVE_SSE_PING_S``).
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Request
@@ -22,7 +21,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from toposerve.api.auth import current_owner
 from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import Ingress
-from toposerve.api.routes_v1 import job_not_found, wait_for_record
+from toposerve.api.routes_v1 import job_not_found, parse_job_id, wait_for_record
 from toposerve.brokers import JobRecord, JobStatus
 
 PENDING_ID, TERMINAL_ID, OUTCOME_ID = 1, 2, 3
@@ -101,10 +100,7 @@ async def job_events(ingress: Ingress, record: JobRecord, last_event_id: int,
 async def get_job_events(job_id: str, request: Request,
                          last_event_id: str | None = Header(None, description="Resume after this event id")
                          ) -> EventSourceResponse:
-    try:
-        parsed = uuid.UUID(job_id)
-    except ValueError:
-        raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
+    parsed = parse_job_id(job_id)
     resume_after = parse_last_event_id(last_event_id)
     ingress: Ingress = request.app.state.ingress
     owner = current_owner()

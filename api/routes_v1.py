@@ -222,15 +222,19 @@ async def get_job(
     request: Request,
     wait: float = Query(0.0, ge=0, le=MAX_WAIT_S, description="Seconds to wait for a terminal state"),
 ) -> Response:
-    try:
-        parsed = uuid.UUID(job_id)
-    except ValueError:
-        raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
+    parsed = parse_job_id(job_id)
     ingress = ingress_of(request)
     record = await wait_for_record(ingress, parsed, wait, current_owner())
     if record is None:
         raise job_not_found(ingress, parsed)
     return job_response(record)
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
 
 
 async def wait_for_record(ingress: Ingress, job_id: uuid.UUID, wait_s: float, owner: str | None) -> JobRecord | None:

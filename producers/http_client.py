@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -33,6 +32,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from toposerve.brokers import JobRecord, JobStatus
+from toposerve.producers.loop_thread import LoopThread
 
 T = TypeVar("T")
 _MAX_RETRY_AFTER_S = 30.0
@@ -227,9 +227,8 @@ class Client:
     """``AsyncClient`` for code without an event loop: its loop runs in a thread of its own."""
 
     def __init__(self, url: str, api_key: str | None = None, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="toposerve-http-client", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("toposerve-http-client")
+        # Made on its loop: httpx's pool belongs to the loop that uses it.
         self._client = self._run(self._make(url, api_key, options))
 
     @staticmethod
@@ -237,7 +236,7 @@ class Client:
         return AsyncClient(url, api_key, **options)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return self._thread.run(coroutine)
 
     def __enter__(self) -> Client:
         return self
@@ -246,10 +245,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._client.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self._thread.stop(self._client.close)
 
     def predict(self, model: str, **inputs: Any) -> JobRecord:
         return self._run(self._client.predict(model, **inputs))
