@@ -157,9 +157,9 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
     )
     keys = {"unsettled:*"}  # the crash guard's counts, for every stage
     keys |= {"preprocess": {"features:*", "items:*", "job:*", "job-owner:*"},
-             "store": {"job:*", "job-owner:*", "pred:*"},
+             "store": {"job:*", "job-owner:*", "job-callback:*", "pred:*"},
              "aggregate": {"join:*"},
-             "batch_store": {"batch:*", "job:*", "job-owner:*"},
+             "batch_store": {"batch:*", "job:*", "job-owner:*", "job-callback:*"},
              "telemetry": {"telemetry:*"}}.get(kind, set())
     return Account(role=kind, broker=broker,
                    redis=RedisAccount(user=broker.user, rules=_redis_rules(namespace, keys, channels=True)))

@@ -101,7 +101,7 @@ class BatchStoreStage(Stage):
         if not await self.batches.complete_chunk(manifest.id, index, payload, ok, failed):
             self.duplicates += 1
             log.info("batch %s chunk %d was already stored (a redelivery); counted once", manifest.id, index)
-        elif self.callbacks is not None:
+        if self.callbacks is not None:  # a redelivery too: the registration is taken once
             await self._call_back_when_complete(manifest.id)
         return True
 

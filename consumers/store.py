@@ -63,8 +63,10 @@ class StoreStage(Stage):
         if span is not None:
             record.trace_id = span.trace_id
         try:
-            written = await self.results.finish(record)
-            if written and self.callbacks is not None:
+            await self.results.finish(record)
+            # Also for a redelivery (the record was written, the registration maybe not yet
+            # taken when Redis failed): the registration is taken once, so it calls once.
+            if self.callbacks is not None:
                 job_id = record.id
                 await self.callbacks.send(job_id, record.model_dump_json().encode(),
                                           lambda delivery: self.results.record_callback(job_id, delivery))
