@@ -11,11 +11,13 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from tests.integration.conftest import Stack, start_stack
+from tests.support.processes import stage_processes
 from toposerve.brokers.settings import Settings
 from toposerve.deploy.local_services import free_port
 
@@ -157,3 +159,20 @@ async def test_a_batch_calls_back_with_its_status_once_complete(settings: Settin
                                                    "X-Callback-Url": "http://example.com/hook",
                                                    "X-Callback-Secret": SECRET})
         assert refused.status_code == 422 and "'example.com' is not allowed" in refused.json()["error"]["message"]
+
+
+async def test_a_store_process_logged_in_as_its_role_delivers(fault_settings: Settings, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """As deployed: the store stage a process of its own, with its role's Redis account (whose
+    key rights must cover the callback registrations)."""
+    for name, value in {"TOPOSERVE_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "TOPOSERVE_CALLBACK_SCHEMES": "http",
+                        "TOPOSERVE_CALLBACK_BACKOFF_S": "0.05"}.items():
+        monkeypatch.setenv(name, value)  # the worker process reads its settings from the environment
+    allowed = fault_settings.model_copy(update={"callback_allowed_hosts": "127.0.0.1", "callback_schemes": "http"})
+    async for stack in start_stack(allowed, "asynchronous", stages=["preprocess", "predict"]):
+        with stage_processes(stack.settings, "asynchronous", ("store",), tmp_path):
+            async with receiving(failures=1) as receiver:
+                job_id = await submit_with_callback(stack, receiver.url)
+                record = await callback_recorded(stack, job_id)
+    assert record["callback"]["status"] == "delivered" and record["callback"]["attempts"] == 2
+    assert verified(*receiver.calls[-1])
