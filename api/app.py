@@ -14,6 +14,7 @@ from toposerve.api import (
     edge_routes,
     health,
     items_routes,
+    job_events_routes,
     oip_routes,
     operator_routes,
     routes_v1,
@@ -32,6 +33,7 @@ from toposerve.api.metrics import IngressMetrics, ObservabilityMiddleware
 from toposerve.api.observability_routes import AsyncApiDocument
 from toposerve.api.observability_routes import router as observability_router
 from toposerve.api.openapi import install_openapi
+from toposerve.api.tf_serving_routes import tf_serving_router
 from toposerve.brokers import Settings
 
 
@@ -62,6 +64,16 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         await ingress.start()
         app.state.ingress = ingress
         metrics.watch(ingress)
+        grpc_server = None
+        if settings.grpc_port is not None:
+            if security["keys"].enabled:
+                # Refused rather than served open: the gRPC port does not check API keys.
+                raise RuntimeError("TOPOSERVE_GRPC_PORT is set with API keys on, but the gRPC port does not "
+                                   "check API keys; unset one of them")
+            # Imported only when served: grpcio and tritonclient's messages cost every other ingress nothing.
+            from toposerve.api.oip_grpc import start_grpc_server
+
+            grpc_server = await start_grpc_server(lambda: app.state.ingress, settings.grpc_host, settings.grpc_port)
         switch = None
         if follow is not None:
             def rewatch(old: Ingress, new: Ingress) -> None:
@@ -75,6 +87,8 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5)
             metrics.unwatch()
             if switch is not None:
                 await switch.close()
@@ -106,8 +120,11 @@ def create_app(settings: Settings, config: IngressConfig, companions: Sequence[C
     app.include_router(health.router)
     app.include_router(routes_v1.router)
     app.include_router(version_routes.router)
+    app.include_router(job_events_routes.router)
     app.include_router(edge_routes.router)
     app.include_router(book_routes.book_router(config))
+    if config.mode == "sync":
+        app.include_router(tf_serving_router())
     app.include_router(oip_routes.router)
     app.include_router(submit_router(config))
     app.include_router(batch_router)

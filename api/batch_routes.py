@@ -35,7 +35,16 @@ from toposerve.api.auth import current_owner, may_read
 from toposerve.api.config import IngressConfig
 from toposerve.api.errors import ApiError, error_responses
 from toposerve.api.ingress import Ingress
-from toposerve.api.openapi import ADMISSION_ERRORS, BINARY_SCHEMA, LOCATION, codes, request_body, success, with_fallback
+from toposerve.api.openapi import (
+    ADMISSION_ERRORS,
+    BINARY_SCHEMA,
+    LOCATION,
+    codes,
+    header_parameter,
+    request_body,
+    success,
+    with_fallback,
+)
 from toposerve.api.operator_routes import may_operate
 from toposerve.api.responses import json_response
 from toposerve.api.schemas import BatchAccepted
@@ -50,6 +59,7 @@ from toposerve.brokers import (
     PublishRefused,
     iter_results,
 )
+from toposerve.brokers.callbacks import CallbackSpec
 from toposerve.models import load_manifests
 from toposerve.producers import DEFAULT_CHUNK_ROWS, BatchInputError, BatchSubmitter, bytes_source
 
@@ -129,6 +139,14 @@ def _multipart_file(raw: bytes, content_type: str) -> tuple[bytes, str, dict[str
     return found[0], found[1], fields
 
 
+def _callback(ingress: Ingress, request: Request) -> CallbackSpec | None:
+    """A batch's webhook, from headers (the body is the file): called with the status once it completes."""
+    url, secret = request.headers.get("x-callback-url"), request.headers.get("x-callback-secret")
+    if url is None and secret is None:
+        return None
+    return ingress.check_callback({"url": url, "secret": secret})
+
+
 async def create_batch(
     request: Request,
     model: str | None = Query(None, description="Model to run every row through"),
@@ -136,6 +154,7 @@ async def create_batch(
 ) -> Response:
     """Accept a CSV/JSONL file for bulk inference: 202 with the batch id once every chunk is published."""
     ingress = _ingress(request)
+    callback = _callback(ingress, request)
     if not ingress.config.batches:
         # Refused before the upload is read: nothing would ever process its chunks here.
         runs = ", ".join(ingress.config.batch_profiles) or "one with a batch_store stage"
@@ -176,7 +195,9 @@ async def create_batch(
                                    redis_client=ingress.results.client)
         try:
             # The owner is in the manifest from the start: no one else can read the batch, ever.
-            result = await submitter.submit(source, chunk_rows=chunk_rows, owner=current_owner())
+            result = await submitter.submit(source, chunk_rows=chunk_rows, owner=current_owner(),
+                                            before_publish=None if callback is None else (
+                                                lambda manifest: ingress.register_callback(manifest.id, callback)))
         except PublishRefused as exc:
             raise ApiError(503, "broker_unavailable", f"could not publish the batch: {exc}",
                            {"Retry-After": "1"}) from exc
@@ -287,6 +308,7 @@ _SUBMIT_RESPONSES: dict[int | str, dict] = {
         408: "request_timeout: the upload sent nothing for too long (the connection is closed)",
         413: "body_too_large",
         422: "invalid_request: no model named, chunk_rows out of range, a multipart body without a file part; "
+             "invalid_callback: X-Callback-Url or X-Callback-Secret refused (the message says why); "
              "invalid_input: an empty or unreadable file, or a model that takes images",
         503: "broker_unavailable; store_unavailable",
     })),
@@ -299,7 +321,10 @@ _UPLOAD = request_body({
         "model": {"type": "string", "description": "The model, when ?model= is not given"},
     }}},
 }, "The rows: CSV (a header row, then one row of numbers per line) or JSON lines, as the body or as a multipart "
-   "'file' part. Other content types are read as JSON lines when they start with '[' or '{', else as CSV.")
+   "'file' part. Other content types are read as JSON lines when they start with '[' or '{', else as CSV.",
+   [header_parameter("X-Callback-Url", "A webhook called with the batch's status once it completes (see README, "
+                     "Webhooks); its host must be allowed"),
+    header_parameter("X-Callback-Secret", "The key of the webhook's HMAC-SHA256 signature (16 to 256 characters)")])
 
 
 def submit_router(config: IngressConfig) -> APIRouter:

@@ -10,7 +10,6 @@ operations (and so the same queues) as the /v1 API.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import uuid
 from typing import Literal
@@ -22,6 +21,7 @@ from redis.exceptions import RedisError
 from toposerve.api.admission import ADMITTED
 from toposerve.api.auth import current_owner
 from toposerve.api.body import read_json
+from toposerve.api.book_group_routes import IRIS_SAMPLE, group_router
 from toposerve.api.cached_predict import predict_sync_cached
 from toposerve.api.config import IngressConfig
 from toposerve.api.errors import ApiError, error_response, error_responses
@@ -49,13 +49,9 @@ from toposerve.api.schemas import (
     BookPredictBody,
     BookProbabilities,
     BookUnhealthy,
-    TfServingAnswer,
-    TfServingRequest,
 )
 from toposerve.brokers import Failure, InferenceRequest, JobRecord, JobStatus, Prediction
 from toposerve.models import ImagePreprocessing, ModelManifest
-
-IRIS_SAMPLE = [[5.1, 3.5, 1.4, 0.2]]
 
 
 def _ingress(request: Request) -> Ingress:
@@ -98,7 +94,7 @@ def _sample_request(ingress: Ingress) -> InferenceRequest:
     return ingress.parse_predict_body(manifest.name, _sample_body(ingress, manifest))
 
 
-async def _parse(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
+async def parse_book_body(request: Request, ingress: Ingress, manifest: ModelManifest) -> InferenceRequest:
     data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
     return ingress.parse_predict_body(manifest.name, _book_body_to_native(data, manifest, ingress.config.item_ids))
 
@@ -117,9 +113,11 @@ def _rows(outcome: Prediction | JobRecord) -> list:
     return outcome.rows if isinstance(outcome, Prediction) else outcome.predictions or []
 
 
-def _probabilities(prediction: Prediction | JobRecord) -> dict:
+def _probabilities(prediction: Prediction | JobRecord, manifest: ModelManifest) -> dict:
     rows = [row.probabilities for row in _rows(prediction)]
-    return {"prediction": rows[0], "predictions": rows}
+    # The book's image patterns (prep_pred, data_cache, prediction_cache) answer the softmax as
+    # its (1, n_classes) matrix, [[...]]; its iris pattern the first row's list.
+    return {"prediction": [rows[0]] if _is_image(manifest) else rows[0], "predictions": rows}
 
 
 def _labels(prediction: Prediction | JobRecord) -> dict:
@@ -186,14 +184,19 @@ def book_router(config: IngressConfig) -> APIRouter:
         return json_response({"health": "ok"} if ready else {"health": "ng", "checks": body["checks"]},
                      status=200 if ready else 503)
 
-    @router.get("/health/all", responses={200: success(dict[str, Literal["ok", "ng"]],
-                                                       "Each stage: ok when its queue has a consumer")})
-    async def health_all(request: Request) -> Response:
-        return json_response(_health_all(_ingress(request)))
+    group = config.book_model in config.groups
+    if group:
+        # The horizontal microservice: its proxy's routes, answered synchronously in any mode.
+        router.include_router(group_router(config, parse_book_body, _BOOK_BODY))
+    else:
+        @router.get("/health/all", responses={200: success(dict[str, Literal["ok", "ng"]],
+                                                           "Each stage: ok when its queue has a consumer")})
+        async def health_all(request: Request) -> Response:
+            return json_response(_health_all(_ingress(request)))
 
-    @router.get("/metadata", responses={200: success(BookMetadata, "The book model's input and output")})
-    async def metadata(request: Request) -> Response:
-        return json_response(_metadata(_book_manifest(_ingress(request))))
+        @router.get("/metadata", responses={200: success(BookMetadata, "The book model's input and output")})
+        async def metadata(request: Request) -> Response:
+            return json_response(_metadata(_book_manifest(_ingress(request))))
 
     @router.get("/label", responses={200: success(list[str] | dict[str, str], "The book model's labels: a list "
                                                   "(image models) or class index -> label (tabular models)")})
@@ -202,12 +205,15 @@ def book_router(config: IngressConfig) -> APIRouter:
         # The book's image patterns answer a list, its iris pattern a dict by class index.
         return json_response(manifest.labels if _is_image(manifest) else {str(i): n for i, n in enumerate(manifest.labels)})
 
+    if group:
+        return router  # its predict routes are the proxy's, above
     if mode == "sync":
 
         @router.get("/predict/test", dependencies=ADMITTED, responses=admitted(probabilities, _NO_SAMPLE, SYNC_ERRORS))
         async def predict_test(request: Request) -> Response:
             ingress = _ingress(request)
-            return json_response(_probabilities(await _sync_outcome(ingress, _sample_request(ingress))))
+            return json_response(_probabilities(await _sync_outcome(ingress, _sample_request(ingress)),
+                                                _book_manifest(ingress)))
 
         @router.get("/predict/test/label", dependencies=ADMITTED, responses=admitted(labels, _NO_SAMPLE, SYNC_ERRORS))
         async def predict_test_label(request: Request) -> Response:
@@ -218,36 +224,16 @@ def book_router(config: IngressConfig) -> APIRouter:
                      openapi_extra=_BOOK_BODY)
         async def predict(request: Request) -> Response:
             ingress = _ingress(request)
-            inference = await _parse(request, ingress, _book_manifest(ingress))
-            return json_response(_probabilities(await _sync_outcome(ingress, inference)))
+            manifest = _book_manifest(ingress)
+            inference = await parse_book_body(request, ingress, manifest)
+            return json_response(_probabilities(await _sync_outcome(ingress, inference), manifest))
 
         @router.post("/predict/label", dependencies=ADMITTED, responses=admitted(labels, BODY_ERRORS, sync_errors),
                      openapi_extra=_BOOK_BODY)
         async def predict_label(request: Request) -> Response:
             ingress = _ingress(request)
-            inference = await _parse(request, ingress, _book_manifest(ingress))
+            inference = await parse_book_body(request, ingress, _book_manifest(ingress))
             return json_response(_labels(await _sync_outcome(ingress, inference)))
-
-        @router.post("/v1/models/{model}:predict", dependencies=ADMITTED,
-                     responses=admitted({200: success(TfServingAnswer, "One label per image")}, BODY_ERRORS,
-                                        sync_errors, {413: "too_large: more images than the row limit",
-                                                      422: "invalid_request: not {\"inputs\": {\"image\": [...]}}"}),
-                     openapi_extra=json_body(TfServingRequest, "TF Serving's REST body: base64 images"))
-        async def tf_serving_predict(model: str, request: Request) -> Response:
-            """TF Serving's REST shape (the book's synchronous pattern): images in, labels out."""
-            ingress = _ingress(request)
-            manifest = ingress.manifest(model)
-            data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
-            inputs = data.get("inputs") if isinstance(data, dict) else None
-            images = inputs.get("image") if isinstance(inputs, dict) else None
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise ApiError(422, "invalid_request", 'send {"inputs": {"image": ["<base64 image>", ...]}}')
-            if len(images) > ingress.settings.max_rows:
-                raise ApiError(413, "too_large", f"{len(images)} images, more than the limit of "
-                                                 f"{ingress.settings.max_rows} per request")
-            requests = [ingress.parse_predict_body(manifest.name, {"image": image}) for image in images]
-            outcomes = await asyncio.gather(*(_sync_outcome(ingress, r) for r in requests))
-            return json_response({"outputs": [_rows(outcome)[0].label for outcome in outcomes]})
 
     else:
         # sync_async: a failed fast answer is a 202 with its error, so only the job's submission can fail.
@@ -281,7 +267,7 @@ def book_router(config: IngressConfig) -> APIRouter:
                      responses=admitted(job_answer, BODY_ERRORS, INPUT_ERRORS, ASYNC_ERRORS))
         async def predict_job(request: Request) -> Response:
             ingress = _ingress(request)
-            return await _submit(ingress, await _parse(request, ingress, _book_manifest(ingress)))
+            return await _submit(ingress, await parse_book_body(request, ingress, _book_manifest(ingress)))
 
         @router.get("/job/{job_id}", responses={
             200: success(BookJobAnswer, "The job has ended: its label, or its error"),

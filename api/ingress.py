@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
 
 from aio_pika.abc import AbstractRobustConnection
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from toposerve.api.auth import current_owner
@@ -57,6 +58,7 @@ from toposerve.brokers import (
     url_user,
     utc_now,
 )
+from toposerve.brokers.callbacks import CallbackRefused, CallbackRegistry, CallbackSpec, check_callback_url
 from toposerve.models import (
     InputError,
     InputLimits,
@@ -89,9 +91,12 @@ def one_of_required(*fields: str) -> dict:
 
 
 class PredictBody(InferenceInputs):
-    """``POST /v1/models/{model}/predict``: exactly one input, and nothing else."""
+    """``POST /v1/models/{model}/predict``: exactly one input, and optionally a webhook (async jobs)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=one_of_required("instances", "image", "item_id"))
+
+    callback: CallbackSpec | None = Field(default=None, description="Async jobs: POST the outcome here, signed "
+                                                                    "(see README, Webhooks)")
 
 
 INPUT_STATUS = {FailureCode.TOO_LARGE: 413, FailureCode.UNKNOWN_MODEL: 404, FailureCode.UNKNOWN_ITEM: 404}
@@ -141,6 +146,7 @@ class Ingress:
         known |= {name: every_version[name] for name in config.versions}
         self.versions = IngressVersions(config.versions, known, ServingVersions(self.results.client, settings.namespace))
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
+        self.callbacks = CallbackRegistry(self.results.client, settings.namespace, config.spec.result_ttl_s)
         self.replies: ReplyRouter | None = None
         self.monitor: StageMonitor | None = None
         self.stats = IngressStats()
@@ -220,6 +226,42 @@ class Ingress:
             raise ApiError(INPUT_STATUS.get(exc.code, 422), str(exc.code), exc.message) from exc
         return InferenceRequest(id=issue_job_id(self.settings.namespace, current_owner()), model=model, created_at=utc_now(),
                                 instances=body.instances, image=body.image, item_id=body.item_id)
+
+    def take_callback(self, data: object) -> CallbackSpec | None:
+        """A predict body's ``callback``, removed from it and checked (422 naming the problem), or None.
+
+        Only jobs the store stage ends can call back: async jobs (and sync_async's accurate job).
+        """
+        if not isinstance(data, dict) or "callback" not in data:
+            return None
+        raw = data.pop("callback")
+        if self.config.mode == "sync" or not self.config.outcomes_kept:
+            raise ApiError(422, "invalid_callback", f"callback is for async jobs; profile {self.config.profile!r} "
+                                                    "answers synchronously (use an async profile)")
+        if self.prediction_cache is not None:
+            raise ApiError(422, "invalid_callback", "callback is not offered with the prediction cache (a cached "
+                                                    "answer never reaches the store stage)")
+        return self.check_callback(raw)
+
+    def check_callback(self, raw: object) -> CallbackSpec:
+        """A callback as the caller gave it -> the checked ``CallbackSpec``, or a 422 naming the problem."""
+        try:
+            spec = CallbackSpec.model_validate(raw)
+            check_callback_url(spec.url, self.settings)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("callback", *e["loc"])} for e in exc.errors()]
+            raise ApiError(422, "invalid_callback", describe_validation_errors(errors)) from exc
+        except CallbackRefused as exc:
+            raise ApiError(422, "invalid_callback", str(exc)) from exc
+        return spec
+
+    async def register_callback(self, job_id: uuid.UUID | str, spec: CallbackSpec) -> None:
+        """Before the job is published: the store may end it at once."""
+        try:
+            await self.callbacks.register(job_id, spec)
+        except RedisError as exc:
+            raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
+                           {"Retry-After": "1"}) from exc
 
     def entry_kind(self, model: str) -> str:
         """The kind of message a request for ``model`` enters the topology as (no cache involved)."""

@@ -46,7 +46,8 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 # codec ignores them; answers have exactly these keys.
 
 class OipErrorBody(BaseModel):
-    """Every error of a /v2 route (authentication and rate limits excepted: those are the API's own shape)."""
+    """Every error of a /v2 route, and of TF Serving's routes (the same shape), authentication and rate
+    limits excepted: those are the API's own shape."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -320,7 +321,7 @@ def _binary_strings(chunk: bytes, count: int, name: str) -> list[bytes]:
     return elements
 
 
-def _image_text(element: bytes) -> str:
+def image_text(element: bytes) -> str:
     """A binary BYTES element: the image file itself, or its base64 text."""
     if element.startswith(_IMAGE_MAGIC):
         return base64.b64encode(element).decode()
@@ -382,7 +383,7 @@ def read_model_input(call: InferCall, manifest: ModelManifest, binary: bytes | N
         if shape[0] > max_rows:
             raise OipError(f"input {name!r} has {shape[0]} images, more than the limit of {max_rows}", 413)
         if chunk is not None:
-            return ModelInput(images=[_image_text(e) for e in _binary_strings(chunk, count, name)])
+            return ModelInput(images=[image_text(e) for e in _binary_strings(chunk, count, name)])
         flat = _flatten(tensor["data"], shape, name)
         for index, value in enumerate(flat):
             if not isinstance(value, str):

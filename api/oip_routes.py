@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 from toposerve.api.oip_codec import (
     BINARY_HEADER,
     SERVER_NAME,
+    InferCall,
     InferRequest,
     InferResponse,
     ModelInput,
@@ -106,7 +108,7 @@ def _ingress(request: Request) -> Ingress:
     return request.app.state.ingress
 
 
-def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
+def oip_manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
     manifest = ingress.manifest(model)  # 404 for an unknown model
     if version is None:
         return manifest
@@ -116,7 +118,7 @@ def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifes
         raise OipError(exc.message, 404) from exc
 
 
-async def _ready(ingress: Ingress, model: str | None = None) -> bool:
+async def oip_ready(ingress: Ingress, model: str | None = None) -> bool:
     """/readyz's checks; for one model, over the stage queues its requests pass through (not a
     preprocess queue that rows preprocessed in the ingress skip)."""
     among = None
@@ -150,14 +152,14 @@ async def server_live() -> Response:
 @router.get("/health/ready", responses={200: success(ServerReady, "Ready"), 400: success(ServerReady, _NOT_READY)})
 async def server_ready(request: Request) -> Response:
     # The protocol: 200 means ready, a 4xx means not ready.
-    ready = await _ready(_ingress(request))
+    ready = await oip_ready(_ingress(request))
     return json_response({"ready": ready}, status=200 if ready else 400)
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     ingress = _ingress(request)
-    manifest = _manifest(ingress, model, version)
-    ready = await _ready(ingress, manifest.name)
+    manifest = oip_manifest(ingress, model, version)
+    ready = await oip_ready(ingress, manifest.name)
     return json_response({"name": manifest.name, "ready": ready}, status=200 if ready else 400)
 
 
@@ -179,12 +181,12 @@ _MODEL_META = {200: success(OipModelMetadata, "The model's inputs and outputs"),
 
 @router.get("/models/{model}", responses=_MODEL_META)
 async def model_meta(model: str, request: Request) -> Response:
-    return json_response(model_metadata(_manifest(_ingress(request), model, None)))
+    return json_response(model_metadata(oip_manifest(_ingress(request), model, None)))
 
 
 @router.get("/models/{model}/versions/{version}", responses=_MODEL_META)
 async def model_version_meta(model: str, version: str, request: Request) -> Response:
-    return json_response(model_metadata(_manifest(_ingress(request), model, version)))
+    return json_response(model_metadata(oip_manifest(_ingress(request), model, version)))
 
 
 # -- reading an inference request ---------------------------------------------------------
@@ -205,11 +207,14 @@ async def read_infer_body(request: Request, max_bytes: int, timeout_s: float) ->
 
 # -- inference ------------------------------------------------------------------------------
 
-def _jobs(ingress: Ingress, manifest: ModelManifest, model_input: ModelInput, name: str) -> list[InferenceRequest]:
-    if model_input.rows is not None:
-        return [ingress.parse_predict_body(manifest.name, {"instances": model_input.rows})]
+def input_jobs(ingress: Ingress, manifest: ModelManifest, rows: list[list[float]] | None,
+               images: list[str] | None, name: str) -> list[InferenceRequest]:
+    """The requests a protocol's call becomes: all rows in one request, or one request per image
+    (an image's problem named by its index in input ``name``). Shared by the TF Serving routes."""
+    if rows is not None:
+        return [ingress.parse_predict_body(manifest.name, {"instances": rows})]
     jobs = []
-    for index, image in enumerate(model_input.images or []):
+    for index, image in enumerate(images or []):
         try:
             jobs.append(ingress.parse_predict_body(manifest.name, {"image": image}))
         except ApiError as exc:
@@ -218,40 +223,61 @@ def _jobs(ingress: Ingress, manifest: ModelManifest, model_input: ModelInput, na
     return jobs
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    ingress = _ingress(request)
-    manifest = _manifest(ingress, model, version)
-    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
-    call = parse_infer_call(data)
-    model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
-    timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)
-    jobs = _jobs(ingress, manifest, model_input, input_name(manifest))
+@dataclass
+class SyncAnswer:
+    """The rows of a call's jobs answered synchronously, in order."""
+
+    rows: list[RowPrediction]
+    model_version: str
+    missing: set[str]  # members of a model group that did not answer
+
+
+async def answer_jobs(ingress: Ingress, manifest: ModelManifest, jobs: list[InferenceRequest],
+                      timeout_s: float, version: str | None = None) -> SyncAnswer:
+    """Every job through the ingress's reply queue, in flight together; a failure is raised as its 4xx/5xx.
+    ``version``: the one named by the call (else the model's version policy chooses)."""
     for job in jobs:
         await ingress.versions.route(job, version)
     outcomes = await asyncio.gather(*(ingress.predict_sync(job, timeout_s) for job in jobs), return_exceptions=True)
-    rows: list[RowPrediction] = []
-    missing: set[str] = set()
-    version_used = manifest.version
+    answer = SyncAnswer(rows=[], model_version=manifest.version, missing=set())
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
         if isinstance(outcome, Failure):
             raise ApiError(FAILURE_STATUS.get(outcome.code, 500), outcome.code.value, outcome.message)
         assert isinstance(outcome, Prediction)
-        rows.extend(outcome.rows)
-        version_used = outcome.model_version
+        answer.rows.extend(outcome.rows)
+        answer.model_version = outcome.model_version
         if outcome.partial:
-            missing |= {member for member, part in (outcome.parts or {}).items() if part.status != "succeeded"}
+            answer.missing |= {member for member, part in (outcome.parts or {}).items() if part.status != "succeeded"}
+    return answer
+
+
+async def infer_answer(ingress: Ingress, manifest: ModelManifest, call: InferCall, model_input: ModelInput,
+                       version: str | None = None) -> dict:
+    """An infer call answered synchronously, as the protocol's response (shared by REST and gRPC)."""
+    timeout_s = ingress.timeout_for(None if call.timeout_us is None else call.timeout_us / 1e6)
+    jobs = input_jobs(ingress, manifest, model_input.rows, model_input.images, input_name(manifest))
+    answered = await answer_jobs(ingress, manifest, jobs, timeout_s, version)
     answer = {
         "model_name": manifest.name,
-        "model_version": version_used,
+        "model_version": answered.model_version,
         "id": call.id if call.id is not None else str(jobs[0].id),
-        "outputs": infer_outputs(rows, len(manifest.labels), call.outputs),
+        "outputs": infer_outputs(answered.rows, len(manifest.labels), call.outputs),
     }
-    if missing:
+    if answered.missing:
         # A model group answered without some members: said here, and -1 / "" in the tensors.
-        answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(missing))}
-    return json_response(answer)
+        answer["parameters"] = {"partial": True, "missing_members": ",".join(sorted(answered.missing))}
+    return answer
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    ingress = _ingress(request)
+    manifest = oip_manifest(ingress, model, version)
+    data, binary = await read_infer_body(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
+    call = parse_infer_call(data)
+    model_input = read_model_input(call, manifest, binary, ingress.settings.max_rows)
+    return json_response(await infer_answer(ingress, manifest, call, model_input, version))
 
 
 _INFER_RESPONSES = {

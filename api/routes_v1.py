@@ -45,7 +45,9 @@ from toposerve.api.schemas import (
     Stats,
     SyncAsyncAnswer,
 )
+from toposerve.api.tf_serving_codec import tf_model_status
 from toposerve.brokers import Failure, InferenceRequest, JobDone, JobRecord, JobStatus, Prediction, issued_by
+from toposerve.brokers.callbacks import CallbackSpec
 from toposerve.models import ModelManifest
 
 router = APIRouter(prefix="/v1")
@@ -85,7 +87,12 @@ async def list_models(request: Request) -> Response:
 @router.get("/models/{model}", responses={200: success(ModelDescription, "The model"),
                                           **error_responses({404: "unknown_model"})})
 async def describe_model(model: str, request: Request) -> Response:
-    return json_response(model_description(ingress_of(request).manifest(model)))
+    ingress = ingress_of(request)
+    manifest = ingress.manifest(model)
+    if ingress.config.mode == "sync":
+        # TF Serving's clients read this route's model_version_status (the book's synchronous pattern).
+        return json_response({**model_description(manifest), **tf_model_status(manifest)})
+    return json_response(model_description(manifest))
 
 
 def requested_timeout(request: Request, timeout: float | None) -> float | None:
@@ -110,7 +117,9 @@ def outcome_response(outcome: JobRecord | Prediction | Failure) -> Response:
     return Response(record.model_dump_json(), media_type="application/json")
 
 
-async def accept_job(ingress: Ingress, inference: InferenceRequest) -> dict:
+async def accept_job(ingress: Ingress, inference: InferenceRequest, callback: CallbackSpec | None = None) -> dict:
+    if callback is not None:
+        await ingress.register_callback(inference.id, callback)
     await ingress.submit_async(inference)
     location = f"/v1/jobs/{inference.id}"
     return {"id": str(inference.id), "status": JobStatus.PENDING.value, "model": inference.model, "location": location}
@@ -145,7 +154,9 @@ async def handle_predict(ingress: Ingress, model: str, request: Request, timeout
     """A predict request for a served ``model``, admitted: the FastAPI route and the fast path
     (api/fast_path.py) both answer with this. ``version``: the one that is to answer (else the
     model's version policy chooses)."""
-    inference = ingress.parse_predict_body(model, await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s))
+    data = await read_json(request, ingress.settings.max_body_bytes, ingress.settings.body_timeout_s)
+    callback = ingress.take_callback(data)
+    inference = ingress.parse_predict_body(model, data)
     await ingress.versions.route(inference, version)
     mode = ingress.config.mode
     accurate = ingress.accurate_model_for(model) if mode == "sync_async" else None
@@ -157,7 +168,7 @@ async def handle_predict(ingress: Ingress, model: str, request: Request, timeout
             body = {"id": str(record.id), "status": record.status.value, "model": model, "location": location,
                     "cached": record.cached}
             return json_response(body, status=202, headers={"Location": location, "X-Cache": how})
-        job = await accept_job(ingress, inference)
+        job = await accept_job(ingress, inference, callback)
         return json_response(job, status=202, headers={"Location": job["location"]})
     timeout_s = ingress.timeout_for(requested_timeout(request, timeout))
     if cached and accurate is None:
@@ -170,7 +181,7 @@ async def handle_predict(ingress: Ingress, model: str, request: Request, timeout
 
     # sync_async: the accurate model's job is accepted first, so its id is returned
     # whatever happens to the fast answer.
-    job = await accept_job(ingress, ingress.follow_up_request(inference, accurate))
+    job = await accept_job(ingress, ingress.follow_up_request(inference, accurate), callback)
     fast: dict = {"id": str(inference.id), "model": model, "status": "failed"}
     try:
         outcome = await ingress.predict_sync(inference, timeout_s)
@@ -227,34 +238,47 @@ async def get_job(
     request: Request,
     wait: float = Query(0.0, ge=0, le=MAX_WAIT_S, description="Seconds to wait for a terminal state"),
 ) -> Response:
+    parsed = parse_job_id(job_id)
+    ingress = ingress_of(request)
+    record = await wait_for_record(ingress, parsed, wait, current_owner())
+    if record is None:
+        raise job_not_found(ingress, parsed)
+    return job_response(record)
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
     try:
-        parsed = uuid.UUID(job_id)
+        return uuid.UUID(job_id)
     except ValueError:
         raise ApiError(404, "unknown_job", f"no job {job_id!r}: job ids are UUIDs") from None
-    ingress = ingress_of(request)
+
+
+async def wait_for_record(ingress: Ingress, job_id: uuid.UUID, wait_s: float, owner: str | None) -> JobRecord | None:
+    """The job's record as soon as it is terminal, or as it is after ``wait_s`` (pending, or None
+    when there is none): woken by the store's announcements, re-read at least every second.
+    A 503 when the store cannot be read."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + wait
+    until = loop.time() + wait_s
     while True:
-        with ingress.completions.watch(parsed) as announced:
+        with ingress.completions.watch(job_id) as announced:
             try:
-                record = await ingress.results.get_for(parsed, current_owner())
+                record = await ingress.results.get_for(job_id, owner)
             except RedisError as exc:
                 raise ApiError(503, "store_unavailable", "the result store is unavailable; retry later",
                                {"Retry-After": "1"}) from exc
             remaining = until - loop.time()
-            if record is None and remaining <= 0:
-                raise job_not_found(ingress, parsed)
             # A job published straight to the exchange has no record until its first stage
             # takes it: with ``wait``, wait for it to appear as for it to end.
-            if record is not None and (record.status is not JobStatus.PENDING or remaining <= 0):
-                return job_response(record)
+            if (record is None and remaining <= 0) or (record is not None and (
+                    record.status is not JobStatus.PENDING or remaining <= 0)):
+                return record
             # Woken by the store's announcement, which carries the record (no second read);
             # re-read at least every second regardless.
             with contextlib.suppress(TimeoutError):
                 done = JobDone.parse(await asyncio.wait_for(asyncio.shield(announced), min(remaining, 1.0)))
-                record = done.record_for(current_owner())
+                record = done.record_for(owner)
                 if record is not None and record.status is not JobStatus.PENDING:
-                    return job_response(record)
+                    return record
 
 
 def predict_responses(config: IngressConfig) -> dict[int | str, dict]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from toposerve.api.errors import ErrorDetail
 from toposerve.api.ingress import one_of_required
+from toposerve.api.tf_serving_codec import TfVersionStatus
 from toposerve.brokers import JobError, JobRecord
 from toposerve.models.registry import InputSpec, Preprocessing
 
@@ -41,6 +42,8 @@ class ModelDescription(_Exact):
     labels: list[str] = Field(description="Class names, in the order of ``probabilities``")
     preprocessing: Preprocessing
     metrics: dict[str, float | int] = Field(description="Test metrics of the trained model, e.g. accuracy")
+    model_version_status: list[TfVersionStatus] | None = Field(
+        default=None, description="Sync profiles: TF Serving's version status, for its clients")
 
 
 class ModelList(_Exact):
@@ -200,17 +203,15 @@ class BookMetadata(_Exact):
 
 
 class BookProbabilities(_Exact):
-    prediction: list[float | None] = Field(description="The first row's probabilities (the book's field)")
+    prediction: list[float | None] | list[list[float | None]] = Field(
+        description="The first row's probabilities (the book's field): a list (tabular models), or the "
+                    "(1, n_classes) matrix [[...]] (image models, as the book's image patterns answer)")
     predictions: list[list[float | None]] = Field(description="Every row's probabilities")
 
 
 class BookLabels(_Exact):
     prediction: str | None = Field(description="The first row's label (the book's field)")
     predictions: list[str | None]
-
-
-class TfServingAnswer(_Exact):
-    outputs: list[str | None] = Field(description="One label per input image")
 
 
 class BookJob(_Exact):
@@ -250,12 +251,3 @@ class BookPredictBody(BaseModel):
     image: str | None = None
     item_id: str | None = None
 
-
-class TfServingInputs(BaseModel):
-    image: list[str] = Field(min_length=1, description="Base64 PNG or JPEG files")
-
-
-class TfServingRequest(BaseModel):
-    """TF Serving's REST shape; other keys are ignored."""
-
-    inputs: TfServingInputs

@@ -160,9 +160,9 @@ def stage_account(namespace: str, kind: str, queues: Iterable[str], consumes: It
     # The crash guard's counts, and the report each replica writes for the operator's view.
     keys = {"unsettled:*", "stage-report:*"}
     keys |= {"preprocess": {"features:*", "items:*", "job:*", "job-owner:*"},
-             "store": {"job:*", "job-owner:*", "pred:*"},
+             "store": {"job:*", "job-owner:*", "job-callback:*", "pred:*"},
              "aggregate": {"join:*"},
-             "batch_store": {"batch:*", "job:*", "job-owner:*"},
+             "batch_store": {"batch:*", "job:*", "job-owner:*", "job-callback:*"},
              "telemetry": {"telemetry:*"},
              "shadow": {"shadow:*"},
              "predict": {"loaded:*"}}.get(kind, set())

@@ -31,6 +31,8 @@ import orjson
 import redis.asyncio as redis
 from pydantic import BaseModel, Field
 
+from toposerve.brokers.callbacks import CallbackDelivery
+
 BATCH_NAMESPACE = uuid.UUID("6f1c2b1e-6a2d-5d1e-9a8f-2b7e4c0d9a11")
 # The index keeps the newest batches only: listing stays bounded however many were made.
 BATCH_INDEX_MAX = 10_000
@@ -81,6 +83,7 @@ class BatchStatus(BaseModel):
     rate: float = Field(description="Finished rows per second since the batch was created")
     owner: str | None = Field(None, description="The API key id that created it (None: authentication off, the CLI)")
     cancelled: float | None = Field(None, description="Unix time it was cancelled; its remaining chunks are skipped")
+    callback: CallbackDelivery | None = Field(default=None, description="The webhook's delivery, once it is over")
 
 
 class BatchPage(BaseModel):
@@ -280,6 +283,10 @@ class BatchStore:
     async def status(self, batch_id: str) -> BatchStatus | None:
         return batch_status(batch_id, await self.client.hgetall(self.key(batch_id)))
 
+    async def record_callback(self, batch_id: str, delivery: CallbackDelivery) -> None:
+        """Note on the batch how its webhook went (the hash keeps its time to live)."""
+        await self.client.hset(self.key(batch_id), "callback", delivery.model_dump_json())
+
     async def page(self, owner: str | None, offset: int, limit: int) -> BatchPage:
         """The newest batches first (every batch for ``owner`` None, else that key's); a batch that
         expired since it was indexed is dropped from the index as it is met."""
@@ -314,10 +321,12 @@ def batch_status(batch_id: str, raw: dict[bytes, bytes]) -> BatchStatus | None:
     state = batch_state(total, done, failed, cancelled is not None)
     end = updated if (state != "running" and updated is not None) else time.time()
     elapsed = max(end - created, 1e-6)
+    callback = CallbackDelivery.model_validate_json(data["callback"]) if "callback" in data else None
     return BatchStatus(id=batch_id, model=data["model"], state=state, total=total, done=done, failed=failed,
                        chunks=int(data["chunks"]), chunks_done=int(data.get("chunks_done", 0)),
                        created=created, updated=updated, elapsed_s=round(elapsed, 3),
-                       rate=round((done + failed) / elapsed, 1), owner=data.get("owner"), cancelled=cancelled)
+                       rate=round((done + failed) / elapsed, 1), owner=data.get("owner"), cancelled=cancelled,
+                       callback=callback)
 
 
 async def iter_results(store: BatchStore, manifest: BatchManifest, labels: list[str]) -> AsyncIterator[bytes]:

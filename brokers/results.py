@@ -20,6 +20,7 @@ import redis.asyncio as redis
 from pydantic import BaseModel, Field, ValidationError
 
 from toposerve.brokers.background import stop_task
+from toposerve.brokers.callbacks import CallbackDelivery
 from toposerve.brokers.messages import Failure, PartResult, Prediction, RowPrediction, utc_now
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class JobRecord(BaseModel):
                                                      "probabilities of those are missing (null), see parts")
     answered_by: str | None = Field(default=None, description="Cascades: the model whose answer this is")
     trace_id: str | None = Field(default=None, description="W3C trace id of the request (traceparent header)")
+    callback: CallbackDelivery | None = Field(default=None, description="The webhook's delivery, once it is "
+                                                                        "over (delivered or failed)")
     # The API key id that created the job (authentication on), never serialized: it lives
     # under its own key (``ResultStore.owner_key``), so terminal rewrites keep it.
     owner: str | None = Field(default=None, exclude=True)
@@ -167,6 +170,14 @@ class ResultStore:
                   ANNOUNCED_RECORD_MAX_BYTES],
         )
         return bool(written)
+
+    async def record_callback(self, job_id: uuid.UUID, delivery: CallbackDelivery) -> None:
+        """Note on the (terminal) record how its webhook went; its time to live is kept."""
+        raw = await self.client.get(self.key(job_id))
+        if raw is None:
+            return  # expired meanwhile
+        record = JobRecord.model_validate_json(raw).model_copy(update={"callback": delivery})
+        await self.client.set(self.key(job_id), record.model_dump_json(), keepttl=True, xx=True)
 
     async def delete(self, job_id: uuid.UUID) -> None:
         await self.client.delete(self.key(job_id), self.owner_key(job_id))

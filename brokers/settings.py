@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     # past that the address gets 429 whatever key it sends, until it is under the rate.
     auth_failures_per_s: float = Field(default=1.0, gt=0)
     auth_failures_burst: int = Field(default=20, ge=1)
+    # Webhooks (brokers/callbacks.py): the hosts (host or host:port, comma-separated) a
+    # request's callback may name (none: callbacks are refused), the schemes allowed, and
+    # the store stage's tries: so many, the first retry after backoff_s, doubling.
+    callback_allowed_hosts: str = ""
+    callback_schemes: str = "https"
+    callback_max_attempts: int = Field(default=5, ge=1, le=20)
+    callback_backoff_s: float = Field(default=1.0, gt=0)
+    callback_timeout_s: float = Field(default=5.0, gt=0)
+    # The Open Inference Protocol over gRPC (api/oip_grpc.py): its own port in each ingress
+    # process (None: off), on this address.
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    grpc_host: str = "127.0.0.1"
+    # Server-Sent Events (GET /v1/jobs/{id}/events): seconds between keep-alive comments.
+    sse_ping_s: float = Field(default=15.0, gt=0)
     # Clients (edge agent): the key sent to an ingress that requires one.
     api_key: str | None = Field(default=None, repr=False)
     # Key ids (of the keys above) that may act on dead letters over HTTP (replay, discard);

@@ -28,6 +28,7 @@ from toposerve.brokers import (
     encode_chunk_error,
     encode_chunk_result,
 )
+from toposerve.brokers.callbacks import CallbackSender
 from toposerve.consumers.stage import Outgoing, Stage, TransientError
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,12 @@ class BatchStoreStage(Stage):
     honours_deadline: ClassVar[bool] = False
     outcomes_from_stages_only: ClassVar[bool] = True
 
-    def __init__(self, name: str, batches: BatchStore, results: ResultStore) -> None:
+    def __init__(self, name: str, batches: BatchStore, results: ResultStore,
+                 callbacks: CallbackSender | None = None) -> None:
         super().__init__(name)
         self.batches = batches
         self.results = results
+        self.callbacks = callbacks
         self.duplicates = 0
 
     def decode(self, body: bytes) -> Envelope:
@@ -54,6 +57,8 @@ class BatchStoreStage(Stage):
         return fast if fast is not None else decode_terminal(body)
 
     async def stop(self) -> None:
+        if self.callbacks is not None:
+            await self.callbacks.close()
         await self.results.client.aclose()
         if self.batches.client is not self.results.client:
             await self.batches.client.aclose()
@@ -96,7 +101,19 @@ class BatchStoreStage(Stage):
         if not await self.batches.complete_chunk(manifest.id, index, payload, ok, failed):
             self.duplicates += 1
             log.info("batch %s chunk %d was already stored (a redelivery); counted once", manifest.id, index)
+        if self.callbacks is not None:  # a redelivery too: the registration is taken once
+            await self._call_back_when_complete(manifest.id)
         return True
+
+    async def _call_back_when_complete(self, batch_id: str) -> None:
+        """The batch's webhook, with its status, once its last chunk is in (whichever replica sees it
+        first: the registration is taken once)."""
+        assert self.callbacks is not None
+        status = await self.batches.status(batch_id)
+        if status is None or status.state == "running":
+            return
+        await self.callbacks.send(batch_id, status.model_dump_json().encode(),
+                                  lambda delivery: self.batches.record_callback(batch_id, delivery))
 
 
 class ChunkPrediction(Prediction):

@@ -24,6 +24,7 @@ from toposerve.brokers import (
     TelemetryStore,
     connect_redis,
 )
+from toposerve.brokers.callbacks import CallbackRegistry, CallbackSender
 from toposerve.consumers import (
     AggregateStage,
     BatchStoreStage,
@@ -127,11 +128,16 @@ def stage_versions(ctx: StageContext) -> dict[str, list[str]]:
     return versions
 
 
+def callback_sender(ctx: StageContext, client: object) -> CallbackSender:
+    registry = CallbackRegistry(client, ctx.settings.namespace, ctx.profile.ingress.result_ttl_s)  # type: ignore[arg-type]
+    return CallbackSender(registry, ctx.settings)
+
+
 def _store(ctx: StageContext, spec: StoreSpec) -> Stage:
     results = ctx.result_store()
     cache_ttl = ctx.profile.ingress.prediction_cache_ttl_s
     cache = PredictionCache(results.client, ctx.settings.namespace, cache_ttl) if cache_ttl else None
-    return StoreStage(ctx.stage_name, results, prediction_cache=cache)
+    return StoreStage(ctx.stage_name, results, prediction_cache=cache, callbacks=callback_sender(ctx, results.client))
 
 
 def _aggregate(ctx: StageContext, spec: AggregateSpec) -> Stage:
@@ -158,7 +164,7 @@ def extra_queue_names(profile: Profile, namespace: str, stage_name: str) -> list
 def _batch_store(ctx: StageContext, spec: BatchStoreSpec) -> Stage:
     client = connect_redis(ctx.settings.redis_url)
     batches = BatchStore(client, ctx.settings.namespace, ctx.profile.ingress.result_ttl_s)
-    return BatchStoreStage(ctx.stage_name, batches, ctx.result_store(client))
+    return BatchStoreStage(ctx.stage_name, batches, ctx.result_store(client), callbacks=callback_sender(ctx, client))
 
 
 def _telemetry(ctx: StageContext, spec: TelemetrySpec) -> Stage:

@@ -1,4 +1,4 @@
-"""What puts work in: the batch submitter, dead-letter replay, the load generator, the edge runtime
+"""What puts work in: the HTTP SDK (http_client), the AMQP client, the batch submitter, dead-letter replay, the load generator, the edge runtime
 and its agent (model cache, telemetry spool).
 """
 
@@ -11,9 +11,31 @@ from toposerve.producers.edge_agent import EdgeAgent, spool_and_forward, spool_d
 from toposerve.producers.edge_cache import EdgeError, ModelCache
 from toposerve.producers.edge_spool import DEFAULT_MAX_REPORTS, Spool
 from toposerve.producers.edge_telemetry import ForwardResult
+from toposerve.producers.http_client import (
+    AsyncClient,
+    Client,
+    HttpApiError,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    ServerError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from toposerve.producers.loadgen import LatencySummary, one_job, run_closed_loop, run_in_process_baseline
 
 __all__ = [
+    "AsyncClient",
+    "Client",
+    "HttpApiError",
+    "InvalidRequest",
+    "JobFailed",
+    "NotFound",
+    "ServerError",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
     "ClientError",
     "InferenceClient",
     "SyncInferenceClient",

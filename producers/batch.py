@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,8 +130,10 @@ class BatchSubmitter:
     async def submit(self, source: BatchSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, resume: str | None = None,
                      progress: Progress | None = None,
                      on_created: Callable[[BatchManifest], None] | None = None,
-                     owner: str | None = None) -> SubmitResult:
-        """Publish ``source`` in chunks; ``owner``: the API key id that may read the batch."""
+                     owner: str | None = None,
+                     before_publish: Callable[[BatchManifest], Awaitable[None]] | None = None) -> SubmitResult:
+        """Publish ``source`` in chunks; ``owner``: the API key id that may read the batch;
+        ``before_publish``: awaited once the batch is recorded, before its first chunk goes out."""
         started = time.perf_counter()
         model = source.manifest.name
         skip: set[int] = set()
@@ -155,6 +157,8 @@ class BatchSubmitter:
             await self.store.create(manifest)
         if on_created is not None:
             on_created(manifest)
+        if before_publish is not None:
+            await before_publish(manifest)
         if progress is not None and skip:
             progress(sum(len(manifest.chunk_range(i)) for i in skip))
 

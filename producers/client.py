@@ -24,7 +24,6 @@ every answer to its waiting caller by correlation id, so requests run concurrent
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -52,6 +51,7 @@ from toposerve.brokers import (
     url_user,
     utc_now,
 )
+from toposerve.producers.loop_thread import LoopThread
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 T = TypeVar("T")
@@ -156,14 +156,12 @@ class SyncInferenceClient:
     """``InferenceClient`` for code without an event loop: its loop runs in a thread of its own."""
 
     def __init__(self, settings: Settings | None = None, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="toposerve-client", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("toposerve-client")
         self._client = InferenceClient(settings, **options)
         self._run(self._client.__aenter__())
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return self._thread.run(coroutine)
 
     def __enter__(self) -> SyncInferenceClient:
         return self
@@ -172,10 +170,7 @@ class SyncInferenceClient:
         self.close()
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self._client.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self._thread.stop(self._client.close)
 
     def submit(self, model: str, **inputs: Any) -> uuid.UUID:
         return self._run(self._client.submit(model, **inputs))

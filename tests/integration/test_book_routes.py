@@ -101,31 +101,60 @@ async def test_sync_async_book_commands(stack: Stack) -> None:
     assert (await client.get(f"/job/{body['job_id']}")).json()[body["job_id"]]["prediction"] == label
 
 
+def top(probabilities: list[float]) -> int:
+    return max(range(len(probabilities)), key=probabilities.__getitem__)
+
+
 @pytest.mark.parametrize("stack", ["prep_pred"], indirect=True)
 async def test_prep_pred_book_commands(stack: Stack) -> None:
     client = stack.client
     metadata = (await client.get("/metadata")).json()
     assert metadata["data_type"] == "str" and metadata["prediction_structure"] == "(1,10)"
     assert (await client.get("/label")).json() == [str(i) for i in range(10)]
-    assert len((await client.get("/predict/test")).json()["prediction"]) == 10
+    # The book's image patterns answer the softmax as its (1, n_classes) matrix: [[...]].
+    test = (await client.get("/predict/test")).json()["prediction"]
+    assert len(test) == 1 and len(test[0]) == 10 and top(test[0]) == 3
+    assert abs(sum(test[0]) - 1) < 1e-3
     assert (await client.get("/predict/test/label")).json()["prediction"] == "3"
     image, label = sample(3)
     # curl -X POST -H "Content-Type: application/json" -d '{"data": "'"$(base64 -w0 cat.jpg)"'"}' .../predict/label
+    assert (await client.post("/predict/label", json={"data": image})).json() == {"prediction": label,
+                                                                                   "predictions": [label]}
+    answer = (await client.post("/predict", json={"data": image})).json()
+    assert len(answer["prediction"]) == 1 and top(answer["prediction"][0]) == int(label)
+    assert answer["predictions"] == answer["prediction"]
+    bad = await client.post("/predict", json={"data": "bm90IGFuIGltYWdl"})
+    assert bad.status_code == 422 and "image" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stack", ["data_cache"], indirect=True)
+async def test_data_cache_book_commands(stack: Stack) -> None:
+    client = stack.client
+    # curl -X POST -H "Content-Type: application/json" -d '{"data": "0000"}' localhost:8000/predict
+    # (the book's item ids are its bundled file names; ours are the shipped samples')
+    for _ in range(2):  # a miss, then the cached tensor: the same answer
+        answer = (await client.post("/predict", json={"data": "digit_7_32x32"})).json()
+        assert len(answer["prediction"]) == 1 and len(answer["prediction"][0]) == 10
+        assert top(answer["prediction"][0]) == 7
+    labelled = (await client.post("/predict/label", json={"data": "digit_7_32x32"})).json()
+    assert labelled == {"prediction": "7", "predictions": ["7"]}
+    test = (await client.get("/predict/test")).json()["prediction"]
+    assert len(test) == 1 and top(test[0]) == 3
+    unknown = await client.post("/predict", json={"data": "no_such_item"})
+    assert unknown.status_code == 404 and "no_such_item" in unknown.json()["error"]["message"]
+    traversal = await client.post("/predict", json={"data": "../../etc/passwd"})  # the book's path traversal
+    assert traversal.status_code == 400
+
+
+@pytest.mark.parametrize("stack", ["prediction_cache"], indirect=True)
+async def test_prediction_cache_book_commands(stack: Stack) -> None:
+    client = stack.client
+    image, label = sample(4)
+    first = (await client.post("/predict", json={"data": image})).json()
+    again = (await client.post("/predict", json={"data": image})).json()  # answered from the cache
+    assert len(first["prediction"]) == 1 and top(first["prediction"][0]) == int(label)
+    assert again["prediction"] == first["prediction"]
     assert (await client.post("/predict/label", json={"data": image})).json()["prediction"] == label
-    probabilities = (await client.post("/predict", json={"data": image})).json()["prediction"]
-    assert max(range(10), key=probabilities.__getitem__) == int(label)
-
-
-@pytest.mark.parametrize("stack", ["synchronous"], indirect=True)
-async def test_synchronous_tf_serving_rest_command(stack: Stack) -> None:
-    # The book's REST client: POST /v1/models/<model>:predict {"inputs": {"image": [<urlsafe b64>]}}
-    images = [sample(i) for i in range(3)]
-    urlsafe = [image.replace("+", "-").replace("/", "_") for image, _ in images]
-    response = await stack.client.post("/v1/models/digits_accurate:predict", json={"inputs": {"image": urlsafe}})
-    assert response.status_code == 200
-    assert response.json() == {"outputs": [label for _, label in images]}
-    bad = await stack.client.post("/v1/models/digits_accurate:predict", json={"inputs": {"img": []}})
-    assert bad.status_code == 422
 
 
 @pytest.mark.parametrize("stack", ["synchronous"], indirect=True)
@@ -134,3 +163,33 @@ async def test_health_reports_ng_when_a_dependency_is_down(stack: Stack) -> None
     stack.ingress.results.client.connection_pool.connection_kwargs["port"] = 1  # Redis now unreachable
     response = await stack.client.get("/health")
     assert response.status_code == 503 and response.json()["health"] == "ng"
+
+
+@pytest.mark.parametrize("stack", ["horizontal_microservice"], indirect=True)
+async def test_horizontal_microservice_book_commands(stack: Stack) -> None:
+    client = stack.client
+    species = ["setosa", "versicolor", "virginica"]
+    assert (await client.get("/health/all")).json() == {name: {"health": "ok"} for name in species}
+    metadata = (await client.get("/metadata")).json()
+    assert metadata["data_structure"] == "(1,4)" and metadata["prediction_structure"] == "(1,2)"
+    # curl -X POST -H "Content-Type: application/json" -d '{"data": [[1.0, 2.0, 3.0, 4.0]]}' localhost:9000/predict
+    answer = await client.post("/predict", json={"data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]})
+    assert answer.status_code == 200, answer.text  # the book's proxy answers at once, not with a job id
+    body = answer.json()
+    assert set(body) == set(species)
+    for name in species:
+        p_species, p_other = body[name]["prediction"]
+        assert abs(p_species + p_other - 1) < 1e-6 and len(body[name]["predictions"]) == 2
+        assert "status" not in body[name]
+    assert body["setosa"]["prediction"][0] > 0.5 > body["virginica"]["prediction"][0]
+    assert body["virginica"]["predictions"][1][0] > 0.5  # every row answered, not only the first
+    # curl -X POST ... -d '{"data": [[1.0, 2.0, 3.0, 4.0]]}' localhost:9000/predict/label
+    labelled = (await client.post("/predict/label", json={"data": [[6.7, 3.0, 5.2, 2.3]]})).json()
+    assert labelled["prediction"]["label"] == "virginica"
+    per_model = (await client.post("/predict", json={"data": [[6.7, 3.0, 5.2, 2.3]]})).json()
+    assert labelled["prediction"]["proba"] == pytest.approx(max(per_model[n]["prediction"][0] for n in species))
+    for route in ("/predict/get/test", "/predict/post/test"):
+        test = (await client.get(route)).json()
+        assert set(test) == set(species) and test["setosa"]["prediction"][0] > 0.5
+    bad = await client.post("/predict", json={"data": [[1.0, 2.0]]})
+    assert bad.status_code == 422 and "expects 4" in bad.json()["error"]["message"]

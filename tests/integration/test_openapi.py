@@ -103,7 +103,9 @@ def test_every_profiles_document_is_valid_and_names_our_errors(profile_name: str
         for status, response in operation["responses"].items():
             if not status.startswith(("4", "5")) or (path, status) in STATE_ANSWERS:
                 continue
-            wanted = "OipErrorBody" if path.startswith("/v2") else "ErrorBody"
+            tf_serving = path.startswith("/v1/models/{model}") and (":predict" in path or "/versions/" in path
+                                                                     or path.endswith("/metadata"))
+            wanted = "OipErrorBody" if path.startswith("/v2") or tf_serving else "ErrorBody"
             assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{wanted}"}, \
                 (method, path, status)
 
@@ -307,10 +309,12 @@ def path_parameter_sets(path: str, served: Served) -> Iterator[tuple[dict[str, s
 def good_bodies(method: str, path: str, served: Served, model: Model | None) -> list[dict[str, Any]]:
     """``as_strategy`` arguments with a body ``path`` answers 2xx (for ``model``, when it names one)."""
     if model is not None:
-        tf_serving = None if model.tabular else {"inputs": {"image": [model.predict["image"]]}}
+        tf_serving = ({"instances": model.predict["instances"]} if model.tabular
+                      else {"inputs": {"image": [model.predict["image"]]}})
         body = {"/v1/models/{model}/predict": model.predict, "/v2/models/{model}/infer": model.infer,
                 "/v2/models/{model}/versions/{version}/infer": model.infer,
-                "/v1/models/{model}:predict": tf_serving}.get(path) if method == "POST" else None
+                "/v1/models/{model}:predict": tf_serving,
+                "/v1/models/{model}/versions/{version}:predict": tf_serving}.get(path) if method == "POST" else None
         bodies = [] if body is None else [body]
         if served.items and path == "/v1/models/{model}/predict":
             bodies.append({"item_id": ITEM_ID})
