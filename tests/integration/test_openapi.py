@@ -103,8 +103,8 @@ def test_every_profiles_document_is_valid_and_names_our_errors(profile_name: str
         for status, response in operation["responses"].items():
             if not status.startswith(("4", "5")) or (path, status) in STATE_ANSWERS:
                 continue
-            tf_serving = path.startswith("/v1/models/{model}") and (":predict" in path or "/versions/" in path
-                                                                     or path.endswith("/metadata"))
+            tf_serving = path.startswith("/v1/models/{model}") and (
+                ":predict" in path or path.endswith("/metadata") or path == "/v1/models/{model}/versions/{version}")
             wanted = "OipErrorBody" if path.startswith("/v2") or tf_serving else "ErrorBody"
             assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{wanted}"}, \
                 (method, path, status)
