@@ -178,11 +178,15 @@ async def workers_and_ingress(settings: Settings, profile: str, stages: tuple[st
 
 
 @pytest.fixture
-async def async_stack(cluster_services: ClusterServices, tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
-    async for running in workers_and_ingress(cluster_services.settings(NAMESPACES["asynchronous"]),
-                                             str(cluster_services.profiles["asynchronous"]),
-                                             ("preprocess", "predict", "store"), tmp_path):
-        yield running
+async def async_stack(cluster_services: ClusterServices, test_hosts: HostNetwork | str,
+                      tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
+    """On the test hosts when there are some (the ingress a real process there), else on loopback."""
+    settings = cluster_services.settings(NAMESPACES["asynchronous"])
+    profile, stages = str(cluster_services.profiles["asynchronous"]), ("preprocess", "predict", "store")
+    running = (on_hosts(settings, profile, stages, test_hosts, tmp_path) if isinstance(test_hosts, HostNetwork)
+               else workers_and_ingress(settings, profile, stages, tmp_path))
+    async for stack_and_processes in running:
+        yield stack_and_processes
 
 
 async def test_asynchronous_quorum_queues_survive_two_node_kills(
