@@ -11,6 +11,10 @@ to another (brokers/amqp_nodes.py). Each test leaves every node running.
 - synchronous (classic queues, as recommended for sync work): callers get a right answer
   or a quick 503/504, never a hang, never another caller's answer.
 - batch, quorum queues: a 200k-row batch completes exactly once across a node kill.
+- stages on other hosts: with root and ``ip``, the servers listen on the gateway of test hosts
+  (network namespaces, tests/support/netns.py) and the asynchronous tests run the ingress and each
+  stage on its own host; the predict host's link is cut for 10 s under load. Without, those run
+  on loopback or skip.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
+
+import httpx
 
 from toposerve.brokers.settings import Settings
 
@@ -105,18 +107,25 @@ class IngressProcess(WorkerProcess):
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Blocks until ``/readyz`` answers 200."""
-        import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def still_running() -> None:
             assert self.process is not None and self.process.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the ingress at {self.base_url} did not get ready:\n{self.log()}")
+
+        wait_ingress_ready(self.base_url, still_running, timeout, interval=0.2)
+
+
+def wait_ingress_ready(base_url: str, still_running: Callable[[], None], timeout: float, interval: float) -> None:
+    """Blocks until ``base_url``'s ``/readyz`` answers 200; ``still_running`` raises when what serves it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        still_running()
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"the ingress never became ready at {base_url}")
 
 
 @contextmanager
