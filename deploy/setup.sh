@@ -29,6 +29,14 @@ if ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The cluster fault tests put the ingress and the stages on test hosts (network namespaces,
+# tests/support/netns.py), made with `ip` from iproute2; without it (or root) those tests skip.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing iproute2 from Debian (ip netns, for the test hosts) ..." >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

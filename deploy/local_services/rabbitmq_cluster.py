@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from toposerve.deploy.accounts import ADMIN_USER
 from toposerve.deploy.local_services.rabbitmq_server import RabbitMQService, start_rabbitmq
-from toposerve.deploy.local_services.server_process import ServiceUnavailable
+from toposerve.deploy.local_services.server_process import LOOPBACK, ServiceUnavailable
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,18 @@ def join(node: RabbitMQService, seed: RabbitMQService) -> None:
 
 
 def start_rabbitmq_cluster(size: int = 3, *, definitions: dict | None = None, management: bool = False,
-                           timeout: float = 90.0) -> RabbitMQCluster:
+                           timeout: float = 90.0, bind: str = LOOPBACK) -> RabbitMQCluster:
     """Start ``size`` private nodes on loopback and join them into one cluster; returns once
     every node runs as a member. With ``definitions`` (as ``start_rabbitmq``): no guest, one
-    administrator with a random password on every node, and the accounts imported."""
+    administrator with a random password on every node, and the accounts imported. ``bind``:
+    the address every node's AMQP listener binds to (as ``start_rabbitmq``)."""
     if size < 1:
         raise ValueError(f"a cluster needs at least one node, not {size}")
     admin = (ADMIN_USER, secrets.token_urlsafe(18)) if definitions is not None else None
     with ExitStack() as started, ThreadPoolExecutor(max_workers=size) as pool:
         # In parallel: each node boots (and each joins) in seconds, mostly waiting on its VM.
         booting = [pool.submit(start_rabbitmq, definitions=definitions, admin=admin, timeout=timeout,
-                               management=management and i == 0) for i in range(size)]
+                               management=management and i == 0, bind=bind) for i in range(size)]
         for future in booting:  # every node that started is stopped if any did not
             if future.exception() is None:
                 started.enter_context(future.result())

@@ -112,7 +112,9 @@ class RabbitMQService(LocalService):
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
                 "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-                "ERL_EPMD_ADDRESS": self.host,
+                # epmd and the distribution stay on loopback (rabbitmqctl reaches the node there);
+                # only the AMQP listener follows ``host`` (``bind``).
+                "ERL_EPMD_ADDRESS": LOOPBACK,
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
                 "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             }
@@ -267,8 +269,13 @@ def start_rabbitmq(
     definitions: dict | None = None,
     management: bool = False,
     admin: tuple[str, str] | None = None,
+    bind: str = LOOPBACK,
 ) -> RabbitMQService:
     """Start a throwaway RabbitMQ node on loopback; returns once AMQP answers.
+
+    ``bind``: the address its AMQP (and management) listener binds to, and ``url`` names:
+    another local address reachable from test hosts (tests/support/netns.py); the Erlang
+    distribution stays on loopback.
 
     ``definitions`` (RabbitMQ's definitions format: users, permissions, topic permissions):
     imported at boot, and the node has no guest account: an admin with a random password
@@ -300,13 +307,13 @@ def start_rabbitmq(
     if admin is None and definitions is not None:
         admin = (ADMIN_USER, secrets.token_urlsafe(18))
     login = f"{admin[0]}:{admin[1]}" if admin else "guest:guest"
-    url = f"amqp://{login}@{LOOPBACK}:{amqp_port}/"
+    url = f"amqp://{login}@{bind}:{amqp_port}/"
     if tls is not None:
-        url = f"amqps://{login}@{LOOPBACK}:{amqp_port}/?" + urlencode({"cafile": str(tls.ca)}, safe="/")
+        url = f"amqps://{login}@{bind}:{amqp_port}/?" + urlencode({"cafile": str(tls.ca)}, safe="/")
     service = RabbitMQService(
         name="rabbitmq",
         url=url,
-        host=LOOPBACK,
+        host=bind,
         port=amqp_port,
         workdir=path,
         start_timeout=timeout,

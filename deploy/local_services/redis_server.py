@@ -163,8 +163,12 @@ def start_redis(
     timeout: float = 30.0,
     tls: TlsFiles | None = None,
     acl: list[str] | None = None,
+    bind: str = LOOPBACK,
 ) -> LocalService:
     """Start a throwaway redis-server on loopback; returns once PING answers.
+
+    ``bind``: the address it listens on and ``url`` names (another local address, reachable
+    from test hosts: tests/support/netns.py).
 
     ``acl``: ACL users (lines ``user NAME on #SHA256 ~keys ...``); then no one can log in as the
     default user, an admin with a random password is made, and ``url`` logs in as that admin.
@@ -184,14 +188,14 @@ def start_redis(
     redis_port = port if port is not None else free_port()
     admin = (ADMIN_USER, secrets.token_urlsafe(18)) if acl is not None else None
     login = f"{admin[0]}:{admin[1]}@" if admin else ""
-    url = f"redis://{login}{LOOPBACK}:{redis_port}/0"
+    url = f"redis://{login}{bind}:{redis_port}/0"
     if tls is not None:
         query = urlencode({"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": "required"}, safe="/")
-        url = f"rediss://{login}{LOOPBACK}:{redis_port}/0?{query}"
+        url = f"rediss://{login}{bind}:{redis_port}/0?{query}"
     service = RedisService(
         name="redis",
         url=url,
-        host=LOOPBACK,
+        host=bind,
         port=redis_port,
         workdir=path,
         start_timeout=timeout,

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.containers import engine_or_skip
+from tests.support.processes import wait_ingress_ready
 from toposerve.deploy.compose import DEFAULT_IMAGE
 from toposerve.deploy.local_services import free_port
 
@@ -33,18 +34,12 @@ def engine() -> Iterator[object]:
 
 
 def _wait_ready(base_url: str, containers: list, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def still_running() -> None:
         for container in containers:
             container.reload()
             assert container.status != "exited", container.logs(tail=40).decode(errors="replace")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the ingress container never became ready at {base_url}")
+
+    wait_ingress_ready(base_url, still_running, timeout, interval=0.5)
 
 
 def test_the_image_runs_the_stages_and_the_ingress_of_the_asynchronous_profile(

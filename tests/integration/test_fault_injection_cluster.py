@@ -11,6 +11,10 @@ to another (brokers/amqp_nodes.py). Each test leaves every node running.
 - synchronous (classic queues, as recommended for sync work): callers get a right answer
   or a quick 503/504, never a hang, never another caller's answer.
 - batch, quorum queues: a 200k-row batch completes exactly once across a node kill.
+- stages on other hosts: with root and ``ip``, the servers listen on the gateway of test hosts
+  (network namespaces, tests/support/netns.py) and the asynchronous tests run the ingress and each
+  stage on its own host; the predict host's link is cut for 10 s under load. Without, those run
+  on loopback or skip.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -39,8 +45,12 @@ from tests.support.faults import (
     wait_for_condition,
     wait_until,
 )
-from tests.support.processes import WorkerProcess, stage_processes
+from tests.support.netns import HostNetwork, host_network, unavailable_reason
+from tests.support.processes import IngressProcess, WorkerProcess, stage_processes
+from toposerve.brokers.connections import connect_redis
+from toposerve.brokers.results import ResultStore
 from toposerve.brokers.settings import Settings
+from toposerve.deploy.components import load_checked_profile
 from toposerve.deploy.local_services import (
     LocalService,
     RabbitMQCluster,
@@ -54,7 +64,11 @@ from toposerve.deploy.profile import PROFILES_DIR, Profile, available_profiles, 
 pytestmark = pytest.mark.fault
 
 # A namespace per test: one profile may be live in a namespace (deploy/lifecycle.py).
-NAMESPACES = {"asynchronous": "t-cluster-async", "synchronous": "t-cluster-sync", "batch": "t-cluster-batch"}
+NAMESPACES = {"asynchronous": "t-cluster-async", "synchronous": "t-cluster-sync", "batch": "t-cluster-batch",
+              "asynchronous on hosts": "t-cluster-hosts"}
+# Test hosts (network namespaces, tests/support/netns.py): the ingress and each stage on its own.
+HOST_NAMES = ("ingress", "preprocess", "predict", "store")
+LINK_CUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,29 @@ def quorum_profile(name: str, directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServices]:
+def test_hosts() -> Iterator[HostNetwork | str]:
+    """The test hosts, or why there are none (their tests skip with it; the others run on loopback)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        yield reason
+        return
+    with ExitStack() as made:
+        try:
+            network: HostNetwork | str = made.enter_context(host_network(*HOST_NAMES))
+        except RuntimeError as exc:
+            network = f"could not make the test hosts (network namespaces): {exc}"
+        yield network
+
+
+@pytest.fixture
+def hosts(test_hosts: HostNetwork | str) -> HostNetwork:
+    if isinstance(test_hosts, str):
+        pytest.skip(test_hosts)
+    return test_hosts
+
+
+@pytest.fixture(scope="module")
+def cluster_services(tmp_path_factory: pytest.TempPathFactory, test_hosts: HostNetwork | str) -> Iterator[ClusterServices]:
     from toposerve.deploy.accounts import logins, new_passwords, profile_accounts, rabbitmq_definitions, redis_acl
 
     directory = tmp_path_factory.mktemp("cluster")
@@ -90,11 +126,14 @@ def cluster_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clust
     accounts = {ns: profile_accounts(ns, *every) for ns in NAMESPACES.values()}
     everyone = [account for per_namespace in accounts.values() for account in per_namespace]
     passwords = new_passwords(everyone)
+    # With test hosts, the servers listen on the hosts' gateway (a local address of this machine,
+    # reached from a host over its link only); without, on loopback.
+    bind = test_hosts.gateway if isinstance(test_hosts, HostNetwork) else "127.0.0.1"
     try:
-        cluster = start_rabbitmq_cluster(3, definitions=rabbitmq_definitions(everyone, passwords))
+        cluster = start_rabbitmq_cluster(3, definitions=rabbitmq_definitions(everyone, passwords), bind=bind)
     except ServiceUnavailable as exc:
         pytest.fail(f"the cluster tests need local rabbitmq-server processes (three joined nodes):\n{exc}")
-    with cluster, start_redis(appendonly=True, acl=redis_acl(everyone, passwords)) as redis:
+    with cluster, start_redis(appendonly=True, acl=redis_acl(everyone, passwords), bind=bind) as redis:
         files = {ns: logins(accounts[ns], passwords, cluster.url, redis.url, ns).save(directory / f"{ns}.json")
                  for ns in NAMESPACES.values()}
         yield ClusterServices(cluster, redis, files, profiles)
@@ -143,11 +182,15 @@ async def workers_and_ingress(settings: Settings, profile: str, stages: tuple[st
 
 
 @pytest.fixture
-async def async_stack(cluster_services: ClusterServices, tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
-    async for running in workers_and_ingress(cluster_services.settings(NAMESPACES["asynchronous"]),
-                                             str(cluster_services.profiles["asynchronous"]),
-                                             ("preprocess", "predict", "store"), tmp_path):
-        yield running
+async def async_stack(cluster_services: ClusterServices, test_hosts: HostNetwork | str,
+                      tmp_path: Path) -> AsyncIterator[tuple[Stack, dict]]:
+    """On the test hosts when there are some (the ingress a real process there), else on loopback."""
+    settings = cluster_services.settings(NAMESPACES["asynchronous"])
+    profile, stages = str(cluster_services.profiles["asynchronous"]), ("preprocess", "predict", "store")
+    running = (on_hosts(settings, profile, stages, test_hosts, tmp_path) if isinstance(test_hosts, HostNetwork)
+               else workers_and_ingress(settings, profile, stages, tmp_path))
+    async for stack_and_processes in running:
+        yield stack_and_processes
 
 
 async def test_asynchronous_quorum_queues_survive_two_node_kills(
@@ -203,6 +246,94 @@ async def test_asynchronous_quorum_queues_survive_two_node_kills(
         for proc in workers.values():  # they failed over by themselves
             assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
         await check_exactly_once(stack, load, done, "cluster asynchronous quorum, 2 node kills", max(recoveries))
+    finally:
+        await done.close()
+
+
+# --------------------------------------------------------------------------- stages on other hosts
+
+INGRESS_PORT = 8080  # the ingress host's own port: nothing else listens in its namespace
+
+
+async def on_hosts(settings: Settings, profile: str, stages: tuple[str, ...], network: HostNetwork,
+                   log_dir: Path) -> AsyncIterator[tuple[Stack, dict[str, WorkerProcess]]]:
+    """``stages`` as real worker processes and the ingress as a real ``toposerve ingress``, each
+    on its own test host; the test process calls the ingress over the ingress host's link. The
+    ingress's process is in the yielded dict too (key ``ingress``)."""
+    prefixes = {name: network.hosts[name].command() for name in stages}
+    ingress_host = network.hosts["ingress"]
+    ingress = IngressProcess(settings, profile, log_dir, ingress_host.address, INGRESS_PORT,
+                             prefix=ingress_host.command())
+    with stage_processes(settings, profile, stages, log_dir, prefixes) as workers:
+        ingress.start()
+        try:
+            await in_thread(ingress.wait_ready)
+            checked = load_checked_profile(profile, settings)
+            async with httpx.AsyncClient(base_url=ingress.base_url, timeout=30) as client:
+                results = ResultStore(connect_redis(settings.redis_url), settings.namespace,
+                                      checked.ingress.result_ttl_s)
+                try:
+                    yield Stack(settings, checked, {}, client, results), {**workers, "ingress": ingress}
+                finally:
+                    await results.client.aclose()
+        finally:
+            ingress.stop()
+
+
+@pytest.fixture
+async def hosts_async_stack(cluster_services: ClusterServices, hosts: HostNetwork,
+                            tmp_path: Path) -> AsyncIterator[tuple[Stack, dict[str, WorkerProcess], HostNetwork]]:
+    async for stack, processes in on_hosts(cluster_services.settings(NAMESPACES["asynchronous on hosts"]),
+                                           str(cluster_services.profiles["asynchronous"]),
+                                           ("preprocess", "predict", "store"), hosts, tmp_path):
+        yield stack, processes, hosts
+
+
+async def test_asynchronous_quorum_queues_survive_a_stage_host_losing_its_link(
+    cluster_services: ClusterServices, hosts_async_stack: tuple[Stack, dict[str, WorkerProcess], HostNetwork]
+) -> None:
+    stack, processes, network = hosts_async_stack
+    predict = network.hosts["predict"]
+    done = DoneCounter(stack.settings.redis_url, stack.results.done_channel).start()
+    await asyncio.sleep(0.2)
+    load = Load(stack, interval_s=0.05, max_seconds=60, client_timeout_s=15).start()
+    try:
+        await asyncio.sleep(1.0)
+        assert load.accepted(), [s.status for s in load.sent][:5]
+        await in_thread(predict.link_down)
+        cut_at = time.monotonic()
+        try:
+            await asyncio.sleep(LINK_CUT_S)
+            # The cut is real: a job accepted once the predict host was cut off does not complete
+            # (its stage consumes over that link only); the other hosts keep accepting.
+            cut_off = [s.job_id for s in load.between(cut_at + 1.0, time.monotonic()) if s.status == 202 and s.job_id]
+            done_while_cut = [i for i, r in (await records(stack, cut_off)).items() if r["status"] == "succeeded"]
+        finally:
+            await in_thread(predict.link_up)
+        up_at = time.monotonic()
+        assert cut_off, f"nothing was accepted while the predict host was cut off: {caller_view(load.sent)}"
+        assert not done_while_cut, f"{len(done_while_cut)} jobs completed while their predict host had no link"
+
+        async def backlog_done() -> bool:
+            return all(r["status"] == "succeeded" for r in (await records(stack, cut_off)).values())
+
+        recovered = await wait_for_condition(backlog_done, timeout=45, interval=0.1)
+        assert recovered is not None, (f"jobs accepted during the cut did not complete after the link came back; "
+                                       f"readyz {await readyz(stack)}\n{await in_thread(cluster_services.cluster.describe)}\n"
+                                       + "\n".join(f"--- {n}\n{p.log()[-1500:]}" for n, p in processes.items()))
+        await asyncio.sleep(1.0)
+    finally:
+        await load.stop()
+    window = load.between(cut_at, up_at + recovered)
+    print(f"\n[fault cluster asynchronous on hosts, timeline] predict host ({predict.address}) cut off "
+          f"{LINK_CUT_S:.0f}s: {len(cut_off)} jobs accepted meanwhile, all completed {recovered:.2f}s after the "
+          f"link came back; callers saw {caller_view(window)}; hosts {network.describe()}")
+    try:
+        assert {s.status for s in load.sent} <= {202, 503}, caller_view(load.sent)
+        for proc in processes.values():  # nothing restarted them
+            assert proc.process is not None and proc.process.poll() is None, proc.log()[-2000:]
+        await check_exactly_once(stack, load, done, "cluster asynchronous quorum, predict host link cut 10s",
+                                 recovered)
     finally:
         await done.close()
 
