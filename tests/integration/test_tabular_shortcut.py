@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.conftest import Stack, start_stack
 from tests.integration.test_caches import cache_filled, profile_variant
+from tests.support.faults import wait_for_condition
 from tests.support.images import b64, sample_images
 from tests.support.spy import spy_queue
 from toposerve.brokers.messages import Features
@@ -54,6 +55,12 @@ async def test_rows_are_answered_with_no_preprocess_stage_running(rows_stack: St
     # Per-stage timings stay truthful: preprocessing was timed where it ran (the ingress).
     assert {"preprocess_ms", "predict_ms", "total_ms"} <= set(body["timings"])
     assert body["timings"]["preprocess_ms"] <= body["timings"]["total_ms"]
+    # The stage counts a message once it is settled, which is after it published the reply the
+    # caller already has: waited for, not read at once (it raced under load in CI).
+    async def counted() -> bool:
+        return rows_stack.runners["predict"].stats.handled >= 1
+
+    await wait_for_condition(counted, timeout=5)
     assert rows_stack.runners["predict"].stats.handled == 1
     assert await queued(rows_stack, "preprocess") == 0  # nothing was routed to request.*
 
