@@ -94,16 +94,31 @@ class RabbitMQCluster:
         self.stop()
 
 
-def join(node: RabbitMQService, seed: RabbitMQService) -> None:
-    """Make ``node`` a member of ``seed``'s cluster (its own data is reset first)."""
+def join(node: RabbitMQService, seed: RabbitMQService, *, attempts: int = 3) -> None:
+    """Make ``node`` a member of ``seed``'s cluster (its own data is reset first).
+
+    A join can fail at ``start_app`` (mnesia's schema merge: seen in CI as
+    ``{badmatch, {error, {normal, {mnesia_app, start, ...}}}}``), so the whole sequence is
+    tried again from ``stop_app`` + ``reset``, which clears what the failed attempt left."""
+    failure = ""
+    for _attempt in range(attempts):
+        failure = _join_once(node, seed)
+        if not failure:
+            return
+    raise ServiceUnavailable(f"{node.node} did not join {seed.node} in {attempts} attempts; last: {failure}")
+
+
+def _join_once(node: RabbitMQService, seed: RabbitMQService) -> str:
+    """One join attempt; returns what failed, or "" when the node runs as a member."""
     for args in (("stop_app",), ("reset",), ("join_cluster", seed.node), ("start_app",)):
         result = node.ctl(*args, timeout=120)
         if result.returncode != 0:
-            raise ServiceUnavailable(f"rabbitmqctl -n {node.node} {' '.join(args)} failed "
-                                     f"(exit {result.returncode}): {result.stdout}{result.stderr}")
+            return (f"rabbitmqctl -n {node.node} {' '.join(args)} failed "
+                    f"(exit {result.returncode}): {result.stdout}{result.stderr}")
     result = node.ctl("await_startup", "--timeout", "60", timeout=90)
     if result.returncode != 0:
-        raise ServiceUnavailable(f"{node.node} did not come back after joining: {result.stdout}{result.stderr}")
+        return f"{node.node} did not come back after joining: {result.stdout}{result.stderr}"
+    return ""
 
 
 def start_rabbitmq_cluster(size: int = 3, *, definitions: dict | None = None, management: bool = False,
@@ -126,8 +141,10 @@ def start_rabbitmq_cluster(size: int = 3, *, definitions: dict | None = None, ma
         if failed:
             raise failed[0]
         nodes = [future.result() for future in booting]
-        for joined in [pool.submit(join, node, nodes[0]) for node in nodes[1:]]:
-            joined.result()
+        # One at a time: RabbitMQ's clustering guide has nodes join in turn; two joining the
+        # same seed at once race in mnesia's schema merge (the CI failure join() retries).
+        for node in nodes[1:]:
+            join(node, nodes[0])
         cluster = RabbitMQCluster(nodes)
         members = cluster.running_nodes()
         if members != sorted(n.node for n in nodes):
