@@ -71,6 +71,8 @@ HOW_TO_PROVIDE = (
 _SOURCES_KEY = pytest.StashKey[list[str]]()
 # Lines the fault-injection summaries (tests.support.faults.summary) and the fuzz tests print.
 SUMMARY_LINE_PREFIXES = ("[fault ", "[fuzz ")
+FAULT_GROUP = "fault"
+WORKER_SOURCES = "toposerve_sources"
 
 
 # --------------------------------------------------------------------------- reporting
@@ -108,10 +110,38 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark integration tests, and group tests for parallel runs (pytest-xdist, ``--dist
+    loadgroup`` in pyproject's addopts; each worker has its own services, as session fixtures
+    run once per worker): an integration module is one group, so its module fixtures (profiles
+    started once for the module) start once; every module with a fault test joins one
+    ``fault`` group, so at most one test kills servers or runs steady load at a time."""
+    fault_modules = {item.module.__name__ for item in items
+                     if item.get_closest_marker("fault") and getattr(item, "module", None)}
     for item in items:
-        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        integration = bool(SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if integration:
             item.add_marker(pytest.mark.integration)
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ in fault_modules:
+            item.add_marker(pytest.mark.xdist_group(FAULT_GROUP))
+        elif module is not None and (integration or item.get_closest_marker("integration")):
+            item.add_marker(pytest.mark.xdist_group(module.__name__))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand the services it announced to the controller's summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[WORKER_SOURCES] = session.config.stash.get(_SOURCES_KEY, [])
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, called in the controller only
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - xdist's WorkerController
+    """In the controller: the services each worker used, named by worker, for the summary."""
+    for line in getattr(node, "workeroutput", {}).get(WORKER_SOURCES, []):
+        node.config.stash.setdefault(_SOURCES_KEY, []).append(f"{node.gateway.id}: {line}")
 
 
 def _redact(url: str) -> str:

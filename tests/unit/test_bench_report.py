@@ -61,15 +61,18 @@ def test_the_listener_of_a_port_is_found() -> None:
 
 @linux_only
 def test_a_roles_cpu_counts_its_children_but_not_another_roles() -> None:
-    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(3)\n"
+    busy = ("import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+            "print('burnt', flush=True)\ntime.sleep(3)\n")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
     try:
         assert child.pid in with_descendants([os.getpid()])
         assert child.pid not in with_descendants([os.getpid()], stop_at=frozenset({child.pid}))
         meter = CpuMeter({"me": [os.getpid()], "sleeper": [child.pid]})
         meter.start()
-        worker = subprocess.Popen([sys.executable, "-c", busy])  # a new child of "me", during the window
-        time.sleep(0.6)  # it has burnt its 0.3 s and sleeps
+        # A new child of "me", during the window; it says when it has burnt its 0.3 s (however
+        # long that takes on a loaded machine) and then sleeps.
+        worker = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
+        assert worker.stdout is not None and worker.stdout.readline() == "burnt\n"
         used = meter.stop()
         worker.kill()
         worker.wait()
