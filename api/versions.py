@@ -9,22 +9,29 @@ without a policy has one version, its manifest's; naming another is a 404.
 
 from __future__ import annotations
 
+import time
+
 from redis.exceptions import RedisError
 
 from toposerve.api.errors import ApiError
 from toposerve.brokers import Envelope, ServingVersions, VersionPolicy, choose_version
 from toposerve.models import ModelManifest
 
+# How often an ingress renews a promotion it reads (its TTL is 90 days): hourly is plenty.
+KEEP_PROMOTION_EVERY_S = 3600.0
+
 
 class IngressVersions:
     def __init__(self, policies: dict[str, VersionPolicy], manifests: dict[str, dict[str, ModelManifest]],
-                 serving: ServingVersions) -> None:
+                 serving: ServingVersions, keep_every_s: float = KEEP_PROMOTION_EVERY_S) -> None:
         self.policies = policies
         # model -> version -> manifest, for every model the profile serves.
         self.manifests = manifests
         self.serving = serving
         # The last serving version read from Redis, used while Redis cannot be read.
         self._last_read: dict[str, str] = {}
+        self.keep_every_s = keep_every_s
+        self._kept_at: dict[str, float] = {}
 
     def known(self, model: str) -> list[str]:
         return sorted(self.manifests.get(model, {}))
@@ -52,9 +59,21 @@ class IngressVersions:
             promoted = self._last_read.get(model)
         if promoted is not None:
             self._last_read[model] = promoted
+            await self._keep(model)
             return promoted
         self._last_read.pop(model, None)
         return self.default_version(model)
+
+    async def _keep(self, model: str) -> None:
+        """Renew a promotion this process serves by, now and then (a failed renewal is tried next time)."""
+        now = time.monotonic()
+        if now - self._kept_at.get(model, -self.keep_every_s - 1.0) < self.keep_every_s:
+            return
+        try:
+            await self.serving.keep(model)
+        except RedisError:
+            return
+        self._kept_at[model] = now
 
     async def route(self, request: Envelope, explicit: str | None = None) -> str | None:
         """Tag ``request`` with the version that is to answer it (and return it); None for a model

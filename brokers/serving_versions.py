@@ -13,7 +13,9 @@ from pydantic import BaseModel
 
 from toposerve.brokers.versions import ModelVersion
 
-# A promotion outlives any run of the profile; refreshed at every change (every key has a TTL).
+# A promotion outlives any run of the profile; refreshed at every change, and by every ingress
+# that reads it (ServingVersions.keep), so a long-running profile never reverts by expiry
+# (every key has a TTL).
 SERVING_TTL_S = 90 * 24 * 3600
 # A predict stage's report of what it loaded, renewed every few seconds: a gone stage's report expires.
 LOADED_TTL_S = 15
@@ -60,6 +62,10 @@ class ServingVersions:
             pipe.expire(self.key(model), SERVING_TTL_S)
             await pipe.execute()
         return ServingChange(model=model, version=version, previous=serving)
+
+    async def keep(self, model: str) -> None:
+        """Renew the promotion's TTL (nothing when there is none)."""
+        await self.client.expire(self.key(model), SERVING_TTL_S)
 
     async def previous(self, model: str) -> str | None:
         value = await self.client.hget(self.key(model), "previous")

@@ -130,6 +130,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(module.__name__))
 
 
+_UNGROUPED = pytest.StashKey[frozenset[str]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker with --dist loadgroup: the groups must have taken (pytest-xdist
+    names a grouped test ``id@group``), else the fault tests would run side by side and module
+    fixtures start twice without anyone noticing; each test whose group did not take fails."""
+    if hasattr(session.config, "workerinput") and session.config.getvalue("loadgroup"):
+        session.config.stash[_UNGROUPED] = frozenset(
+            item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in item.config.stash.get(_UNGROUPED, frozenset()):
+        pytest.fail("pytest-xdist ignored this test's xdist_group (its id has no @group), so the groups of "
+                    "tests/conftest.py do not hold; see the pytest pin in pyproject.toml", pytrace=False)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """In a pytest-xdist worker: hand the services it announced to the controller's summary."""
     workeroutput = getattr(session.config, "workeroutput", None)

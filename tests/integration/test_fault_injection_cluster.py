@@ -376,7 +376,7 @@ async def test_synchronous_callers_get_answers_or_quick_refusals_across_a_node_k
     hangs = [s for s in load.sent if s.status in (0, -1)]
     summary("cluster synchronous classic, node kill", sent=len(load.sent), accepted=len(load.sent),
             completed=sum(1 for s in load.sent if s.status == 200), lost=len(hangs), duplicated=None,
-            recover_s=back + recovered, wrong_answers=len(wrong), callers=caller_view(window))
+            recover_s=back + recovered, wrong_answers=len(wrong), callers_from_kill=caller_view(window))
     assert not hangs, caller_view(hangs)
     assert not wrong, [(s.request.label, s.answer) for s in wrong][:5]
     assert {s.status for s in load.sent} <= {200, 503, 504}, caller_view(load.sent)

@@ -363,3 +363,27 @@ async def test_a_job_published_straight_to_the_exchange_twice_lands_on_the_same_
         canary = CanarySpec(version="3", percent=50)
         assert seen == {i: [choose_version("2", canary, i)] * 2 for i in ids}
         assert {v for versions in seen.values() for v in versions} == {"2", "3"}
+
+
+async def test_an_ingress_that_serves_by_a_promotion_keeps_it_from_expiring(settings: Settings) -> None:
+    """A promotion has a TTL like every key; an ingress reading it renews it, so a profile that
+    runs longer than the TTL does not silently fall back to the profile's ``serve``."""
+    from toposerve.api.versions import IngressVersions
+    from toposerve.brokers import ServingVersions
+    from toposerve.brokers.connections import connect_redis
+    from toposerve.brokers.serving_versions import SERVING_TTL_S
+
+    client = connect_redis(settings.redis_url)
+    try:
+        serving = ServingVersions(client, settings.namespace)
+        await serving.promote("iris", "3", "2")
+        await client.expire(serving.key("iris"), 30)  # as if the promotion were 90 days old
+        hourly = IngressVersions({}, {}, serving)
+        assert await hourly.serving_version("iris") == "3"
+        assert await client.ttl(serving.key("iris")) > SERVING_TTL_S - 60  # renewed at its first read
+        await client.expire(serving.key("iris"), 30)
+        assert await hourly.serving_version("iris") == "3"
+        assert await client.ttl(serving.key("iris")) <= 30  # not again within the hour
+        await serving.forget("iris")
+    finally:
+        await client.aclose()
