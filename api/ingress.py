@@ -6,6 +6,7 @@ app; the ``Ingress`` object is created and closed by the FastAPI lifespan, never
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -68,6 +69,7 @@ from toposerve.models import (
     collect_versions,
     load_manifests,
     read_version_manifest,
+    readable_version_manifests,
     rows_to_features,
     version_manifest_paths,
 )
@@ -144,7 +146,8 @@ class Ingress:
         # Every version of a model with a policy; the one version of any other model (or group).
         known = {name: {m.version: m} for name, m in self.manifests.items()}
         known |= {name: every_version[name] for name in config.versions}
-        self.versions = IngressVersions(config.versions, known, ServingVersions(self.results.client, settings.namespace))
+        self.versions = IngressVersions(config.versions, known, ServingVersions(self.results.client, settings.namespace),
+                                        rescan=lambda: readable_version_manifests(config.models_dir))
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.callbacks = CallbackRegistry(self.results.client, settings.namespace, config.spec.result_ttl_s)
         self.replies: ReplyRouter | None = None
@@ -412,21 +415,28 @@ class Ingress:
             remaining = (request.deadline - utc_now()).total_seconds()
             if remaining <= 0:
                 raise TimeoutError
-            if coalescer is not None:
-                assert isinstance(request, InferenceRequest) and request.instances is not None
-                started = time.perf_counter()
-                features = rows_to_features(request.instances, self.manifest(request.model), self.limits)
-                span = current_span.get()
-                await coalescer.submit(JobSlice(
-                    id=request.id, rows=len(features), created_at=request.created_at, deadline=request.deadline,
-                    traceparent=span.header if span is not None else None,
-                    timings={**request.timings, "preprocess_ms": round((time.perf_counter() - started) * 1000, 3)},
-                ), features)
-            else:
-                await self.publisher.publish(
-                    message, message.routing_key(), reply_to=self.replies.queue_name,
-                    correlation_id=correlation_id, persistent=False, expiration_s=remaining, headers=trace_headers(),
-                )
+            # Bounded by the deadline: during a broker failover a publish can wait seconds on a
+            # reconnecting channel (seen in CI: a caller with a 2 s deadline unanswered at 5 s);
+            # the caller gets its 504 at the deadline, and a late copy expires unread. (A coalesced
+            # publish goes on for the other jobs in it: the coalescer shields it.)
+            async with asyncio.timeout(remaining):
+                if coalescer is not None:
+                    assert isinstance(request, InferenceRequest) and request.instances is not None
+                    started = time.perf_counter()
+                    features = rows_to_features(request.instances, self.manifest(request.model), self.limits)
+                    span = current_span.get()
+                    await coalescer.submit(JobSlice(
+                        id=request.id, rows=len(features), created_at=request.created_at, deadline=request.deadline,
+                        traceparent=span.header if span is not None else None,
+                        timings={**request.timings,
+                                 "preprocess_ms": round((time.perf_counter() - started) * 1000, 3)},
+                    ), features)
+                else:
+                    await self.publisher.publish(
+                        message, message.routing_key(), reply_to=self.replies.queue_name,
+                        correlation_id=correlation_id, persistent=False, expiration_s=remaining,
+                        headers=trace_headers(),
+                    )
             remaining = (request.deadline - utc_now()).total_seconds()
             return await self.replies.wait(future, max(remaining, 0.0))
         except PublishRefused as exc:

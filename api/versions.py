@@ -10,20 +10,24 @@ without a policy has one version, its manifest's; naming another is a 404.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
 from toposerve.api.errors import ApiError
 from toposerve.brokers import Envelope, ServingVersions, VersionPolicy, choose_version
-from toposerve.models import ModelManifest
+from toposerve.models import ModelManifest, signature_problems
 
 # How often an ingress renews a promotion it reads (its TTL is 90 days): hourly is plenty.
 KEEP_PROMOTION_EVERY_S = 3600.0
+# At most this often an ask for an unknown version reads the model directory's version files again.
+RESCAN_EVERY_S = 1.0
 
 
 class IngressVersions:
     def __init__(self, policies: dict[str, VersionPolicy], manifests: dict[str, dict[str, ModelManifest]],
-                 serving: ServingVersions, keep_every_s: float = KEEP_PROMOTION_EVERY_S) -> None:
+                 serving: ServingVersions, keep_every_s: float = KEEP_PROMOTION_EVERY_S,
+                 rescan: Callable[[], list[ModelManifest]] | None = None) -> None:
         self.policies = policies
         # model -> version -> manifest, for every model the profile serves.
         self.manifests = manifests
@@ -32,6 +36,10 @@ class IngressVersions:
         self._last_read: dict[str, str] = {}
         self.keep_every_s = keep_every_s
         self._kept_at: dict[str, float] = {}
+        # The version files of the model directory, read again when a request names a version this
+        # ingress does not know (one dropped in later, `toposerve models reload`); None: never.
+        self.rescan = rescan
+        self._rescanned_at = -RESCAN_EVERY_S
 
     def known(self, model: str) -> list[str]:
         return sorted(self.manifests.get(model, {}))
@@ -39,11 +47,30 @@ class IngressVersions:
     def manifest(self, model: str, version: str) -> ModelManifest:
         """``model``'s manifest for ``version``; a 404 naming the versions it has."""
         manifest = self.manifests.get(model, {}).get(version)
+        if manifest is None and model in self.policies:
+            manifest = self._learn(model, version)
         if manifest is None or (model not in self.policies and version != self.default_version(model)):
             offered = self.known(model) if model in self.policies else [self.default_version(model)]
             raise ApiError(404, "unknown_version", f"model {model!r} has no version {version!r} served here; "
                                                    f"versions: {offered}")
         return manifest
+
+    def _learn(self, model: str, version: str) -> ModelManifest | None:
+        """``model@version`` when the model directory has gained it since this ingress started (read
+        at most once a second, whoever asks); a version whose signature differs from the serving
+        one's is not taken (the predict stages refuse it too)."""
+        now = time.monotonic()
+        if self.rescan is None or now - self._rescanned_at < RESCAN_EVERY_S:
+            return None
+        self._rescanned_at = now
+        for found in self.rescan():
+            known = self.manifests.get(found.name)
+            if found.name not in self.policies or known is None or found.version in known:
+                continue
+            reference = known.get(self.default_version(found.name))
+            if reference is None or not signature_problems(reference, found):
+                known[found.version] = found
+        return self.manifests.get(model, {}).get(version)
 
     def default_version(self, model: str) -> str:
         policy = self.policies.get(model)

@@ -5,7 +5,8 @@ each request, so the switch needs no restart; a job keeps the version it was giv
 work finishes on it). It refuses a version the model directory lacks, one whose file does not
 load or has another sha256 than its manifest, and one whose input signature differs from the
 version serving now. The stages load every version of a policy's model at start, and pick up a
-version added later (``toposerve models reload``, consumers/version_watch.py) after the same checks.
+version added later (``toposerve models reload``; consumers/predict.py watches the version files) after the
+same checks.
 """
 
 from __future__ import annotations

@@ -312,6 +312,11 @@ async def test_reload_loads_a_dropped_in_version_refuses_corrupt_or_incompatible
             assert result.exit_code == 1 and reason in " ".join(result.output.split()), (version, result.output)
         await load.each_made(3)
         assert {a["model_version"] for caller in load.answers for _, a in caller} == {"2"}
+        # Named in the URL, the dropped-in version answers without an ingress restart; one whose
+        # signature differs is unknown to the ingress, as to the stages.
+        assert (await predict(stack, IRIS_ROWS[:1], "/v1/models/iris/versions/3/predict"))["model_version"] == "3"
+        refused = await stack.client.post("/v1/models/iris/versions/4/predict", json={"instances": IRIS_ROWS[:1]})
+        assert refused.status_code == 404 and "no version '4'" in refused.text, refused.text
         # The sound one serves once promoted.
         result = await asyncio.to_thread(models_cli, settings, "promote", "--profile", profile, "iris", "3")
         assert result.exit_code == 0, result.output
