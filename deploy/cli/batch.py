@@ -1,4 +1,4 @@
-"""``toposerve batch``: submit a file for bulk inference, follow it, read its results."""
+"""``toposerve batch``: submit a file for bulk inference, follow it, read its results, cancel it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 import orjson
 
-from toposerve.brokers import BatchStore, Settings, connect_redis, iter_results
+from toposerve.brokers import (
+    ALREADY_CANCELLED,
+    ALREADY_FINISHED,
+    NO_BATCH,
+    BatchStore,
+    Settings,
+    connect_redis,
+    iter_results,
+)
 from toposerve.deploy.cli.common import refuse_over_another_profile, say
 from toposerve.deploy.components import load_checked_profile, models_dir, runs_batches
 from toposerve.deploy.profile import Profile, ProfileError
@@ -44,7 +52,7 @@ def make_submitter(settings: Settings, profile: Profile, ttl_s: int, window: int
 
 @click.group()
 def batch() -> None:
-    """Bulk inference from files (the batch pattern): submit, status, results, bench."""
+    """Bulk inference from files (the batch pattern): submit, status, results, cancel, bench."""
 
 
 profile_option = click.option("--profile", "profile_name", default=DEFAULT_PROFILE, show_default=True,
@@ -169,6 +177,33 @@ def results(batch_id: str, output: Path | None, profile_name: str) -> None:
             await store.client.aclose()
 
     asyncio.run(run())
+
+
+@batch.command()
+@click.argument("batch_id")
+@profile_option
+def cancel(batch_id: str, profile_name: str) -> None:
+    """Cancel a running batch: its chunks not predicted yet are skipped (their rows fail with
+    ``cancelled``); prints its status as JSON. The CLI's own batches have no owner key, so this is
+    how they are cancelled (over HTTP only an operator key may)."""
+    settings, _, ttl = _setup(profile_name)
+
+    async def run() -> bytes:
+        store = BatchStore(connect_redis(settings.redis_url), settings.namespace, ttl)
+        try:
+            found = await store.cancel(batch_id)
+            status = await store.status(batch_id)
+        finally:
+            await store.client.aclose()
+        if found == NO_BATCH or status is None:
+            raise click.ClickException(f"no batch {batch_id!r}: it never existed or it expired")
+        if found == ALREADY_CANCELLED:
+            raise click.ClickException(f"batch {batch_id} is already cancelled")
+        if found == ALREADY_FINISHED:
+            raise click.ClickException(f"batch {batch_id} has finished ({status.state!r}); nothing to cancel")
+        return orjson.dumps(status.model_dump(), option=orjson.OPT_INDENT_2)
+
+    click.echo(asyncio.run(run()).decode())
 
 
 @batch.command()

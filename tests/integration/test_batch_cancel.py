@@ -7,12 +7,15 @@ playing the predict stage) is cancelled by its owner, batch B of the same owner 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
 from tests.integration.conftest import Stack, start_stack
+from tests.integration.test_batch import cli
 from tests.support.batches import IRIS_HEADER, iris_rows, read_results
 from tests.support.faults import wait_for_condition
 from toposerve.brokers import publishing
@@ -35,10 +38,10 @@ async def keyed_batch_stack(settings: Settings) -> AsyncIterator[Stack]:
         yield stack
 
 
-async def submit(stack: Stack, rows: int, seed: int) -> dict:
+async def submit(stack: Stack, rows: int, seed: int, headers: dict[str, str] | None = None) -> dict:
     body = IRIS_HEADER + "\n" + "\n".join(",".join(f"{v:g}" for v in row) for row in iris_rows(rows, seed)) + "\n"
     response = await stack.client.post("/v1/batches?model=iris&chunk_rows=10", content=body,
-                                       headers={"content-type": "text/csv", **key(OWNER)})
+                                       headers={"content-type": "text/csv", **(key(OWNER) if headers is None else headers)})
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -110,3 +113,40 @@ async def test_list_progress_and_cancel_by_owner_only_with_the_rest_skipped(keye
     finished = await client.post(f"/v1/batches/{running_id}/cancel", headers=key(OWNER))
     assert finished.status_code == 409 and finished.json()["error"]["code"] == "batch_finished"
     assert "'succeeded'" in finished.json()["error"]["message"]
+
+
+
+@pytest.fixture
+async def batch_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async for stack in start_stack(settings, "batch", stages=["store"]):
+        yield stack
+
+
+async def test_the_cli_cancels_a_running_batch_and_refuses_a_finished_one_or_an_unknown_id(batch_stack: Stack) -> None:
+    """``toposerve batch cancel ID`` (for batches without an owner key, such as the CLI's own)."""
+    stack, settings = batch_stack, batch_stack.settings
+    cancelled_id = (await submit(stack, 30, seed=3, headers={}))["id"]
+    said = await asyncio.to_thread(cli, "cancel", cancelled_id, settings=settings)
+    assert said.returncode == 0, said.stderr
+    assert orjson.loads(said.stdout)["state"] == "cancelled"
+    again = await asyncio.to_thread(cli, "cancel", cancelled_id, settings=settings)
+    assert again.returncode == 1 and "already cancelled" in again.stderr, again.stderr
+    unknown = await asyncio.to_thread(cli, "cancel", str(uuid.uuid4()), settings=settings)
+    assert unknown.returncode == 1 and "no batch" in unknown.stderr, unknown.stderr
+
+    predict = build_stage_runner(stack.profile, "predict", settings)
+    await predict.start()
+    try:
+        running_id = (await submit(stack, 20, seed=4, headers={}))["id"]
+
+        async def settled() -> bool:
+            cancelled = (await stack.client.get(f"/v1/batches/{cancelled_id}")).json()
+            running = (await stack.client.get(f"/v1/batches/{running_id}")).json()
+            return cancelled["chunks_done"] == 3 and running["state"] == "succeeded"
+        assert await wait_for_condition(settled, timeout=30) is not None
+    finally:
+        await predict.drain_and_close()
+    ended = (await stack.client.get(f"/v1/batches/{cancelled_id}")).json()
+    assert (ended["state"], ended["done"], ended["failed"]) == ("cancelled", 0, 30)  # every chunk skipped
+    finished = await asyncio.to_thread(cli, "cancel", running_id, settings=settings)
+    assert finished.returncode == 1 and "has finished ('succeeded')" in finished.stderr, finished.stderr
