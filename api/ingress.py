@@ -64,12 +64,12 @@ from toposerve.models import (
     InputError,
     InputLimits,
     ModelManifest,
+    ModelRegistry,
     check_image_header,
     check_item_id,
     collect_versions,
     load_manifests,
     read_version_manifest,
-    readable_version_manifests,
     rows_to_features,
     version_manifest_paths,
 )
@@ -147,7 +147,7 @@ class Ingress:
         known = {name: {m.version: m} for name, m in self.manifests.items()}
         known |= {name: every_version[name] for name in config.versions}
         self.versions = IngressVersions(config.versions, known, ServingVersions(self.results.client, settings.namespace),
-                                        rescan=lambda: readable_version_manifests(config.models_dir))
+                                        rescan=lambda: ModelRegistry(config.models_dir).versions)
         self.completions = CompletionListener(self.results.client, self.results.done_channel)
         self.callbacks = CallbackRegistry(self.results.client, settings.namespace, config.spec.result_ttl_s)
         self.replies: ReplyRouter | None = None
@@ -206,6 +206,12 @@ class Ingress:
             raise ApiError(404, "unknown_model",
                            f"unknown model {model!r}; this profile serves: {', '.join(sorted(self.manifests))}")
         return manifest
+
+    def version_manifest(self, model: str, version: str | None) -> ModelManifest:
+        """The manifest of ``model`` at ``version`` (None: the model's own); ApiError 404 for an
+        unknown model or version. The protocol routes (OIP, TF Serving) wrap the 404 in their shape."""
+        manifest = self.manifest(model)
+        return manifest if version is None else self.versions.manifest(model, version)
 
     def parse_predict_body(self, model: str, data: object) -> InferenceRequest:
         """Validate a predict body for ``model`` the way the stages will, so bad input is a 4xx now."""

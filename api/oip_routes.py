@@ -109,11 +109,9 @@ def _ingress(request: Request) -> Ingress:
 
 
 def oip_manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
-    manifest = ingress.manifest(model)  # 404 for an unknown model
-    if version is None:
-        return manifest
+    ingress.manifest(model)  # the API's own 404 for an unknown model
     try:
-        return ingress.versions.manifest(model, version)
+        return ingress.version_manifest(model, version)
     except ApiError as exc:
         raise OipError(exc.message, 404) from exc
 

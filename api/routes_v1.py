@@ -144,8 +144,7 @@ async def predict_version(
 ) -> Response:
     """``predict``, answered by one version of the model (404 for a version it does not have)."""
     ingress = ingress_of(request)
-    ingress.manifest(model)
-    ingress.versions.manifest(model, version)  # 404 before reading the body
+    ingress.version_manifest(model, version)  # 404 before reading the body
     return await handle_predict(ingress, model, request, timeout, version)
 
 

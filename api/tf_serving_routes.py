@@ -55,11 +55,9 @@ def _ingress(request: Request) -> Ingress:
 
 
 def _manifest(ingress: Ingress, model: str, version: str | None) -> ModelManifest:
-    manifest = ingress.manifest(model)
-    if version is None:
-        return manifest
+    ingress.manifest(model)  # the API's own 404 for an unknown model
     try:
-        return ingress.versions.manifest(model, version)
+        return ingress.version_manifest(model, version)
     except ApiError as exc:
         raise ApiError(404, "unknown_version", f"Servable not found for request: Specific({model}, {version}); "
                                                f"{exc.message}") from exc

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from toposerve.api.errors import ApiError
 from toposerve.brokers import Envelope, ServingVersions, VersionPolicy, choose_version
-from toposerve.models import ModelManifest, signature_problems
+from toposerve.models import ModelLoadError, ModelManifest, signature_problems
 
 # How often an ingress renews a promotion it reads (its TTL is 90 days): hourly is plenty.
 KEEP_PROMOTION_EVERY_S = 3600.0
@@ -27,7 +27,7 @@ RESCAN_EVERY_S = 1.0
 class IngressVersions:
     def __init__(self, policies: dict[str, VersionPolicy], manifests: dict[str, dict[str, ModelManifest]],
                  serving: ServingVersions, keep_every_s: float = KEEP_PROMOTION_EVERY_S,
-                 rescan: Callable[[], list[ModelManifest]] | None = None) -> None:
+                 rescan: Callable[[], dict[str, dict[str, ModelManifest]]] | None = None) -> None:
         self.policies = policies
         # model -> version -> manifest, for every model the profile serves.
         self.manifests = manifests
@@ -63,13 +63,18 @@ class IngressVersions:
         if self.rescan is None or now - self._rescanned_at < RESCAN_EVERY_S:
             return None
         self._rescanned_at = now
-        for found in self.rescan():
-            known = self.manifests.get(found.name)
-            if found.name not in self.policies or known is None or found.version in known:
+        try:
+            on_disk = self.rescan()
+        except ModelLoadError:  # e.g. a version described twice: the stages refuse it too
+            return None
+        for name, versions in on_disk.items():
+            known = self.manifests.get(name)
+            if name not in self.policies or known is None:
                 continue
-            reference = known.get(self.default_version(found.name))
-            if reference is None or not signature_problems(reference, found):
-                known[found.version] = found
+            reference = known.get(self.default_version(name))
+            for found in versions.values():
+                if found.version not in known and (reference is None or not signature_problems(reference, found)):
+                    known[found.version] = found
         return self.manifests.get(model, {}).get(version)
 
     def default_version(self, model: str) -> str:

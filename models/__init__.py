@@ -32,7 +32,6 @@ from toposerve.models.tensors import TensorError, decode_tensor, encode_tensor
 from toposerve.models.versions import (
     collect_versions,
     read_version_manifest,
-    readable_version_manifests,
     signature_problems,
     version_file_name,
     version_manifest_paths,
@@ -56,7 +55,6 @@ __all__ = [
     "read_version_manifest",
     "signature_problems",
     "version_file_name",
-    "readable_version_manifests",
     "version_manifest_paths",
     "check_features",
     "check_image_header",

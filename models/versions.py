@@ -45,18 +45,6 @@ def read_version_manifest(path: Path) -> ModelManifest:
     return manifest
 
 
-def readable_version_manifests(models_dir: Path) -> list[ModelManifest]:
-    """The version manifests of ``models_dir`` that read and are named right; the others are left
-    out (the predict stages report why they refuse them)."""
-    found = []
-    for path in version_manifest_paths(models_dir):
-        try:
-            found.append(read_version_manifest(path))
-        except ModelLoadError:
-            continue
-    return found
-
-
 def collect_versions(base: dict[str, ModelManifest], extra: list[ModelManifest]) -> dict[str, dict[str, ModelManifest]]:
     """Pure: model name -> version -> manifest, from the shared manifest's entries and the version files.
 
